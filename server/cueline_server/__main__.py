@@ -1,0 +1,3 @@
+from cueline_server.cli import main
+
+raise SystemExit(main())

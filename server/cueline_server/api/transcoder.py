@@ -1,0 +1,278 @@
+"""The REST transcoder: an ASGI application whose routes are the
+google.api.http bindings of the generated descriptors.
+
+A request is matched against the path templates (literal segments win over
+variables, one trailing slash is ignored), read into the RPC's request
+message (path variables, then the body per the binding's `body`, the other
+fields from query parameters and annotated headers), run through the same
+pipeline as gRPC, and rendered by the JSON codec. For a PATCH whose request
+has an `update_mask`, the mask is the set of body paths that were present.
+Errors are rendered in the envelope of the method's surface.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from google.protobuf.message import Message
+
+from cueline_server.api.descriptors import HttpBinding, MethodInfo, message_info, methods
+from cueline_server.api.jsoncodec import Reader, loads, render
+from cueline_server.api.pipeline import Pipeline
+from cueline_server.errors import ApiError, Violation, internal_error
+
+log = logging.getLogger("cueline.rest")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_LOCATIONS = ("body", "query", "path", "header")
+
+
+@dataclass(frozen=True)
+class Route:
+    method: MethodInfo
+    binding: HttpBinding
+    segments: tuple[str | None, ...]  # None marks a variable
+    variables: tuple[str, ...]
+    header_fields: tuple[tuple[str, str], ...]  # (header name lower-case, field)
+
+    @property
+    def specificity(self) -> tuple[int, ...]:
+        return tuple(0 if s is None else 1 for s in self.segments)
+
+    def rest_location(self, field_path: str) -> str:
+        """Where a request-message path was given in this REST request."""
+        if field_path.split(".", 1)[0] in _LOCATIONS and "." in field_path:
+            return field_path
+        head = field_path.split(".", 1)[0]
+        if head in self.variables:
+            return f"path.{field_path}"
+        for header, name in self.header_fields:
+            if name == head:
+                return f"header.{header}"
+        body = self.binding.body
+        if body == "*":
+            return f"body.{field_path}"
+        if body and (field_path == body or field_path.startswith(body + ".")):
+            return "body" + field_path[len(body) :]
+        return f"query.{field_path}"
+
+
+def _compile(method: MethodInfo, binding: HttpBinding) -> Route:
+    segments: list[str | None] = []
+    for part in binding.template.strip("/").split("/"):
+        match = re.fullmatch(r"\{([a-z_][a-z0-9_.]*)(=\*)?\}", part)
+        if match:
+            segments.append(None)
+        elif "{" in part or "*" in part or ":" in part:
+            raise ValueError(f"unsupported path template {binding.template!r} on {method.full_name}")
+        else:
+            segments.append(part)
+    info = message_info(method.request_class.DESCRIPTOR)
+    headers = tuple((f.rules.http_header.lower(), f.name) for f in info.fields if f.rules.http_header)
+    return Route(method, binding, tuple(segments), binding.path_fields, headers)
+
+
+class Router:
+    def __init__(self, all_methods: tuple[MethodInfo, ...]) -> None:
+        routes = [_compile(m, b) for m in all_methods for b in m.bindings]
+        routes.sort(key=lambda r: r.specificity, reverse=True)
+        self._by_length: dict[int, list[Route]] = {}
+        for route in routes:
+            self._by_length.setdefault(len(route.segments), []).append(route)
+        self.routes = routes
+
+    def match(self, verb: str, parts: list[str]) -> tuple[Route, dict[str, str]]:
+        allowed = False
+        for route in self._by_length.get(len(parts), ()):
+            values: dict[str, str] = {}
+            for (
+                segment,
+                part,
+            ) in zip(route.segments, parts, strict=True):
+                if segment is None:
+                    values[route.variables[len(values)]] = unquote(part)
+                elif segment != part:
+                    break
+            else:
+                if route.binding.verb == verb:
+                    return route, values
+                allowed = True
+        if allowed:
+            raise ApiError("http_error", "Method Not Allowed", 405)
+        raise ApiError("http_error", "Not Found", 404)
+
+
+def envelope(error: ApiError, route: Route | None) -> dict[str, Any]:
+    """The CueAPI error body; field errors name their REST location."""
+    body: dict[str, Any] = {"code": error.code, "message": error.message, "status": error.http_status}
+    if error.violations:
+        details = [
+            {"field": route.rest_location(v.field) if route else v.field, "message": v.message}
+            for v in error.violations
+        ]
+        body["details"] = details
+        body["message"] = f"{details[0]['field']}: {details[0]['message']}"
+    return {"error": body}
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Transcoder:
+    """The ASGI application. `ready` is read by /healthz."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        max_request_bytes: int,
+        openapi: bytes,
+        ready: Callable[[], bool],
+    ) -> None:
+        self._pipeline = pipeline
+        self._router = Router(methods())
+        self._max = max_request_bytes
+        self._openapi = openapi
+        self._ready = ready
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        rid = str(uuid.uuid4())
+        verb = scope["method"]
+        raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        path = raw_path.split("?", 1)[0]
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
+        if verb == "GET" and path == "/healthz":
+            ready = self._ready()
+            await _respond(
+                send,
+                200 if ready else 503,
+                _json_bytes({"status": "SERVING" if ready else "NOT_SERVING"}),
+                rid,
+            )
+            return
+        if verb == "GET" and path == "/openapi.json":
+            await _respond(send, 200, self._openapi, rid)
+            return
+        route: Route | None = None
+        try:
+            route, variables = self._router.match(verb, path.strip("/").split("/"))
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            body = await self._read_body(headers, receive)
+            request = self._build_request(route, variables, body, scope.get("query_string", b""), headers)
+            response = await self._pipeline.invoke(route.method, request, headers, rid)
+            status = route.method.success_status
+            if status == 204:
+                await _respond(send, 204, b"", rid)
+                return
+            if route.binding.response_body:
+                response = getattr(response, route.binding.response_body)
+            await _respond(send, status, _json_bytes(render(response)), rid)
+        except ApiError as error:
+            await _respond(send, error.http_status, _json_bytes(envelope(error, route)), rid)
+        except Exception:
+            log.exception("unhandled error in REST request %s %s", verb, path)
+            await _respond(send, 500, _json_bytes(envelope(internal_error(), route)), rid)
+
+    async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max:
+            raise _too_large(self._max)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max:
+                raise _too_large(self._max)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    def _build_request(
+        self, route: Route, variables: dict[str, str], body: bytes, query: bytes, headers: Mapping[str, str]
+    ) -> Message:
+        method = route.method
+        request = method.request_class()
+        info = message_info(request.DESCRIPTOR)
+        reader = Reader(reject_unknown=method.rules.reject_unknown_fields)
+        body_field = route.binding.body
+        if body_field and body.strip():
+            try:
+                data = loads(body)
+            except (ValueError, UnicodeDecodeError):
+                raise ApiError("invalid_json", "Request body is not valid JSON", 400) from None
+            if not isinstance(data, dict):
+                raise ApiError(
+                    "validation_error",
+                    "body: Input should be a valid dictionary",
+                    422,
+                    [Violation("body", "Input should be a valid dictionary")],
+                )
+            if body_field == "*":
+                for name in route.variables:
+                    data.pop(name, None)
+                reader.read_object(request, data, "body")
+            else:
+                target = getattr(request, body_field)
+                target.SetInParent()
+                reader.read_object(target, data, "body")
+            if "update_mask" in info.by_name and route.binding.verb == "PATCH":
+                request.update_mask.paths.extend(reader.present)  # type: ignore[attr-defined]
+        elif not body_field:
+            for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+                field = info.by_name.get(name)
+                if field is None or field.output_only or name in route.variables or field.is_plain_message:
+                    continue
+                reader.read_text(request, field, value, f"query.{name}", name)
+        for header, name in route.header_fields:
+            if header in headers:
+                reader.read_text(request, info.by_name[name], headers[header], f"header.{header}", name)
+        for name, value in variables.items():
+            reader.read_text(request, info.by_name[name], value, f"path.{name}", name)
+        if reader.violations:
+            first = reader.violations[0]
+            raise ApiError("validation_error", f"{first.field}: {first.message}", 422, reader.violations)
+        return request
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError("request_too_large", f"Request body must be at most {limit} bytes", 413)
+
+
+async def _respond(send: Send, status: int, body: bytes, rid: str) -> None:
+    headers = [(b"x-request-id", rid.encode())]
+    if status != 204:
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,109 @@
+"""The shared input check: REQUIRED field behaviours and the FieldRules of
+proto/cueline/annotations, applied to every request on both transports
+before its handler runs.
+
+Paths are dotted request-message paths (`cue.retry.max_attempts`); the REST
+transcoder turns them into body/query/path locations.
+
+For an update (a request with an update_mask), fields inside the resource
+are checked when the mask names them, and REQUIRED applies only to the
+request's own top-level fields: an update need not repeat the resource.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.message import Message
+
+from cueline_server.api.descriptors import FieldInfo, message_info
+from cueline_server.errors import Violation
+
+_NUMBER_CPPTYPES = {1, 2, 3, 4, 5, 6}
+
+
+def validate(request: Message) -> list[Violation]:
+    violations: list[Violation] = []
+    info = message_info(request.DESCRIPTOR)
+    mask: set[str] | None = None
+    if "update_mask" in info.by_name and request.HasField("update_mask"):
+        mask = set(request.update_mask.paths)  # type: ignore[attr-defined]
+        resource = next(f for f in info.fields if f.is_plain_message)
+        violations += _check_mask(resource, mask)
+    _check(request, "", violations, mask, top=True)
+    return violations
+
+
+def _check_mask(resource: FieldInfo, mask: set[str]) -> list[Violation]:
+    """Every path must name a field of the resource that an update may change."""
+    found: list[Violation] = []
+    for path in sorted(mask):
+        descriptor = resource.message
+        f: FieldInfo | None = None
+        for part in path.split("."):
+            f = message_info(descriptor).by_name.get(part) if descriptor is not None else None
+            if f is None:
+                break
+            descriptor = f.message if f.is_plain_message else None
+        where = f"{resource.name}.{path}"
+        if f is None:
+            found.append(Violation(where, "Extra inputs are not permitted"))
+        elif f.immutable or f.output_only:
+            found.append(Violation(where, "Field cannot be changed"))
+    return found
+
+
+def _present(message: Message, f: FieldInfo) -> bool:
+    if f.repeated or f.is_map:
+        return len(getattr(message, f.name)) > 0
+    if f.has_presence or f.message is not None:
+        return message.HasField(f.name)
+    return bool(getattr(message, f.name))
+
+
+def _in_mask(mask: set[str], path: str) -> bool:
+    return any(p == path or p.startswith(path + ".") for p in mask)
+
+
+def _check(message: Message, prefix: str, out: list[Violation], mask: set[str] | None, *, top: bool) -> None:
+    for f in message_info(message.DESCRIPTOR).fields:
+        if f.output_only or f.is_field_mask:
+            continue
+        path = f"{prefix}{f.name}"
+        # Inside an update, the mask says what was given (prefix "cue." is the resource).
+        relative = path.split(".", 1)[1] if "." in path else path
+        masked = mask is not None and not top and _in_mask(mask, relative)
+        present = _present(message, f) or masked
+        if not present:
+            if f.required and (mask is None or top):
+                out.append(Violation(path, "Field required"))
+            continue
+        if f.is_plain_message and not f.repeated:
+            _check(getattr(message, f.name), path + ".", out, mask, top=False)
+            continue
+        _check_rules(f, getattr(message, f.name), path, out)
+
+
+def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation]) -> None:
+    rules = f.rules
+    if (f.repeated or f.is_map) and rules.HasField("max_items") and len(value) > rules.max_items:
+        out.append(Violation(path, f"List should have at most {rules.max_items} items"))
+        return
+    if f.is_map:
+        return
+    items = list(enumerate(value)) if f.repeated else [(None, value)]
+    for index, item in items:
+        where = path if index is None else f"{path}.{index}"
+        if isinstance(item, str) and not rules.json_text:
+            if rules.HasField("min_length") and len(item) < rules.min_length:
+                noun = "character" if rules.min_length == 1 else "characters"
+                out.append(Violation(where, f"String should have at least {rules.min_length} {noun}"))
+            elif rules.HasField("max_length") and len(item) > rules.max_length:
+                out.append(Violation(where, f"String should have at most {rules.max_length} characters"))
+            elif rules.not_blank and not item.strip():
+                out.append(Violation(where, "Value must not be blank"))
+        elif f.descriptor.cpp_type in _NUMBER_CPPTYPES and not f.enum:
+            if rules.HasField("minimum") and item < rules.minimum:
+                out.append(Violation(where, f"Input should be greater than or equal to {rules.minimum}"))
+            elif rules.HasField("maximum") and item > rules.maximum:
+                out.append(Violation(where, f"Input should be less than or equal to {rules.maximum}"))

@@ -1,0 +1,162 @@
+"""The cueline process: gRPC and REST in one event loop over one database.
+
+Start-up: migrate (or refuse an old schema), open the database, bind both
+ports, report SERVING. On SIGTERM or SIGINT: report NOT_SERVING on gRPC
+health and /healthz, stop accepting, give in-flight calls up to
+`shutdown_grace_seconds` to finish, then close the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from grpc_health.v1 import health, health_pb2
+
+from cueline_server.api import openapi
+from cueline_server.api.descriptors import methods
+from cueline_server.api.grpc_server import build_server, service_names
+from cueline_server.api.pipeline import Handler, Pipeline
+from cueline_server.api.transcoder import Transcoder
+from cueline_server.config import Settings
+from cueline_server.servicers.accounts import AccountServicer
+from cueline_server.servicers.cues import CueServicer
+from cueline_server.servicers.executions import ExecutionServicer
+from cueline_server.servicers.outcomes import OutcomeServicer
+from cueline_server.servicers.workers import WorkerServicer
+from cueline_server.services.accounts import AccountService, Authenticator
+from cueline_server.services.cues import CueService
+from cueline_server.services.executions import ExecutionService
+from cueline_server.services.outcomes import OutcomeService
+from cueline_server.services.workers import WorkerService
+from cueline_server.store import migrate
+from cueline_server.store.database import Database
+
+log = logging.getLogger("cueline")
+
+
+class StartupError(Exception):
+    pass
+
+
+def handlers(db: Database, settings: Settings, authenticator: Authenticator) -> dict[str, Handler]:
+    """Every RPC's handler, by full method name; an RPC without one is a start-up error."""
+    servicers: list[Any] = [
+        AccountServicer(AccountService(db, settings)),
+        CueServicer(CueService(db, settings)),
+        ExecutionServicer(ExecutionService(db)),
+        OutcomeServicer(OutcomeService(db)),
+        WorkerServicer(WorkerService(db, settings.worker_heartbeat_timeout_seconds)),
+    ]
+    found: dict[str, Handler] = {}
+    for method in methods():
+        for servicer in servicers:
+            handler = getattr(servicer, method.name, None)
+            if handler is not None:
+                found[method.full_name] = handler
+                break
+        else:
+            raise StartupError(f"no servicer implements {method.full_name}")
+    return found
+
+
+async def prepare_schema(settings: Settings) -> None:
+    url = settings.resolved_database_url()
+    if settings.auto_migrate:
+        revision = await asyncio.to_thread(migrate.upgrade, url)
+        log.info("database schema at revision %s", revision)
+        return
+    current = await asyncio.to_thread(migrate.current_revision, url)
+    head = migrate.head_revision()
+    if current != head:
+        raise StartupError(
+            f"database schema is at revision {current}, this version needs {head}: run `cueline db upgrade`"
+        )
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the runtime decides when to stop."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+@dataclass
+class Bound:
+    grpc_port: int
+    http_port: int
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stopping = asyncio.Event()
+        self.serving = False
+
+    async def run(self) -> None:
+        settings = self.settings
+        await prepare_schema(settings)
+        db = Database(settings.resolved_database_url(), pool_size=settings.database_pool_size)
+        authenticator = Authenticator(db, settings.auth_cache_seconds)
+        pipeline = Pipeline(
+            authenticator, handlers(db, settings, authenticator), access_log=settings.access_log
+        )
+        health_servicer = health.aio.HealthServicer()
+        grpc_server = build_server(pipeline, health_servicer, settings.max_request_bytes + 64 * 1024)
+        grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        transcoder = Transcoder(
+            pipeline,
+            max_request_bytes=settings.max_request_bytes,
+            openapi=openapi.document(),
+            ready=lambda: self.serving,
+        )
+        http = _EmbeddedUvicorn(
+            uvicorn.Config(
+                transcoder,
+                host=settings.host,
+                port=settings.http_port,
+                http="httptools",
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
+                backlog=4096,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await grpc_server.start()
+        http_task = asyncio.create_task(http.serve())
+        while not http.started:
+            if http_task.done():
+                await grpc_server.stop(None)
+                await db.dispose()
+                raise StartupError(f"cannot serve HTTP on {settings.host}:{settings.http_port}")
+            await asyncio.sleep(0.01)
+        http_port = http.servers[0].sockets[0].getsockname()[1]
+        for name in ("", *service_names()):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
+        log.info(
+            "cueline serving grpc=%s:%d http=%s:%d database=%s",
+            settings.host,
+            grpc_port,
+            settings.host,
+            http_port,
+            db.backend,
+        )
+        await self.stopping.wait()
+        log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace_seconds)
+        self.serving = False
+        await health_servicer.enter_graceful_shutdown()
+        http.should_exit = True
+        await asyncio.gather(grpc_server.stop(settings.shutdown_grace_seconds), http_task)
+        await db.dispose()
+        log.info("stopped")

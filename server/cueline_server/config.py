@@ -1,0 +1,82 @@
+"""Settings: defaults, overridden by CUELINE_* environment variables, overridden by flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cueline"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that changes how cueline runs. Each field is also the
+    environment variable CUELINE_<FIELD NAME IN UPPER CASE>."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8080
+    # Empty: a SQLite file in data_dir.
+    database_url: str = ""
+    data_dir: Path = field(default_factory=default_data_dir)
+    # Apply pending migrations at start-up; when false, refuse to start on an old schema.
+    auto_migrate: bool = True
+    allow_register: bool = True
+    # Seconds in-flight calls get to finish after SIGTERM.
+    shutdown_grace_seconds: float = 10.0
+    max_request_bytes: int = 1_048_576
+    # How long a verified API key is trusted without asking the database again.
+    # A key rotated on this process stops working at once; on other replicas
+    # within this many seconds. 0 checks every call.
+    auth_cache_seconds: float = 5.0
+    default_rate_limit_per_minute: int = 60
+    default_active_cue_limit: int = 10
+    default_monthly_execution_limit: int = 300
+    worker_heartbeat_timeout_seconds: int = 180
+    database_pool_size: int = 20
+    log_level: str = "INFO"
+    access_log: bool = False
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'cueline.db'}"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from CUELINE_* variables, then apply non-None overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"CUELINE_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.name, raw, f.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    kind = str(kind)
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError:
+        raise SystemExit(f"CUELINE_{name.upper()}: cannot read {raw!r} as {kind}") from None
+    return raw

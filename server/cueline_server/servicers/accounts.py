@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from cueline.v1 import accounts_pb2
+
+from cueline_server.api.pipeline import Call
+from cueline_server.services.accounts import AccountService
+
+
+class AccountServicer:
+    def __init__(self, accounts: AccountService) -> None:
+        self._accounts = accounts
+
+    async def Register(
+        self, request: accounts_pb2.RegisterRequest, call: Call
+    ) -> accounts_pb2.RegisterResponse:
+        registration = await self._accounts.register(request.email)
+        return accounts_pb2.RegisterResponse(api_key=registration.api_key, email=registration.email)
+
+    async def GetAccount(
+        self, request: accounts_pb2.GetAccountRequest, call: Call
+    ) -> accounts_pb2.GetAccountResponse:
+        summary = await self._accounts.summary(call.account)
+        account = summary.account
+        response = accounts_pb2.GetAccountResponse(
+            email=account.email,
+            plan=account.plan,
+            active_cues=summary.active_cues,
+            active_cue_limit=account.active_cue_limit,
+            executions_this_month=summary.executions_this_month,
+            monthly_execution_limit=account.monthly_execution_limit,
+            rate_limit_per_minute=account.rate_limit_per_minute,
+            has_webhook_secret=bool(account.webhook_secret),
+            api_key_prefix=account.api_key_prefix,
+        )
+        if account.alert_webhook_url is not None:
+            response.alert_webhook_url = account.alert_webhook_url
+        return response

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from cueline.v1 import outcomes_pb2
+
+from cueline_server.api.pipeline import Call
+from cueline_server.servicers.convert import to_enum
+from cueline_server.services.outcomes import OutcomeReport, OutcomeService
+
+_OPTIONAL = (
+    "result",
+    "error",
+    "metadata",
+    "external_id",
+    "result_url",
+    "result_ref",
+    "result_type",
+    "summary",
+    "artifacts",
+)
+
+
+class OutcomeServicer:
+    def __init__(self, outcomes: OutcomeService) -> None:
+        self._outcomes = outcomes
+
+    async def RecordOutcome(
+        self, request: outcomes_pb2.RecordOutcomeRequest, call: Call
+    ) -> outcomes_pb2.RecordOutcomeResponse:
+        given = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}  # type: ignore[arg-type]
+        recorded = await self._outcomes.record(
+            call.account, request.execution_id, OutcomeReport(success=request.success, **given)
+        )
+        response = outcomes_pb2.RecordOutcomeResponse(
+            execution_id=recorded.execution_id,
+            outcome_recorded=True,
+            outcome_state=to_enum(outcomes_pb2.OutcomeState, recorded.outcome_state),
+            late=recorded.late,
+        )
+        if recorded.reason is not None:
+            response.reason = recorded.reason
+        return response

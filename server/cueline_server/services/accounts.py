@@ -1,0 +1,151 @@
+"""Accounts: registration, API-key authentication, the account summary."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from dataclasses import dataclass
+
+from cueline_server.config import Settings
+from cueline_server.errors import ApiError, field_error, invalid_api_key, key_rotated
+from cueline_server.services.identifiers import (
+    hash_api_key,
+    looks_like_api_key,
+    new_api_key,
+    new_webhook_secret,
+)
+from cueline_server.store.database import Database
+from cueline_server.store.repositories import AnyRow, DuplicateError
+
+KEY_ROTATION_GRACE = dt.timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Caller:
+    account_id: uuid.UUID
+    rate_limit_per_minute: int
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def month_start(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+class Authenticator:
+    """Resolves `Authorization: Bearer cue_sk_...` to an account.
+
+    Verified keys are remembered for `auth_cache_seconds`, which keeps the
+    database off the hot path; `forget` drops an account's entries at once
+    when its key is rotated on this process."""
+
+    def __init__(self, db: Database, cache_seconds: float) -> None:
+        self._db = db
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[Caller, float]] = {}
+
+    async def authenticate(self, header: str | None) -> Caller:
+        if not header:
+            raise invalid_api_key("Missing or invalid Authorization header")
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise invalid_api_key("Missing or invalid Authorization header")
+        if not token.startswith("cue_sk_") or not looks_like_api_key(token):
+            raise invalid_api_key()
+        key_hash = hash_api_key(token)
+        cached = self._cache.get(key_hash)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        async with self._db.unit_of_work(write=False) as uow:
+            row = await uow.accounts.by_key_hash(key_hash)
+            if row is None:
+                rotated_at = await uow.accounts.rotated_at_for_previous_key(key_hash)
+                if rotated_at is not None and now() - rotated_at < KEY_ROTATION_GRACE:
+                    raise key_rotated()
+                raise invalid_api_key()
+        caller = Caller(row.id, row.rate_limit_per_minute)
+        if self._cache_seconds > 0:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[key_hash] = (caller, time.monotonic() + self._cache_seconds)
+        return caller
+
+    def forget(self, account_id: uuid.UUID) -> None:
+        for key, (caller, _) in list(self._cache.items()):
+            if caller.account_id == account_id:
+                del self._cache[key]
+
+
+@dataclass(frozen=True)
+class Registration:
+    api_key: str
+    email: str
+
+
+@dataclass(frozen=True)
+class AccountSummary:
+    account: AnyRow
+    active_cues: int
+    executions_this_month: int
+
+
+def normalize_email(email: str) -> str:
+    value = email.strip()
+    local, at, domain = value.rpartition("@")
+    if not at or not local or "." not in domain or any(c.isspace() for c in value):
+        raise field_error("email", "value is not a valid email address")
+    return value
+
+
+class AccountService:
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self._db = db
+        self._settings = settings
+
+    async def register(self, email: str) -> Registration:
+        if not self._settings.allow_register:
+            raise ApiError("not_found", "Not found", 404)
+        email = normalize_email(email)
+        key = new_api_key()
+        moment = now()
+        async with self._db.unit_of_work() as uow:
+            if await uow.accounts.email_taken(email.lower()):
+                raise _duplicate_email()
+            try:
+                await uow.accounts.add(
+                    {
+                        "id": uuid.uuid4(),
+                        "email": email,
+                        "email_key": email.lower(),
+                        "api_key_hash": hash_api_key(key),
+                        "api_key_prefix": key[:12],
+                        "webhook_secret": new_webhook_secret(),
+                        "plan": "free",
+                        "active_cue_limit": self._settings.default_active_cue_limit,
+                        "monthly_execution_limit": self._settings.default_monthly_execution_limit,
+                        "rate_limit_per_minute": self._settings.default_rate_limit_per_minute,
+                        "created_at": moment,
+                        "updated_at": moment,
+                    }
+                )
+            except DuplicateError:
+                raise _duplicate_email() from None
+            await uow.commit()
+        return Registration(key, email)
+
+    async def summary(self, caller: Caller) -> AccountSummary:
+        async with self._db.unit_of_work(write=False) as uow:
+            account = await uow.accounts.get(caller.account_id)
+            if account is None:
+                raise invalid_api_key()
+            active = await uow.cues.count(caller.account_id, ("active", "paused"))
+            executions = await uow.executions.count_created_since(caller.account_id, month_start(now()))
+        return AccountSummary(account, active, executions)
+
+
+def _duplicate_email() -> ApiError:
+    return ApiError("duplicate_email", "An account with this email already exists", 409)

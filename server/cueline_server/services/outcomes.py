@@ -1,0 +1,177 @@
+"""Outcomes: the write-once report of whether the work succeeded.
+
+The report is one conditional UPDATE (see ExecutionRepository.record_outcome):
+it applies only while no outcome is recorded, so among any number of racing
+writers exactly one wins, whatever the transport. The outcome state depends
+on the cue's verification mode *at report time*; rather than read the mode
+first (a second round trip and a race), the statement reads it from the cue
+and picks the state computed here for that mode.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, literal, select
+
+from cueline_server.errors import ApiError, execution_not_found, field_error
+from cueline_server.services.accounts import Caller, now
+from cueline_server.services.identifiers import parse_uuid
+from cueline_server.store.database import Database
+from cueline_server.store.tables import cues, executions
+
+MAX_METADATA_BYTES = 10_240
+MODES = ("none", "require_external_id", "require_result_url", "require_artifacts", "manual")
+_REQUIREMENT = {
+    "require_external_id": "external_id",
+    "require_result_url": "result_url",
+    "require_artifacts": "artifacts",
+}
+
+
+@dataclass(frozen=True)
+class OutcomeReport:
+    success: bool
+    result: str | None = None
+    error: str | None = None
+    metadata: str | None = None  # JSON object text
+    external_id: str | None = None
+    result_url: str | None = None
+    result_ref: str | None = None
+    result_type: str | None = None
+    summary: str | None = None
+    artifacts: str | None = None  # JSON array text
+
+    def evidence(self) -> set[str]:
+        present = set()
+        if self.external_id:
+            present.add("external_id")
+        if self.result_url:
+            present.add("result_url")
+        if self.artifacts:
+            present.add("artifacts")
+        return present
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome_state: str
+    validation_state: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class RecordedOutcome:
+    execution_id: str
+    outcome_state: str
+    reason: str | None
+    late: bool
+
+
+def verdict(success: bool, mode: str | None, evidence: set[str]) -> Verdict:
+    """The outcome state of a report under a verification mode."""
+    if not success:
+        return Verdict("reported_failure", None, None)
+    if mode is None or mode == "none":
+        return Verdict("reported_success", None, None)
+    if mode == "manual":
+        return Verdict("verification_pending", None, None)
+    required = _REQUIREMENT[mode]
+    if required in evidence:
+        return Verdict("verified_success", "valid", None)
+    return Verdict("verification_failed", "invalid", f"{mode}: {required} missing")
+
+
+def check_report(report: OutcomeReport) -> OutcomeReport:
+    """Field rules beyond the schema; normalises empty evidence to absent."""
+    if report.metadata is not None:
+        if not isinstance(json.loads(report.metadata), dict):
+            raise field_error("metadata", "Input should be a valid dictionary")
+        if len(report.metadata.encode()) > MAX_METADATA_BYTES:
+            raise ApiError("metadata_too_large", "Outcome metadata must be under 10KB", 400)
+    artifacts = report.artifacts
+    if artifacts is not None:
+        parsed = json.loads(artifacts)
+        if not isinstance(parsed, list):
+            raise field_error("artifacts", "Input should be a valid list")
+        if not parsed:
+            artifacts = None
+    if report.result_url is not None and not report.result_url.lower().startswith(("http://", "https://")):
+        raise field_error("result_url", "URL must begin with http:// or https://")
+    return OutcomeReport(
+        success=report.success,
+        result=report.result,
+        error=report.error,
+        metadata=report.metadata,
+        external_id=report.external_id or None,
+        result_url=report.result_url,
+        result_ref=report.result_ref or None,
+        result_type=report.result_type,
+        summary=report.summary,
+        artifacts=artifacts,
+    )
+
+
+def _by_mode(mode: Any, pick: dict[str | None, Any]) -> ColumnElement[Any]:
+    """CASE over the cue's mode; an unset mode behaves as 'none'."""
+    whens = [(mode == m, literal(pick[m])) for m in MODES if pick[m] != pick[None]]
+    if not whens:
+        return literal(pick[None])
+    return case(*whens, else_=literal(pick[None]))
+
+
+class OutcomeService:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def record(self, caller: Caller, execution_id: str, report: OutcomeReport) -> RecordedOutcome:
+        parsed = parse_uuid(execution_id)
+        if parsed is None:
+            raise execution_not_found()
+        report = check_report(report)
+        moment = now()
+        evidence = report.evidence()
+        verdicts = {m: verdict(report.success, m, evidence) for m in (*MODES, None)}
+        mode = select(cues.c.verification_mode).where(cues.c.id == executions.c.cue_id).scalar_subquery()
+        worker = executions.c.transport == "worker"
+        values: dict[str, Any] = {
+            "outcome_recorded_at": moment,
+            "outcome_success": report.success,
+            "outcome_result": report.result,
+            "outcome_error": report.error,
+            "outcome_metadata": report.metadata,
+            "outcome_late": and_(
+                executions.c.outcome_deadline_at.is_not(None), executions.c.outcome_deadline_at < moment
+            ),
+            "outcome_verification_mode": mode,
+            "outcome_state": _by_mode(mode, {m: v.outcome_state for m, v in verdicts.items()}),
+            "validation_state": _by_mode(mode, {m: v.validation_state for m, v in verdicts.items()}),
+            "external_id": report.external_id,
+            "result_url": report.result_url,
+            "result_ref": report.result_ref,
+            "result_type": report.result_type,
+            "summary": report.summary,
+            "artifacts": report.artifacts,
+            "evidence_produced_at": moment if evidence else None,
+            # Worker transport: the report completes the execution.
+            "status": case((worker, "success" if report.success else "failed"), else_=executions.c.status),
+            "updated_at": moment,
+        }
+        if report.success:
+            values["delivered_at"] = case((worker, moment), else_=executions.c.delivered_at)
+        else:
+            values["error_message"] = case((worker, literal(report.error)), else_=executions.c.error_message)
+        async with self._db.single_statement() as repos:
+            row = await repos.executions.record_outcome(caller.account_id, parsed, values)
+            if row is None:
+                if await repos.executions.exists(caller.account_id, parsed):
+                    raise ApiError(
+                        "outcome_already_recorded",
+                        "Outcome has already been recorded for this execution",
+                        409,
+                    )
+                raise execution_not_found()
+        reason = verdicts[row.outcome_verification_mode].reason
+        return RecordedOutcome(str(row.id), row.outcome_state, reason, bool(row.outcome_late))

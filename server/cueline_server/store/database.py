@@ -1,0 +1,175 @@
+"""Engines and the unit of work.
+
+One transaction per call: a UnitOfWork opens it, repositories run statements
+inside it, and only the unit of work commits. Hot paths whose whole effect is
+one statement use `Database.single_statement()`, which runs that statement
+in autocommit mode: one database round trip, no BEGIN/COMMIT exchange.
+
+SQLite is the embedded default: WAL, synchronous=FULL, foreign keys on.
+SQLite allows one writer at a time, so writers in this process queue on an
+asyncio lock (no busy-wait) and take the database lock up front with BEGIN
+IMMEDIATE, which other processes (the `cueline` CLI) then wait for instead of
+failing on a lock upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from cueline_server.store.repositories import (
+    AccountRepository,
+    CueRepository,
+    ExecutionRepository,
+    WorkerRepository,
+)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def async_url(url: str) -> URL:
+    """Accept plain `postgresql://` and `sqlite:///` URLs and pick the async drivers."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    raise ValueError(f"unsupported database {backend!r}: use sqlite or postgresql")
+
+
+def sync_url(url: str) -> URL:
+    parsed = async_url(url)
+    return parsed.set(drivername="sqlite") if parsed.get_backend_name() == "sqlite" else parsed
+
+
+def configure_sqlite(engine: Any) -> None:
+    """Pragmas on every new connection, and explicit BEGIN control (the sqlite3
+    module's implicit transactions are switched off)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=FULL",
+            "PRAGMA foreign_keys=ON",
+            f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("cueline_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def ensure_sqlite_directory(url: URL) -> None:
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 20) -> None:
+        self.url = async_url(url)
+        self.backend = self.url.get_backend_name()
+        ensure_sqlite_directory(self.url)
+        if self.backend == "sqlite":
+            self.engine: AsyncEngine = create_async_engine(self.url, pool_size=8, max_overflow=0)
+            configure_sqlite(self.engine.sync_engine)
+            self._write_lock: asyncio.Lock | None = asyncio.Lock()
+        else:
+            self.engine = create_async_engine(
+                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+            self._write_lock = None
+
+    def unit_of_work(self, *, write: bool = True) -> UnitOfWork:
+        return UnitOfWork(self, write=write)
+
+    @asynccontextmanager
+    async def single_statement(self) -> AsyncIterator[Repositories]:
+        """Repositories for work that is exactly one write statement. On
+        PostgreSQL the statement runs in autocommit mode, its own transaction in
+        one round trip; SQLite, being in-process, uses an ordinary transaction."""
+        if self.backend == "sqlite":
+            async with self.unit_of_work() as uow:
+                yield uow
+                await uow.commit()
+            return
+        async with self.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield Repositories(conn)
+
+    async def ping(self) -> bool:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+class Repositories:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+        self.accounts = AccountRepository(conn)
+        self.cues = CueRepository(conn)
+        self.executions = ExecutionRepository(conn)
+        self.workers = WorkerRepository(conn)
+
+
+class UnitOfWork(Repositories):
+    """`async with db.unit_of_work() as uow: ...; await uow.commit()`.
+    Leaving the block without commit rolls back."""
+
+    def __init__(self, db: Database, *, write: bool) -> None:
+        self._db = db
+        self._write = write
+        self._locked = False
+
+    async def __aenter__(self) -> UnitOfWork:
+        if self._write and self._db._write_lock is not None:
+            await self._db._write_lock.acquire()
+            self._locked = True
+        try:
+            conn = await self._db.engine.connect()
+            if self._write and self._db.backend == "sqlite":
+                conn = await conn.execution_options(cueline_begin="IMMEDIATE")
+            await conn.begin()
+        except BaseException:
+            self._release()
+            raise
+        super().__init__(conn)
+        return self
+
+    async def commit(self) -> None:
+        await self.conn.commit()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if self.conn.in_transaction():
+                await self.conn.rollback()
+            await self.conn.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._locked and self._db._write_lock is not None:
+            self._db._write_lock.release()
+            self._locked = False

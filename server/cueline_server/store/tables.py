@@ -1,0 +1,190 @@
+"""The schema as SQLAlchemy Core tables.
+
+The Alembic migrations create exactly this schema (a test compares them on
+SQLite and PostgreSQL). Enumerations are stored as their wire strings so the
+tables read naturally in psql. Free-form JSON is stored as text, exactly as it
+will be returned.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        moment: dt.datetime = value
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=dt.UTC)
+        return moment.astimezone(dt.UTC)
+
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("email", String(255), nullable=False),
+    Column("email_key", String(255), nullable=False, unique=True, comment="lower-cased email"),
+    Column("api_key_hash", String(64), nullable=False, unique=True, comment="SHA-256 of the key"),
+    Column("api_key_prefix", String(12), nullable=False),
+    Column("previous_key_hash", String(64), nullable=True, index=True),
+    Column("key_rotated_at", UTCDateTime, nullable=True),
+    Column("webhook_secret", String(80), nullable=False),
+    Column("plan", String(32), nullable=False),
+    Column("active_cue_limit", Integer, nullable=False),
+    Column("monthly_execution_limit", Integer, nullable=False),
+    Column("rate_limit_per_minute", Integer, nullable=False),
+    Column("alert_webhook_url", String(2048), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+cues = Table(
+    "cues",
+    metadata,
+    Column("id", String(16), primary_key=True),
+    Column("account_id", Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("description", Text, nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("transport", String(16), nullable=False),
+    Column("schedule_type", String(16), nullable=False),
+    Column("cron", String(100), nullable=True),
+    Column("at", UTCDateTime, nullable=True),
+    Column("timezone", String(64), nullable=False),
+    Column("callback_url", String(2048), nullable=True),
+    Column("callback_method", String(8), nullable=False),
+    Column("callback_headers", Text, nullable=False, comment="JSON object"),
+    Column("payload", Text, nullable=False, comment="JSON object"),
+    Column("retry_max_attempts", Integer, nullable=False),
+    Column("retry_backoff_minutes", Text, nullable=False, comment="JSON array"),
+    Column("on_failure_email", Boolean, nullable=False),
+    Column("on_failure_webhook", String(2048), nullable=True),
+    Column("on_failure_pause", Boolean, nullable=False),
+    Column("verification_mode", String(32), nullable=True),
+    Column("timeout_seconds", Integer, nullable=False),
+    Column("outcome_deadline_seconds", Integer, nullable=False),
+    Column("alert_consecutive_failures", Integer, nullable=False),
+    Column("alert_missed_window_multiplier", Integer, nullable=False),
+    Column("catch_up", String(32), nullable=False),
+    Column("next_run", UTCDateTime, nullable=True),
+    Column("last_run", UTCDateTime, nullable=True),
+    Column("run_count", BigInteger, nullable=False),
+    Column("fired_count", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("account_id", "name"),
+    Index(None, "account_id", "created_at"),
+    Index(None, "status", "next_run"),
+)
+
+executions = Table(
+    "executions",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("account_id", Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("cue_id", String(16), ForeignKey("cues.id", ondelete="CASCADE"), nullable=False),
+    Column("transport", String(16), nullable=False, comment="the cue's, fixed at creation"),
+    Column("scheduled_for", UTCDateTime, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("triggered_by", String(16), nullable=False),
+    Column("replayed_from", Uuid, nullable=True),
+    Column("payload", Text, nullable=False, comment="JSON object snapshot"),
+    Column("task", String(255), nullable=True, comment="payload.task, for claim filters"),
+    Column("http_status", Integer, nullable=True),
+    Column("response_body", Text, nullable=True),
+    Column("attempts", Integer, nullable=False),
+    Column("error_message", Text, nullable=True),
+    Column("next_retry", UTCDateTime, nullable=True),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("delivered_at", UTCDateTime, nullable=True),
+    Column("last_attempt_at", UTCDateTime, nullable=True),
+    Column("claimed_by_worker", String(255), nullable=True),
+    Column("claimed_at", UTCDateTime, nullable=True),
+    Column("last_heartbeat_at", UTCDateTime, nullable=True),
+    Column("outcome_deadline_at", UTCDateTime, nullable=True),
+    Column("outcome_state", String(32), nullable=True),
+    Column("outcome_recorded_at", UTCDateTime, nullable=True, comment="set once: the write-once guard"),
+    Column("outcome_success", Boolean, nullable=True),
+    Column("outcome_result", Text, nullable=True),
+    Column("outcome_error", Text, nullable=True),
+    Column("outcome_metadata", Text, nullable=True, comment="JSON object"),
+    Column("outcome_late", Boolean, nullable=True),
+    Column("outcome_verification_mode", String(32), nullable=True, comment="the cue's mode at report time"),
+    Column("external_id", String(500), nullable=True),
+    Column("result_url", String(2048), nullable=True),
+    Column("result_ref", String(500), nullable=True),
+    Column("result_type", String(100), nullable=True),
+    Column("summary", String(500), nullable=True),
+    Column("artifacts", Text, nullable=True, comment="JSON array"),
+    Column("validation_state", String(16), nullable=True),
+    Column("evidence_metadata", Text, nullable=True, comment="JSON object"),
+    Column("evidence_produced_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index(None, "account_id", "created_at"),
+    Index(None, "cue_id", "created_at"),
+    # Exactly one scheduled execution per cron slot, across replicas and restarts.
+    Index(
+        "uq_executions_scheduled_slot",
+        "cue_id",
+        "scheduled_for",
+        unique=True,
+        postgresql_where=text("triggered_by = 'scheduled'"),
+        sqlite_where=text("triggered_by = 'scheduled'"),
+    ),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("account_id", Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True),
+    Column("worker_id", String(255), primary_key=True),
+    Column("handlers", Text, nullable=True, comment="JSON array"),
+    Column("last_heartbeat", UTCDateTime, nullable=False),
+    Column("registered_since", UTCDateTime, nullable=False),
+)
