@@ -46,7 +46,10 @@ def _generate(into: Path) -> None:
         f"--mypy_grpc_out={into}",
         *(str(p.relative_to(PROTO_ROOT)) for p in _sources()),
     ]
-    subprocess.run(args, check=True)
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(result.returncode)
     package = into / "cueline"
     for directory in [package, *(d for d in package.rglob("*") if d.is_dir())]:
         (directory / "__init__.py").touch()

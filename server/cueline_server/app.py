@@ -153,9 +153,12 @@ class Runtime:
             db.backend,
         )
         await self.stopping.wait()
-        log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace_seconds)
         self.serving = False
         await health_servicer.enter_graceful_shutdown()
+        if settings.shutdown_drain_seconds > 0:
+            log.info("draining: NOT_SERVING for %.1fs before closing", settings.shutdown_drain_seconds)
+            await asyncio.sleep(settings.shutdown_drain_seconds)
+        log.info("shutting down: in-flight calls have %.0fs to finish", settings.shutdown_grace_seconds)
         http.should_exit = True
         await asyncio.gather(grpc_server.stop(settings.shutdown_grace_seconds), http_task)
         await db.dispose()

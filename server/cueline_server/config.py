@@ -28,7 +28,9 @@ class Settings:
     # Apply pending migrations at start-up; when false, refuse to start on an old schema.
     auto_migrate: bool = True
     allow_register: bool = True
-    # Seconds in-flight calls get to finish after SIGTERM.
+    # After SIGTERM: seconds of reporting NOT_SERVING while still serving, so load
+    # balancers stop sending work; then seconds in-flight calls get to finish.
+    shutdown_drain_seconds: float = 0.0
     shutdown_grace_seconds: float = 10.0
     max_request_bytes: int = 1_048_576
     # How long a verified API key is trusted without asking the database again.

@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cueline_server.api.descriptors import FieldInfo, enum_info, message_info
-from cueline_server.errors import ApiError, Violation
+from cueline_server.errors import Violation
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -257,12 +257,8 @@ class Reader:
         info = enum_info(descriptor.enum_type)
         if isinstance(value, str) and value in info.from_wire:
             return info.from_wire[value]
-        if f.rules.parse_error_code:
-            raise ApiError(
-                f.rules.parse_error_code,
-                f.rules.parse_error_message or f"{location}: invalid value",
-                f.rules.parse_error_status or 422,
-            )
+        if f.rules.lenient:
+            return _INVALID
         choices = [f"'{name}'" for name in info.to_wire.values()]
         listed = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
         self.fail(location, f"Input should be {listed}")

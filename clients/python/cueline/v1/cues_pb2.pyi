@@ -167,7 +167,9 @@ class Schedule(_message.Message):
     AT_FIELD_NUMBER: _builtins.int
     TIMEZONE_FIELD_NUMBER: _builtins.int
     type: Global___ScheduleType.ValueType
-    """once or recurring."""
+    """once or recurring. Missing or unknown: INVALID_ARGUMENT invalid_schedule
+    (REST 400), reported after the duplicate-name and cue-limit checks.
+    """
     cron: _builtins.str
     """5-field cron (croniter syntax, with @hourly-style aliases); recurring only."""
     timezone: _builtins.str

@@ -120,9 +120,7 @@ class FieldRules(_message.Message):
     MINIMUM_FIELD_NUMBER: _builtins.int
     MAXIMUM_FIELD_NUMBER: _builtins.int
     MAX_ITEMS_FIELD_NUMBER: _builtins.int
-    PARSE_ERROR_CODE_FIELD_NUMBER: _builtins.int
-    PARSE_ERROR_STATUS_FIELD_NUMBER: _builtins.int
-    PARSE_ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    LENIENT_FIELD_NUMBER: _builtins.int
     INLINE_FIELD_NUMBER: _builtins.int
     json_text: _builtins.bool
     """The string carries one JSON value as compact UTF-8 text. REST bodies hold
@@ -140,12 +138,11 @@ class FieldRules(_message.Message):
     maximum: _builtins.int
     max_items: _builtins.int
     """Repeated fields and maps: the largest number of entries."""
-    parse_error_code: _builtins.str
-    """REST: when the JSON value cannot be read into this field, answer with
-    this error code and HTTP status instead of 422 validation_error.
+    lenient: _builtins.bool
+    """REST: a value that cannot be read into this field leaves it unset instead
+    of failing the request, so the service can report it with the documented
+    code at its place in the documented order of checks.
     """
-    parse_error_status: _builtins.int
-    parse_error_message: _builtins.str
     inline: _builtins.bool
     """REST: the fields of this message field appear directly in the parent
     JSON object (a resource plus page fields in one body).
@@ -161,14 +158,12 @@ class FieldRules(_message.Message):
         minimum: _builtins.int | None = ...,
         maximum: _builtins.int | None = ...,
         max_items: _builtins.int | None = ...,
-        parse_error_code: _builtins.str = ...,
-        parse_error_status: _builtins.int = ...,
-        parse_error_message: _builtins.str = ...,
+        lenient: _builtins.bool = ...,
         inline: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_items", b"_max_items", "_max_length", b"_max_length", "_maximum", b"_maximum", "_min_length", b"_min_length", "_minimum", b"_minimum", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "min_length", b"min_length", "minimum", b"minimum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_items", b"_max_items", "_max_length", b"_max_length", "_maximum", b"_maximum", "_min_length", b"_min_length", "_minimum", b"_minimum", "http_header", b"http_header", "inline", b"inline", "json_text", b"json_text", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "min_length", b"min_length", "minimum", b"minimum", "not_blank", b"not_blank", "parse_error_code", b"parse_error_code", "parse_error_message", b"parse_error_message", "parse_error_status", b"parse_error_status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_items", b"_max_items", "_max_length", b"_max_length", "_maximum", b"_maximum", "_min_length", b"_min_length", "_minimum", b"_minimum", "http_header", b"http_header", "inline", b"inline", "json_text", b"json_text", "lenient", b"lenient", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "min_length", b"min_length", "minimum", b"minimum", "not_blank", b"not_blank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_items: _TypeAlias = _typing.Literal["max_items"]  # noqa: Y015
     _WhichOneofArgType__max_items: _TypeAlias = _typing.Literal["_max_items", b"_max_items"]  # noqa: Y015

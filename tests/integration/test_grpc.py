@@ -1,0 +1,208 @@
+"""The same slice over gRPC with the generated stubs: health, reflection, rich errors."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from cueline.v1 import (
+    accounts_pb2,
+    accounts_pb2_grpc,
+    cues_pb2,
+    cues_pb2_grpc,
+    executions_pb2,
+    executions_pb2_grpc,
+    outcomes_pb2,
+    outcomes_pb2_grpc,
+)
+from tests.support import Server
+
+SERVICES = [
+    "cueline.v1.AccountService",
+    "cueline.v1.CueService",
+    "cueline.v1.ExecutionService",
+    "cueline.v1.OutcomeService",
+    "cueline.v1.WorkerService",
+]
+
+
+@pytest.fixture
+def channel(server: Server) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        yield ch
+
+
+def api_key(channel: grpc.Channel) -> tuple[tuple[str, str], ...]:
+    stub = accounts_pb2_grpc.AccountServiceStub(channel)
+    key = stub.Register(accounts_pb2.RegisterRequest(email=f"g-{uuid.uuid4().hex[:8]}@example.com")).api_key
+    return (("authorization", f"Bearer {key}"),)
+
+
+def details(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.BadRequest | None]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    info, bad = error_details_pb2.ErrorInfo(), None
+    for packed in status.details:
+        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            packed.Unpack(info)
+        elif packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            packed.Unpack(bad)
+    return info, bad
+
+
+def test_health_overall_and_per_service(channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ["", *SERVICES]:
+        response = health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING, name
+    with pytest.raises(grpc.RpcError) as raised:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in next(responses).list_services_response.service}
+    assert set(SERVICES) <= names and "grpc.health.v1.Health" in names
+
+
+def test_slice_and_write_once(channel: grpc.Channel) -> None:
+    md = api_key(channel)
+    cues = cues_pb2_grpc.CueServiceStub(channel)
+    cue = cues.CreateCue(
+        cues_pb2.CreateCueRequest(
+            cue=cues_pb2.Cue(
+                name="grpc-cue",
+                transport=cues_pb2.TRANSPORT_WORKER,
+                schedule=cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="*/5 * * * *"),
+                payload='{"task": "t", "n": 1}',
+            )
+        ),
+        metadata=md,
+    ).cue
+    assert cue.status == cues_pb2.CUE_STATUS_ACTIVE and cue.HasField("next_run")
+    fired = cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue.id), metadata=md)
+    outcomes = outcomes_pb2_grpc.OutcomeServiceStub(channel)
+    recorded = outcomes.RecordOutcome(
+        outcomes_pb2.RecordOutcomeRequest(execution_id=fired.id, success=False, error="disk full"), metadata=md
+    )
+    assert recorded.outcome_state == outcomes_pb2.OUTCOME_STATE_REPORTED_FAILURE
+    with pytest.raises(grpc.RpcError) as raised:
+        outcomes.RecordOutcome(outcomes_pb2.RecordOutcomeRequest(execution_id=fired.id, success=True), metadata=md)
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    info, _ = details(raised.value)
+    assert info.reason == "outcome_already_recorded" and info.metadata["http_status"] == "409"
+
+    execution = executions_pb2_grpc.ExecutionServiceStub(channel).GetExecution(
+        executions_pb2.GetExecutionRequest(execution_id=fired.id), metadata=md
+    ).execution
+    assert execution.status == executions_pb2.EXECUTION_STATUS_FAILED
+    assert execution.outcome.error == "disk full" and execution.outcome_success is False
+    assert execution.payload == '{"task": "t", "n": 1}'
+
+
+def test_invalid_argument_names_the_field(channel: grpc.Channel) -> None:
+    md = api_key(channel)
+    cues = cues_pb2_grpc.CueServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        cues.CreateCue(
+            cues_pb2.CreateCueRequest(
+                cue=cues_pb2.Cue(
+                    name="x",
+                    transport=cues_pb2.TRANSPORT_WORKER,
+                    schedule=cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="* * * * *"),
+                    retry=cues_pb2.RetryPolicy(max_attempts=99),
+                )
+            ),
+            metadata=md,
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = details(raised.value)
+    assert info.reason == "validation_error"
+    assert bad is not None and [v.field for v in bad.field_violations] == ["cue.retry.max_attempts"]
+
+
+def test_payload_size_limit(channel: grpc.Channel) -> None:
+    md = api_key(channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        cues_pb2_grpc.CueServiceStub(channel).CreateCue(
+            cues_pb2.CreateCueRequest(
+                cue=cues_pb2.Cue(
+                    name="big",
+                    transport=cues_pb2.TRANSPORT_WORKER,
+                    schedule=cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="* * * * *"),
+                    payload='{"blob": "' + "x" * 1_048_576 + '"}',
+                )
+            ),
+            metadata=md,
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(raised.value)[0].reason == "invalid_payload_size"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [((), "invalid_api_key"), ((("authorization", "Bearer cue_sk_" + "f" * 32),), "invalid_api_key")],
+)
+def test_unauthenticated(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...], reason: str) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        cues_pb2_grpc.CueServiceStub(channel).ListCues(cues_pb2.ListCuesRequest(), metadata=metadata)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert details(raised.value)[0].reason == reason
+
+
+def test_not_found_for_malformed_and_foreign_ids(channel: grpc.Channel) -> None:
+    md = api_key(channel)
+    stub = executions_pb2_grpc.ExecutionServiceStub(channel)
+    for execution_id in ["nope", str(uuid.uuid4())]:
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.GetExecution(executions_pb2.GetExecutionRequest(execution_id=execution_id), metadata=md)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert details(raised.value)[0].reason == "execution_not_found"
+
+
+def test_update_mask_semantics(channel: grpc.Channel) -> None:
+    md = api_key(channel)
+    cues = cues_pb2_grpc.CueServiceStub(channel)
+    cue = cues.CreateCue(
+        cues_pb2.CreateCueRequest(
+            cue=cues_pb2.Cue(
+                name="masked",
+                description="keep me",
+                transport=cues_pb2.TRANSPORT_WORKER,
+                schedule=cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="* * * * *"),
+            )
+        ),
+        metadata=md,
+    ).cue
+    updated = cues.UpdateCue(
+        cues_pb2.UpdateCueRequest(
+            cue_id=cue.id, cue=cues_pb2.Cue(name="renamed", description="ignored"), update_mask={"paths": ["name"]}
+        ),
+        metadata=md,
+    ).cue
+    assert updated.name == "renamed" and updated.description == "keep me"
+    for paths in (["transport"], ["no_such_field"], ["run_count"]):
+        with pytest.raises(grpc.RpcError) as raised:
+            cues.UpdateCue(
+                cues_pb2.UpdateCueRequest(cue_id=cue.id, cue=cues_pb2.Cue(), update_mask={"paths": paths}), metadata=md
+            )
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, paths
+
+
+def test_request_id_is_returned(channel: grpc.Channel) -> None:
+    stub = accounts_pb2_grpc.AccountServiceStub(channel)
+    _, call = stub.Register.with_call(
+        accounts_pb2.RegisterRequest(email=f"r-{uuid.uuid4().hex[:8]}@example.com"),
+        metadata=(("x-request-id", "trace-123"),),
+    )
+    assert ("x-request-id", "trace-123") in call.initial_metadata()

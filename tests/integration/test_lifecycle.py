@@ -1,0 +1,148 @@
+"""The process: graceful shutdown, restarts and crashes, schema policy, the CLI."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import httpx
+import psycopg
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support import ROOT, Server, auth
+
+
+def worker_execution(server: Server, key: str) -> str:
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = client.post(
+            "/v1/cues",
+            json={"name": "c", "transport": "worker", "schedule": {"type": "recurring", "cron": "* * * * *"}},
+        ).json()
+        return str(client.post(f"/v1/cues/{cue['id']}/fire").json()["id"])
+
+
+@contextmanager
+def database_locked(database_url: str, execution_id: str) -> Iterator[None]:
+    """Hold a lock that makes the server's outcome write wait."""
+    if database_url.startswith("sqlite"):
+        conn = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+    else:
+        with psycopg.connect(database_url) as conn:
+            conn.execute("SELECT 1 FROM executions WHERE id = %s FOR UPDATE", (execution_id,))
+            yield
+            conn.rollback()
+
+
+def test_sigterm_drains_and_finishes_in_flight_calls(database_url: str) -> None:
+    server = Server(database_url, env={"CUELINE_SHUTDOWN_DRAIN_SECONDS": "1.5"}).start()
+    key = server.register()
+    execution_id = worker_execution(server, key)
+    result: dict[str, Any] = {}
+
+    def report() -> None:
+        response = httpx.post(
+            f"{server.http_url}/v1/executions/{execution_id}/outcome",
+            json={"success": True},
+            headers=auth(key),
+            timeout=30,
+        )
+        result["status"] = response.status_code
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        with database_locked(database_url, execution_id):
+            in_flight = threading.Thread(target=report)
+            in_flight.start()
+            time.sleep(0.5)  # the report is now waiting on the lock
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            check = health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert httpx.get(f"{server.http_url}/healthz").status_code == 503
+        in_flight.join(30)
+    assert result == {"status": 200}
+    assert server.stop() == 0
+    restarted = Server(database_url).start()
+    try:
+        stored = httpx.get(f"{restarted.http_url}/v1/executions/{execution_id}", headers=auth(key)).json()
+        assert stored["outcome_success"] is True
+    finally:
+        restarted.stop()
+
+
+def test_accepted_writes_survive_a_crash(database_url: str) -> None:
+    server = Server(database_url).start()
+    key = server.register()
+    execution_id = worker_execution(server, key)
+    recorded = httpx.post(
+        f"{server.http_url}/v1/executions/{execution_id}/outcome",
+        json={"success": True, "external_id": "job-1"},
+        headers=auth(key),
+    )
+    assert recorded.status_code == 200
+    server.stop(signal.SIGKILL)
+    restarted = Server(database_url).start()
+    try:
+        with httpx.Client(base_url=restarted.http_url, headers=auth(key)) as client:
+            stored = client.get(f"/v1/executions/{execution_id}").json()
+            assert stored["outcome"]["external_id"] == "job-1"
+            again = client.post(f"/v1/executions/{execution_id}/outcome", json={"success": False})
+            assert again.status_code == 409
+    finally:
+        restarted.stop()
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cueline_server", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
+
+
+def test_refuses_an_old_schema_unless_migrating(database_url: str) -> None:
+    server = Server(database_url, env={"CUELINE_AUTO_MIGRATE": "false"})
+    with pytest.raises(RuntimeError, match="cueline db upgrade"):
+        server.start()
+    assert server.process is not None and server.process.returncode == 1
+    upgraded = cli("db", "upgrade", "--database-url", database_url)
+    assert upgraded.returncode == 0 and "schema at revision" in upgraded.stdout
+    current = cli("db", "current", "--database-url", database_url)
+    assert current.stdout.strip() == upgraded.stdout.split()[-1]
+    Server(database_url, env={"CUELINE_AUTO_MIGRATE": "false"}).start().stop()
+
+
+def test_keys_create_works_with_registration_off(database_url: str) -> None:
+    created = cli("keys", "create", "--email", "ops@example.com", "--database-url", database_url)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("cue_sk_") and len(key) == 39
+    server = Server(database_url, env={"CUELINE_ALLOW_REGISTER": "false"}).start()
+    try:
+        assert httpx.get(f"{server.http_url}/v1/auth/me", headers=auth(key)).json()["email"] == "ops@example.com"
+        refused = httpx.post(f"{server.http_url}/v1/auth/register", json={"email": "new@example.com"})
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+    finally:
+        server.stop()
+    duplicate = cli("keys", "create", "--email", "OPS@example.com", "--database-url", database_url)
+    assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["serve"], ["db"], ["db", "upgrade"], ["keys", "create"]])
+def test_help_everywhere(args: list[str]) -> None:
+    shown = cli(*args, "--help")
+    assert shown.returncode == 0 and "usage: cueline" in shown.stdout

@@ -1,0 +1,154 @@
+"""Real parts for the tests: a throwaway PostgreSQL cluster and `cueline serve` processes."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _pg_binary(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    if not found:
+        raise RuntimeError(f"PostgreSQL binary {name!r} not found; set CUELINE_TEST_DATABASE_URL instead")
+    return found
+
+
+class PostgresCluster:
+    """A PostgreSQL server in a temporary directory, on a free loopback port.
+
+    As root, the cluster runs as the `postgres` user (PostgreSQL refuses root).
+    Durability settings are left at their defaults except where noted: the
+    tests check behaviour, not crash safety of the test cluster itself."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="cueline-pg-"))
+        self.port = free_port()
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.directory, "postgres", "postgres")
+        data = self.directory / "data"
+        self._run(_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c full_page_writes=off -c max_connections=300"
+        )
+        self._run(
+            _pg_binary("pg_ctl"), "-D", str(data), "-o", options, "-l", str(self.directory / "log"), "-w", "start"
+        )
+        self._data = data
+        self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        command = ["runuser", "-u", "postgres", "--", *args] if self._as_postgres else list(args)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run(_pg_binary("pg_ctl"), "-D", str(self._data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def new_database(admin_url: str) -> str:
+    """A fresh, empty database on the server of admin_url; returns its URL."""
+    name = f"cueline_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+_SERVING = re.compile(r"cueline serving grpc=[\d.]+:(\d+) http=[\d.]+:(\d+)")
+
+
+@dataclass
+class Server:
+    """A `cueline serve` process started with environment overrides."""
+
+    database_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    grpc_port: int = 0
+    http_port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="cueline-log-")[1]))
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout: float = 30.0) -> Server:
+        env = {
+            **os.environ,
+            "CUELINE_DATABASE_URL": self.database_url,
+            "CUELINE_HOST": "127.0.0.1",
+            "CUELINE_GRPC_PORT": "0",
+            "CUELINE_HTTP_PORT": "0",
+            **self.env,
+        }
+        log = self.log_path.open("ab")
+        offset = self.log_path.stat().st_size
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cueline_server", "serve"], env=env, stdout=log, stderr=log, cwd=ROOT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            match = _SERVING.search(text)
+            if match:
+                self.grpc_port, self.http_port = int(match.group(1)), int(match.group(2))
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"cueline serve exited {self.process.returncode}:\n{text}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"cueline serve did not start in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout)
+        return code
+
+    def register(self, client: httpx.Client | None = None) -> str:
+        """A fresh account's API key: each test works in its own account."""
+        email = f"t-{uuid.uuid4().hex[:10]}@example.com"
+        response = httpx.post(f"{self.http_url}/v1/auth/register", json={"email": email})
+        assert response.status_code == 201, response.text
+        key: str = response.json()["api_key"]
+        return key
+
+
+def auth(key: str) -> dict[str, Any]:
+    return {"Authorization": f"Bearer {key}"}

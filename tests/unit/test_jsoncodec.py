@@ -1,0 +1,76 @@
+"""The JSON rules of the contract (§2.7), checked on the codec alone."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from cueline.v1 import cues_pb2, executions_pb2, outcomes_pb2
+from cueline_server.api.jsoncodec import Reader, format_timestamp, parse_datetime, render
+
+
+def test_render_emits_every_field_with_nulls_numbers_and_wire_enums() -> None:
+    execution = executions_pb2.Execution(
+        id="e", cue_id="c", status=executions_pb2.EXECUTION_STATUS_RETRY_READY, payload='{"n":12345678901234567890}'
+    )
+    out = render(execution)
+    assert out["status"] == "retry_ready"
+    assert out["triggered_by"] is None  # the zero enum value is null
+    assert out["outcome"] is None and out["outcome_success"] is None and out["http_status"] is None
+    assert out["attempts"] == 0  # defaults are emitted, as numbers
+    assert out["payload"] == {"n": 12345678901234567890}
+    cue = render(cues_pb2.Cue(run_count=2**40))
+    assert cue["run_count"] == 2**40 and isinstance(cue["run_count"], int)
+    assert cue["callback"] is None and "transport" not in (cue["callback"] or {})
+
+
+def test_input_only_fields_are_never_rendered() -> None:
+    cue = cues_pb2.Cue(callback=cues_pb2.Callback(url="https://x", transport="worker"))
+    assert render(cue)["callback"] == {"url": "https://x", "method": None, "headers": {}}
+
+
+def test_timestamps_are_utc_with_at_most_six_digits() -> None:
+    moment = dt.datetime(2026, 3, 13, 9, 1, 23, 412000, tzinfo=dt.UTC)
+    assert format_timestamp(moment) == "2026-03-13T09:01:23.412Z"
+    assert format_timestamp(moment.replace(microsecond=0)) == "2026-03-13T09:01:23Z"
+    assert parse_datetime("2026-03-13T10:01:23+01:00") == moment.replace(microsecond=0)
+    assert parse_datetime("2026-03-13T09:01:23") == moment.replace(microsecond=0)  # no offset: UTC
+
+
+def test_reader_collects_violations_with_rest_locations() -> None:
+    reader = Reader()
+    request = cues_pb2.CreateCueRequest()
+    reader.read_object(
+        request.cue,
+        {"name": 5, "retry": {"max_attempts": "3", "backoff_minutes": [1, True]}, "transport": "nope", "x": 1},
+        "body",
+    )
+    assert [(v.field, v.message) for v in reader.violations] == [
+        ("body.name", "Input should be a valid string"),
+        ("body.retry.max_attempts", "Input should be a valid integer"),
+        ("body.retry.backoff_minutes.1", "Input should be a valid integer"),
+        ("body.transport", "Input should be 'webhook' or 'worker'"),
+    ]
+
+
+def test_reader_records_present_paths_for_update_masks() -> None:
+    reader = Reader(reject_unknown=True)
+    cue = cues_pb2.Cue()
+    reader.read_object(cue, {"description": None, "retry": {"max_attempts": 2}, "payload": {"a": 1}, "zz": 0}, "body")
+    assert reader.present == ["description", "retry.max_attempts", "payload"]
+    assert [v.field for v in reader.violations] == ["body.zz"]
+    assert cue.payload == '{"a":1}'
+
+
+@pytest.mark.parametrize("value", [True, 1.5, "x", None, [1]])
+def test_booleans_are_strict(value: object) -> None:
+    reader = Reader()
+    request = outcomes_pb2.RecordOutcomeRequest()
+    reader.read_object(request, {"success": value}, "body")
+    if value is None:
+        assert not request.HasField("success") and not reader.violations
+    elif value is True:
+        assert request.success is True and not reader.violations
+    else:
+        assert reader.violations[0].message == "Input should be a valid boolean"
