@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,23 +42,32 @@ class PostgresCluster:
     """A PostgreSQL server in a temporary directory, on a free loopback port.
 
     As root, the cluster runs as the `postgres` user (PostgreSQL refuses root).
-    Durability settings are left at their defaults except where noted: the
-    tests check behaviour, not crash safety of the test cluster itself."""
+    Tests turn fsync off (they check behaviour, not the test cluster's crash
+    safety); benchmarks keep PostgreSQL's durable defaults."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="cueline-pg-"))
         self.port = free_port()
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.directory, "postgres", "postgres")
         data = self.directory / "data"
-        self._run(_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = (
-            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c full_page_writes=off -c max_connections=300"
-        )
         self._run(
-            _pg_binary("pg_ctl"), "-D", str(data), "-o", options, "-l", str(self.directory / "log"), "-w", "start"
+            _pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"
+        )
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=300"
+        if not durable:
+            options += " -c fsync=off -c full_page_writes=off"
+        self._run(
+            _pg_binary("pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(self.directory / "log"),
+            "-w",
+            "start",
         )
         self._data = data
         self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"

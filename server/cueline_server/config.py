@@ -41,7 +41,8 @@ class Settings:
     default_active_cue_limit: int = 10
     default_monthly_execution_limit: int = 300
     worker_heartbeat_timeout_seconds: int = 180
-    database_pool_size: int = 20
+    # PostgreSQL connections per pool (transactions and single statements each have one).
+    database_pool_size: int = 32
     log_level: str = "INFO"
     access_log: bool = False
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -46,7 +47,7 @@ def api_key(channel: grpc.Channel) -> tuple[tuple[str, str], ...]:
 
 
 def details(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.BadRequest | None]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)  # type: ignore[arg-type, unused-ignore]
     assert status is not None
     info, bad = error_details_pb2.ErrorInfo(), None
     for packed in status.details:
@@ -93,18 +94,23 @@ def test_slice_and_write_once(channel: grpc.Channel) -> None:
     fired = cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue.id), metadata=md)
     outcomes = outcomes_pb2_grpc.OutcomeServiceStub(channel)
     recorded = outcomes.RecordOutcome(
-        outcomes_pb2.RecordOutcomeRequest(execution_id=fired.id, success=False, error="disk full"), metadata=md
+        outcomes_pb2.RecordOutcomeRequest(execution_id=fired.id, success=False, error="disk full"),
+        metadata=md,
     )
     assert recorded.outcome_state == outcomes_pb2.OUTCOME_STATE_REPORTED_FAILURE
     with pytest.raises(grpc.RpcError) as raised:
-        outcomes.RecordOutcome(outcomes_pb2.RecordOutcomeRequest(execution_id=fired.id, success=True), metadata=md)
+        outcomes.RecordOutcome(
+            outcomes_pb2.RecordOutcomeRequest(execution_id=fired.id, success=True), metadata=md
+        )
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
     info, _ = details(raised.value)
     assert info.reason == "outcome_already_recorded" and info.metadata["http_status"] == "409"
 
-    execution = executions_pb2_grpc.ExecutionServiceStub(channel).GetExecution(
-        executions_pb2.GetExecutionRequest(execution_id=fired.id), metadata=md
-    ).execution
+    execution = (
+        executions_pb2_grpc.ExecutionServiceStub(channel)
+        .GetExecution(executions_pb2.GetExecutionRequest(execution_id=fired.id), metadata=md)
+        .execution
+    )
     assert execution.status == executions_pb2.EXECUTION_STATUS_FAILED
     assert execution.outcome.error == "disk full" and execution.outcome_success is False
     assert execution.payload == '{"task": "t", "n": 1}'
@@ -186,7 +192,9 @@ def test_update_mask_semantics(channel: grpc.Channel) -> None:
     ).cue
     updated = cues.UpdateCue(
         cues_pb2.UpdateCueRequest(
-            cue_id=cue.id, cue=cues_pb2.Cue(name="renamed", description="ignored"), update_mask={"paths": ["name"]}
+            cue_id=cue.id,
+            cue=cues_pb2.Cue(name="renamed", description="ignored"),
+            update_mask=FieldMask(paths=["name"]),
         ),
         metadata=md,
     ).cue
@@ -194,7 +202,10 @@ def test_update_mask_semantics(channel: grpc.Channel) -> None:
     for paths in (["transport"], ["no_such_field"], ["run_count"]):
         with pytest.raises(grpc.RpcError) as raised:
             cues.UpdateCue(
-                cues_pb2.UpdateCueRequest(cue_id=cue.id, cue=cues_pb2.Cue(), update_mask={"paths": paths}), metadata=md
+                cues_pb2.UpdateCueRequest(
+                    cue_id=cue.id, cue=cues_pb2.Cue(), update_mask=FieldMask(paths=paths)
+                ),
+                metadata=md,
             )
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, paths
 

@@ -34,13 +34,13 @@ def worker_execution(server: Server, key: str) -> str:
 def database_locked(database_url: str, execution_id: str) -> Iterator[None]:
     """Hold a lock that makes the server's outcome write wait."""
     if database_url.startswith("sqlite"):
-        conn = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
-        conn.execute("BEGIN IMMEDIATE")
+        lite = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+        lite.execute("BEGIN IMMEDIATE")
         try:
             yield
         finally:
-            conn.execute("ROLLBACK")
-            conn.close()
+            lite.execute("ROLLBACK")
+            lite.close()
     else:
         with psycopg.connect(database_url) as conn:
             conn.execute("SELECT 1 FROM executions WHERE id = %s FOR UPDATE", (execution_id,))
@@ -110,7 +110,12 @@ def test_accepted_writes_survive_a_crash(database_url: str) -> None:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cueline_server", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+        [sys.executable, "-m", "cueline_server", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
     )
 
 
@@ -133,7 +138,9 @@ def test_keys_create_works_with_registration_off(database_url: str) -> None:
     assert key.startswith("cue_sk_") and len(key) == 39
     server = Server(database_url, env={"CUELINE_ALLOW_REGISTER": "false"}).start()
     try:
-        assert httpx.get(f"{server.http_url}/v1/auth/me", headers=auth(key)).json()["email"] == "ops@example.com"
+        assert (
+            httpx.get(f"{server.http_url}/v1/auth/me", headers=auth(key)).json()["email"] == "ops@example.com"
+        )
         refused = httpx.post(f"{server.http_url}/v1/auth/register", json={"email": "new@example.com"})
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
     finally:

@@ -70,7 +70,12 @@ def test_checks_run_in_the_documented_order(server: Server) -> None:
         assert dup.status_code == 409 and error(dup)["code"] == "duplicate_cue_name"
         # The invalid timezone (422) is reported before the invalid cron (400).
         tz = client.post(
-            "/v1/cues", json={**VALID, "name": "b", "schedule": {"type": "recurring", "cron": "bad", "timezone": "No/Where"}}
+            "/v1/cues",
+            json={
+                **VALID,
+                "name": "b",
+                "schedule": {"type": "recurring", "cron": "bad", "timezone": "No/Where"},
+            },
         )
         assert error(tz)["code"] == "invalid_timezone"
         for i in range(9):

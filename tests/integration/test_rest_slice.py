@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import httpx
 
@@ -21,7 +22,7 @@ EXECUTION_FIELDS = {
 }  # fmt: skip
 
 
-def worker_cue(client: httpx.Client, key: str, name: str = "nightly", **extra: object) -> dict[str, object]:
+def worker_cue(client: httpx.Client, key: str, name: str = "nightly", **extra: Any) -> dict[str, Any]:
     body = {
         "name": name,
         "transport": "worker",
@@ -55,7 +56,9 @@ def test_register_create_fire_outcome_and_write_once(server: Server) -> None:
         assert execution["cue_id"] == cue["id"]
 
         path = f"/v1/executions/{execution['id']}/outcome"
-        first = client.post(path, json={"success": True, "result": "done", "metadata": {"rows": 142}}, headers=auth(key))
+        first = client.post(
+            path, json={"success": True, "result": "done", "metadata": {"rows": 142}}, headers=auth(key)
+        )
         assert first.status_code == 200, first.text
         assert first.json() == {
             "execution_id": execution["id"],
@@ -130,7 +133,9 @@ def test_update_merges_and_recomputes(server: Server) -> None:
         merged = client.patch(path, json={"retry": {"max_attempts": 6}}, headers=auth(key)).json()
         assert merged["retry"] == {"max_attempts": 6, "backoff_minutes": [2]}
         moved = client.patch(
-            path, json={"status": "active", "schedule": {"type": "recurring", "cron": "30 12 * * *"}}, headers=auth(key)
+            path,
+            json={"status": "active", "schedule": {"type": "recurring", "cron": "30 12 * * *"}},
+            headers=auth(key),
         ).json()
         assert moved["schedule"]["timezone"] == "Europe/Berlin"  # an omitted timezone is kept
         assert moved["status"] == "active" and moved["next_run"] is not None
@@ -169,7 +174,9 @@ def test_fire_payload_override_and_send_at(server: Server) -> None:
             json={"payload_override": {"only": 1}, "merge_strategy": "replace"},
             headers=auth(key),
         ).json()
-        assert client.get(f"/v1/executions/{replaced['id']}", headers=auth(key)).json()["payload"] == {"only": 1}
+        assert client.get(f"/v1/executions/{replaced['id']}", headers=auth(key)).json()["payload"] == {
+            "only": 1
+        }
 
 
 def test_accounts_are_isolated(server: Server) -> None:
@@ -185,14 +192,18 @@ def test_accounts_are_isolated(server: Server) -> None:
         assert outcome.status_code == 404
         assert client.get("/v1/cues", headers=auth(stranger)).json()["total"] == 0
         # The stranger's failed attempt did not consume the write-once slot.
-        mine = client.post(f"/v1/executions/{execution['id']}/outcome", json={"success": True}, headers=auth(owner))
+        mine = client.post(
+            f"/v1/executions/{execution['id']}/outcome", json={"success": True}, headers=auth(owner)
+        )
         assert mine.status_code == 200
 
 
 def test_workers_heartbeat_list_delete(server: Server) -> None:
     key = server.register()
     with httpx.Client(base_url=server.http_url) as client:
-        beat = client.post("/v1/worker/heartbeat", json={"worker_id": "box/7", "handlers": ["report"]}, headers=auth(key))
+        beat = client.post(
+            "/v1/worker/heartbeat", json={"worker_id": "box/7", "handlers": ["report"]}, headers=auth(key)
+        )
         assert beat.status_code == 200 and beat.json()["acknowledged"] is True
         workers = client.get("/v1/workers", headers=auth(key)).json()["workers"]
         assert [(w["worker_id"], w["heartbeat_status"], w["handlers"]) for w in workers] == [
@@ -220,6 +231,8 @@ def test_probes_and_openapi(server: Server) -> None:
         health = client.get("/healthz")
         assert health.status_code == 200 and health.json() == {"status": "SERVING"}
         spec = client.get("/openapi.json").json()
-        assert spec["paths"]["/v1/executions/{execution_id}/outcome"]["post"]["operationId"] == "RecordOutcome"
+        assert (
+            spec["paths"]["/v1/executions/{execution_id}/outcome"]["post"]["operationId"] == "RecordOutcome"
+        )
         assert "201" in spec["paths"]["/v1/cues"]["post"]["responses"]
         assert "204" in spec["paths"]["/v1/cues/{cue_id}"]["delete"]["responses"]

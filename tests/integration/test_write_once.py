@@ -20,7 +20,11 @@ def test_sixteen_racing_writers_one_winner_each(server: Server) -> None:
     with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
         cue = client.post(
             "/v1/cues",
-            json={"name": "race", "transport": "worker", "schedule": {"type": "recurring", "cron": "* * * * *"}},
+            json={
+                "name": "race",
+                "transport": "worker",
+                "schedule": {"type": "recurring", "cron": "* * * * *"},
+            },
         ).json()
         executions = [client.post(f"/v1/cues/{cue['id']}/fire").json()["id"] for _ in range(EXECUTIONS)]
     results: Counter[str] = Counter()
@@ -36,9 +40,12 @@ def test_sixteen_racing_writers_one_winner_each(server: Server) -> None:
         for execution_id in executions:
             if index % 2:
                 response = rest.post(
-                    f"/v1/executions/{execution_id}/outcome", json={"success": True, "result": f"writer {index}"}
+                    f"/v1/executions/{execution_id}/outcome",
+                    json={"success": True, "result": f"writer {index}"},
                 )
-                outcome = {200: "won", 409: "conflict"}.get(response.status_code, f"http {response.status_code}")
+                outcome = {200: "won", 409: "conflict"}.get(
+                    response.status_code, f"http {response.status_code}"
+                )
             else:
                 try:
                     stub.RecordOutcome(
@@ -49,7 +56,9 @@ def test_sixteen_racing_writers_one_winner_each(server: Server) -> None:
                     )
                     outcome = "won"
                 except grpc.RpcError as error:
-                    outcome = "conflict" if error.code() == grpc.StatusCode.ALREADY_EXISTS else str(error.code())
+                    outcome = (
+                        "conflict" if error.code() == grpc.StatusCode.ALREADY_EXISTS else str(error.code())
+                    )
             with lock:
                 results[outcome] += 1
                 if outcome == "won":

@@ -12,7 +12,10 @@ from cueline_server.api.jsoncodec import Reader, format_timestamp, parse_datetim
 
 def test_render_emits_every_field_with_nulls_numbers_and_wire_enums() -> None:
     execution = executions_pb2.Execution(
-        id="e", cue_id="c", status=executions_pb2.EXECUTION_STATUS_RETRY_READY, payload='{"n":12345678901234567890}'
+        id="e",
+        cue_id="c",
+        status=executions_pb2.EXECUTION_STATUS_RETRY_READY,
+        payload='{"n":12345678901234567890}',
     )
     out = render(execution)
     assert out["status"] == "retry_ready"
@@ -43,7 +46,12 @@ def test_reader_collects_violations_with_rest_locations() -> None:
     request = cues_pb2.CreateCueRequest()
     reader.read_object(
         request.cue,
-        {"name": 5, "retry": {"max_attempts": "3", "backoff_minutes": [1, True]}, "transport": "nope", "x": 1},
+        {
+            "name": 5,
+            "retry": {"max_attempts": "3", "backoff_minutes": [1, True]},
+            "transport": "nope",
+            "x": 1,
+        },
         "body",
     )
     assert [(v.field, v.message) for v in reader.violations] == [
@@ -57,7 +65,9 @@ def test_reader_collects_violations_with_rest_locations() -> None:
 def test_reader_records_present_paths_for_update_masks() -> None:
     reader = Reader(reject_unknown=True)
     cue = cues_pb2.Cue()
-    reader.read_object(cue, {"description": None, "retry": {"max_attempts": 2}, "payload": {"a": 1}, "zz": 0}, "body")
+    reader.read_object(
+        cue, {"description": None, "retry": {"max_attempts": 2}, "payload": {"a": 1}, "zz": 0}, "body"
+    )
     assert reader.present == ["description", "retry.max_attempts", "payload"]
     assert [v.field for v in reader.violations] == ["body.zz"]
     assert cue.payload == '{"a":1}'

@@ -11,7 +11,9 @@ from cueline_server.services.schedules import check_cron, next_cron_time, zone
 def test_next_run_is_computed_in_the_zone_and_stored_in_utc() -> None:
     after = dt.datetime(2026, 3, 28, 12, 0, tzinfo=dt.UTC)
     # Europe/Berlin moves to CEST (UTC+2) on 2026-03-29.
-    assert next_cron_time("0 9 * * *", "Europe/Berlin", after) == dt.datetime(2026, 3, 29, 7, 0, tzinfo=dt.UTC)
+    assert next_cron_time("0 9 * * *", "Europe/Berlin", after) == dt.datetime(
+        2026, 3, 29, 7, 0, tzinfo=dt.UTC
+    )
     assert next_cron_time("@daily", "UTC", after) == dt.datetime(2026, 3, 29, 0, 0, tzinfo=dt.UTC)
 
 

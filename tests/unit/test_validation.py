@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from google.protobuf.field_mask_pb2 import FieldMask
+
 from cueline.v1 import cues_pb2, outcomes_pb2, workers_pb2
 from cueline_server.api.validation import validate
 
@@ -17,12 +19,18 @@ def test_required_and_ranges() -> None:
 
 
 def test_repeated_limits_apply_per_item_and_in_count() -> None:
-    assert fields(workers_pb2.RecordWorkerHeartbeatRequest(worker_id="w", handlers=["x" * 256])) == ["handlers.0"]
-    assert fields(workers_pb2.RecordWorkerHeartbeatRequest(worker_id="w", handlers=["x"] * 101)) == ["handlers"]
+    assert fields(workers_pb2.RecordWorkerHeartbeatRequest(worker_id="w", handlers=["x" * 256])) == [
+        "handlers.0"
+    ]
+    assert fields(workers_pb2.RecordWorkerHeartbeatRequest(worker_id="w", handlers=["x"] * 101)) == [
+        "handlers"
+    ]
 
 
 def test_update_checks_only_what_the_mask_names() -> None:
-    request = cues_pb2.UpdateCueRequest(cue_id="c", cue=cues_pb2.Cue(), update_mask={"paths": ["description"]})
+    request = cues_pb2.UpdateCueRequest(
+        cue_id="c", cue=cues_pb2.Cue(), update_mask=FieldMask(paths=["description"])
+    )
     assert fields(request) == []  # name and schedule are not required in an update
     request.update_mask.paths[:] = ["name"]
     assert fields(request) == ["cue.name"]  # but a masked name must still be valid

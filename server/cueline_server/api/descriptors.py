@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from functools import cache
 from types import ModuleType
 
-from cueline.annotations.v1 import annotations_pb2 as cueline_options
-from cueline.v1 import accounts_pb2, cues_pb2, executions_pb2, outcomes_pb2, workers_pb2
 from google.api import annotations_pb2 as http_annotations
 from google.api import field_behavior_pb2
 from google.protobuf import message_factory
@@ -25,6 +23,9 @@ from google.protobuf.descriptor import (
     ServiceDescriptor,
 )
 from google.protobuf.message import Message
+
+from cueline.annotations.v1 import annotations_pb2 as cueline_options
+from cueline.v1 import accounts_pb2, cues_pb2, executions_pb2, outcomes_pb2, workers_pb2
 
 API_MODULES: tuple[ModuleType, ...] = (accounts_pb2, cues_pb2, executions_pb2, outcomes_pb2, workers_pb2)
 

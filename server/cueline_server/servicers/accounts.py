@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from cueline.v1 import accounts_pb2
-
 from cueline_server.api.pipeline import Call
 from cueline_server.services.accounts import AccountService
 

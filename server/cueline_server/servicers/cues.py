@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from cueline.v1 import cues_pb2, executions_pb2
-
 from cueline_server.api.pipeline import Call
 from cueline_server.errors import ApiError
 from cueline_server.servicers.convert import draft, from_enum, get_time, put_time

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from cueline.v1 import executions_pb2
-
 from cueline_server.api.pipeline import Call
 from cueline_server.servicers.convert import from_enum, put_time
 from cueline_server.servicers.resources import execution_message

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from cueline.v1 import outcomes_pb2
-
 from cueline_server.api.pipeline import Call
 from cueline_server.servicers.convert import to_enum
 from cueline_server.services.outcomes import OutcomeReport, OutcomeService

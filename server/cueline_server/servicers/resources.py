@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from cueline.v1 import cues_pb2, executions_pb2, outcomes_pb2
-
 from cueline_server.servicers.convert import put_time, to_enum
 from cueline_server.services.cues import CueView
 from cueline_server.store.repositories import AnyRow

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from cueline.v1 import workers_pb2
-
 from cueline_server.api.pipeline import Call
 from cueline_server.servicers.convert import put_time, to_enum
 from cueline_server.services.workers import WorkerService

@@ -4,26 +4,22 @@ The report is one conditional UPDATE (see ExecutionRepository.record_outcome):
 it applies only while no outcome is recorded, so among any number of racing
 writers exactly one wins, whatever the transport. The outcome state depends
 on the cue's verification mode *at report time*; rather than read the mode
-first (a second round trip and a race), the statement reads it from the cue
-and picks the state computed here for that mode.
+first (a second round trip and a race), the service computes the verdict for
+every mode and the statement picks the one for the cue's mode.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
-
-from sqlalchemy import ColumnElement, and_, case, literal, select
 
 from cueline_server.errors import ApiError, execution_not_found, field_error
 from cueline_server.services.accounts import Caller, now
 from cueline_server.services.identifiers import parse_uuid
 from cueline_server.store.database import Database
-from cueline_server.store.tables import cues, executions
+from cueline_server.store.repositories import VERIFICATION_MODES as MODES
 
 MAX_METADATA_BYTES = 10_240
-MODES = ("none", "require_external_id", "require_result_url", "require_artifacts", "manual")
 _REQUIREMENT = {
     "require_external_id": "external_id",
     "require_result_url": "result_url",
@@ -70,6 +66,10 @@ class RecordedOutcome:
     late: bool
 
 
+def outcome_already_recorded() -> ApiError:
+    return ApiError("outcome_already_recorded", "Outcome has already been recorded for this execution", 409)
+
+
 def verdict(success: bool, mode: str | None, evidence: set[str]) -> Verdict:
     """The outcome state of a report under a verification mode."""
     if not success:
@@ -114,14 +114,6 @@ def check_report(report: OutcomeReport) -> OutcomeReport:
     )
 
 
-def _by_mode(mode: Any, pick: dict[str | None, Any]) -> ColumnElement[Any]:
-    """CASE over the cue's mode; an unset mode behaves as 'none'."""
-    whens = [(mode == m, literal(pick[m])) for m in MODES if pick[m] != pick[None]]
-    if not whens:
-        return literal(pick[None])
-    return case(*whens, else_=literal(pick[None]))
-
-
 class OutcomeService:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -134,20 +126,11 @@ class OutcomeService:
         moment = now()
         evidence = report.evidence()
         verdicts = {m: verdict(report.success, m, evidence) for m in (*MODES, None)}
-        mode = select(cues.c.verification_mode).where(cues.c.id == executions.c.cue_id).scalar_subquery()
-        worker = executions.c.transport == "worker"
-        values: dict[str, Any] = {
-            "outcome_recorded_at": moment,
+        outcome = {
             "outcome_success": report.success,
             "outcome_result": report.result,
             "outcome_error": report.error,
             "outcome_metadata": report.metadata,
-            "outcome_late": and_(
-                executions.c.outcome_deadline_at.is_not(None), executions.c.outcome_deadline_at < moment
-            ),
-            "outcome_verification_mode": mode,
-            "outcome_state": _by_mode(mode, {m: v.outcome_state for m, v in verdicts.items()}),
-            "validation_state": _by_mode(mode, {m: v.validation_state for m, v in verdicts.items()}),
             "external_id": report.external_id,
             "result_url": report.result_url,
             "result_ref": report.result_ref,
@@ -155,16 +138,15 @@ class OutcomeService:
             "summary": report.summary,
             "artifacts": report.artifacts,
             "evidence_produced_at": moment if evidence else None,
-            # Worker transport: the report completes the execution.
-            "status": case((worker, "success" if report.success else "failed"), else_=executions.c.status),
-            "updated_at": moment,
         }
-        if report.success:
-            values["delivered_at"] = case((worker, moment), else_=executions.c.delivered_at)
-        else:
-            values["error_message"] = case((worker, literal(report.error)), else_=executions.c.error_message)
         async with self._db.single_statement() as repos:
-            row = await repos.executions.record_outcome(caller.account_id, parsed, values)
+            row = await repos.executions.record_outcome(
+                caller.account_id,
+                parsed,
+                moment,
+                outcome,
+                {m: (v.outcome_state, v.validation_state) for m, v in verdicts.items()},
+            )
             if row is None:
                 if await repos.executions.exists(caller.account_id, parsed):
                     raise ApiError(

@@ -89,8 +89,16 @@ class Database:
             configure_sqlite(self.engine.sync_engine)
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
         else:
-            self.engine = create_async_engine(
-                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            # Server-side prepared statements are off: they do not survive the
+            # transaction-pooling proxies (PgBouncer) that scaled deployments use.
+            # No overflow: overflow connections are closed on return, so a busy
+            # server would reconnect constantly; callers queue for a connection instead.
+            options: dict[str, Any] = {"connect_args": {"prepare_threshold": None}, "max_overflow": 0}
+            self.engine = create_async_engine(self.url, pool_size=pool_size, **options)
+            # A separate pool whose connections stay in autocommit mode: switching a
+            # pooled connection's mode back and forth costs a reset on every checkin.
+            self._autocommit_engine: AsyncEngine = create_async_engine(
+                self.url, pool_size=pool_size, isolation_level="AUTOCOMMIT", **options
             )
             self._write_lock = None
 
@@ -107,8 +115,7 @@ class Database:
                 yield uow
                 await uow.commit()
             return
-        async with self.engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with self._autocommit_engine.connect() as conn:
             yield Repositories(conn)
 
     async def ping(self) -> bool:
@@ -121,6 +128,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self.backend != "sqlite":
+            await self._autocommit_engine.dispose()
 
 
 class Repositories:

@@ -10,14 +10,28 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any, Unpack
 
-from sqlalchemy import ColumnElement, Row, and_, delete, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    String,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    not_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cueline_server.store.tables import accounts, cues, executions, workers
+from cueline_server.store.tables import UTCDateTime, accounts, cues, executions, workers
 
 AnyRow = Row[Unpack[tuple[Any, ...]]]  # noqa: UP044 (mypy reads the Unpack form)
 """A result row of any width; its attributes are the column names."""
@@ -188,27 +202,77 @@ class ExecutionRepository(_Repository):
         self,
         account_id: uuid.UUID,
         execution_id: uuid.UUID,
-        values: Mapping[str, Any],
+        now: dt.datetime,
+        outcome: Mapping[str, Any],
+        verdicts: Mapping[str | None, tuple[str, str | None]],
     ) -> AnyRow | None:
         """The write-once guard: one conditional UPDATE that succeeds only while
-        no outcome is recorded. Returns None when it did not apply (no such
-        execution, or an outcome is already there)."""
-        result = await self.conn.execute(
-            update(executions)
-            .where(
-                executions.c.account_id == account_id,
-                executions.c.id == execution_id,
-                executions.c.outcome_recorded_at.is_(None),
-            )
-            .values(**values)
-            .returning(
-                executions.c.id,
-                executions.c.outcome_state,
-                executions.c.outcome_late,
-                executions.c.outcome_verification_mode,
-            )
-        )
+        no outcome is recorded. `outcome` holds the outcome and evidence columns;
+        `verdicts` maps each verification mode (None: unset) to its
+        (outcome_state, validation_state), and the statement picks the one for
+        the cue's mode at this moment. Returns None when it did not apply (no
+        such execution, or an outcome is already there)."""
+        params: dict[str, Any] = {f"p_{name}": outcome.get(name) for name in _OUTCOME_COLUMNS}
+        for mode, (state, validation) in verdicts.items():
+            params[f"p_state_{mode or 'unset'}"] = state
+            params[f"p_validation_{mode or 'unset'}"] = validation
+        params.update(p_execution_id=execution_id, p_account_id=account_id, p_now=now)
+        result = await self.conn.execute(_record_outcome_statement(), params)
         return result.first()
+
+
+VERIFICATION_MODES = ("none", "require_external_id", "require_result_url", "require_artifacts", "manual")
+_OUTCOME_COLUMNS = (
+    "outcome_success",
+    "outcome_result",
+    "outcome_error",
+    "outcome_metadata",
+    "external_id",
+    "result_url",
+    "result_ref",
+    "result_type",
+    "summary",
+    "artifacts",
+    "evidence_produced_at",
+)
+
+
+@cache
+def _record_outcome_statement() -> Any:
+    """Built once; every call only binds parameters (the compiled form is cached)."""
+    t = executions
+    mode = select(cues.c.verification_mode).where(cues.c.id == t.c.cue_id).scalar_subquery()
+
+    def by_mode(prefix: str) -> Any:
+        whens = [(mode == m, bindparam(f"p_{prefix}_{m}", type_=String)) for m in VERIFICATION_MODES]
+        return case(*whens, else_=bindparam(f"p_{prefix}_unset", type_=String))
+
+    now = bindparam("p_now", type_=UTCDateTime)
+    worker = t.c.transport == "worker"
+    values: dict[str, Any] = {name: bindparam(f"p_{name}", type_=t.c[name].type) for name in _OUTCOME_COLUMNS}
+    success = values["outcome_success"]
+    values.update(
+        outcome_recorded_at=now,
+        outcome_late=and_(t.c.outcome_deadline_at.is_not(None), t.c.outcome_deadline_at < now),
+        outcome_verification_mode=mode,
+        outcome_state=by_mode("state"),
+        validation_state=by_mode("validation"),
+        # Worker transport: the report completes the execution.
+        status=case((worker, case((success, "success"), else_="failed")), else_=t.c.status),
+        delivered_at=case((and_(worker, success), now), else_=t.c.delivered_at),
+        error_message=case((and_(worker, not_(success)), values["outcome_error"]), else_=t.c.error_message),
+        updated_at=now,
+    )
+    return (
+        update(t)
+        .where(
+            t.c.id == bindparam("p_execution_id", type_=t.c.id.type),
+            t.c.account_id == bindparam("p_account_id", type_=t.c.account_id.type),
+            t.c.outcome_recorded_at.is_(None),
+        )
+        .values(**values)
+        .returning(t.c.id, t.c.outcome_state, t.c.outcome_late, t.c.outcome_verification_mode)
+    )
 
 
 class WorkerRepository(_Repository):

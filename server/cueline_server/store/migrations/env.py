@@ -1,6 +1,7 @@
 """Alembic environment: runs on the connection that cueline_server.store.migrate hands over."""
 
 from alembic import context
+
 from cueline_server.store.tables import metadata
 
 connection = context.config.attributes["connection"]

@@ -1,0 +1,56 @@
+# The README's commands. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: run test lint format proto proto-check breaking bench bench-smoke clean
+
+$(INSTALLED): pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+## Run the service on the embedded SQLite database (gRPC :50051, REST :8080).
+run: $(INSTALLED)
+	$(BIN)/cueline serve
+
+## The whole suite: lint, type checks, the contract checks, then pytest on SQLite and PostgreSQL.
+test: lint
+	$(BIN)/pytest
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+	$(BIN)/python clients/python/generate.py --check
+	BUF=$(BIN)/buf .ci/buf-breaking
+
+format: $(INSTALLED)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/buf format -w
+
+## Regenerate clients/python/cueline from proto/ (the only way it changes).
+proto: $(INSTALLED)
+	$(BIN)/python clients/python/generate.py
+
+proto-check: $(INSTALLED)
+	$(BIN)/python clients/python/generate.py --check
+
+breaking: $(INSTALLED)
+	BUF=$(BIN)/buf .ci/buf-breaking
+
+## Outcome ingest over gRPC and REST on SQLite and PostgreSQL; writes bench/results/.
+bench: $(INSTALLED)
+	$(BIN)/python -m bench.outcomes
+
+## A few seconds of the same, to keep the harness working (no speed assertions).
+bench-smoke: $(INSTALLED)
+	$(BIN)/python -m bench.outcomes --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
