@@ -24,6 +24,7 @@ from cueline_server.api.grpc_server import build_server, service_names
 from cueline_server.api.pipeline import Handler, Pipeline
 from cueline_server.api.transcoder import Transcoder
 from cueline_server.config import Settings
+from cueline_server.scheduler import Scheduler
 from cueline_server.servicers.accounts import AccountServicer
 from cueline_server.servicers.cues import CueServicer
 from cueline_server.servicers.executions import ExecutionServicer
@@ -44,11 +45,13 @@ class StartupError(Exception):
     pass
 
 
-def handlers(db: Database, settings: Settings, authenticator: Authenticator) -> dict[str, Handler]:
+def handlers(
+    db: Database, settings: Settings, authenticator: Authenticator, scheduler: Scheduler | None = None
+) -> dict[str, Handler]:
     """Every RPC's handler, by full method name; an RPC without one is a start-up error."""
     servicers: list[Any] = [
         AccountServicer(AccountService(db, settings)),
-        CueServicer(CueService(db, settings)),
+        CueServicer(CueService(db, settings, scheduler.wake if scheduler else lambda: None)),
         ExecutionServicer(ExecutionService(db)),
         OutcomeServicer(OutcomeService(db)),
         WorkerServicer(WorkerService(db, settings.worker_heartbeat_timeout_seconds)),
@@ -103,8 +106,9 @@ class Runtime:
         await prepare_schema(settings)
         db = Database(settings.resolved_database_url(), pool_size=settings.database_pool_size)
         authenticator = Authenticator(db, settings.auth_cache_seconds)
+        scheduler = Scheduler(db, settings)
         pipeline = Pipeline(
-            authenticator, handlers(db, settings, authenticator), access_log=settings.access_log
+            authenticator, handlers(db, settings, authenticator, scheduler), access_log=settings.access_log
         )
         health_servicer = health.aio.HealthServicer()
         grpc_server = build_server(pipeline, health_servicer, settings.max_request_bytes + 64 * 1024)
@@ -141,6 +145,7 @@ class Runtime:
                 raise StartupError(f"cannot serve HTTP on {settings.host}:{settings.http_port}")
             await asyncio.sleep(0.01)
         http_port = http.servers[0].sockets[0].getsockname()[1]
+        background = asyncio.create_task(scheduler.run(self.stopping))
         for name in ("", *service_names()):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
@@ -160,6 +165,6 @@ class Runtime:
             await asyncio.sleep(settings.shutdown_drain_seconds)
         log.info("shutting down: in-flight calls have %.0fs to finish", settings.shutdown_grace_seconds)
         http.should_exit = True
-        await asyncio.gather(grpc_server.stop(settings.shutdown_grace_seconds), http_task)
+        await asyncio.gather(grpc_server.stop(settings.shutdown_grace_seconds), http_task, background)
         await db.dispose()
         log.info("stopped")

@@ -41,6 +41,11 @@ class Settings:
     default_active_cue_limit: int = 10
     default_monthly_execution_limit: int = 300
     worker_heartbeat_timeout_seconds: int = 180
+    # The scheduler's safety re-read of the schedule and housekeeping interval;
+    # cues fire at their due time regardless.
+    scheduler_poll_seconds: float = 1.0
+    # skip_missed fires the newest missed slot only when it is at most this old.
+    catch_up_grace_seconds: int = 60
     # PostgreSQL connections per pool (transactions and single statements each have one).
     database_pool_size: int = 32
     log_level: str = "INFO"

@@ -5,7 +5,7 @@ import datetime as dt
 import pytest
 
 from cueline_server.errors import ApiError
-from cueline_server.services.schedules import check_cron, next_cron_time, zone
+from cueline_server.services.schedules import check_cron, next_cron_time, previous_cron_times, zone
 
 
 def test_next_run_is_computed_in_the_zone_and_stored_in_utc() -> None:
@@ -28,3 +28,28 @@ def test_unknown_zone_is_invalid_timezone() -> None:
     with pytest.raises(ApiError) as raised:
         zone("Mars/Olympus")
     assert (raised.value.code, raised.value.http_status) == ("invalid_timezone", 422)
+
+
+def test_a_skipped_time_is_shifted_forward_and_a_repeated_one_fires_once() -> None:
+    berlin = "Europe/Berlin"
+    # 2026-03-29: 02:00 CET jumps to 03:00 CEST, so 02:30 does not exist and fires at 03:30 CEST.
+    spring = next_cron_time("30 2 * * *", berlin, dt.datetime(2026, 3, 28, 12, tzinfo=dt.UTC))
+    assert spring == dt.datetime(2026, 3, 29, 1, 30, tzinfo=dt.UTC)
+    following = next_cron_time("30 2 * * *", berlin, spring)
+    assert following == dt.datetime(2026, 3, 30, 0, 30, tzinfo=dt.UTC)  # 02:30 CEST
+    # 2026-10-25: 03:00 CEST falls back to 02:00 CET, so 02:30 happens twice; it fires once, the first time.
+    autumn = next_cron_time("30 2 * * *", berlin, dt.datetime(2026, 10, 24, 12, tzinfo=dt.UTC))
+    assert autumn == dt.datetime(2026, 10, 25, 0, 30, tzinfo=dt.UTC)
+    assert next_cron_time("30 2 * * *", berlin, autumn) == dt.datetime(2026, 10, 26, 1, 30, tzinfo=dt.UTC)
+
+
+def test_previous_slots_walk_back_newest_first() -> None:
+    until = dt.datetime(2026, 1, 1, 12, 7, tzinfo=dt.UTC)
+    slots = previous_cron_times("*/5 * * * *", "UTC", until)
+    assert [next(slots) for _ in range(3)] == [
+        dt.datetime(2026, 1, 1, 12, 5, tzinfo=dt.UTC),
+        dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC),
+        dt.datetime(2026, 1, 1, 11, 55, tzinfo=dt.UTC),
+    ]
+    on_a_slot = previous_cron_times("*/5 * * * *", "UTC", dt.datetime(2026, 1, 1, 12, 5, tzinfo=dt.UTC))
+    assert next(on_a_slot) == dt.datetime(2026, 1, 1, 12, 5, tzinfo=dt.UTC)

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -177,9 +177,12 @@ def next_run_for(columns: Mapping[str, Any], moment: dt.datetime) -> dt.datetime
 
 
 class CueService:
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, schedule_changed: Callable[[], None] = lambda: None
+    ) -> None:
         self._db = db
         self._settings = settings
+        self._schedule_changed = schedule_changed
 
     async def _warning(self, repos: Repositories, caller: Caller, transport: str) -> str | None:
         if transport != "worker":
@@ -245,6 +248,7 @@ class CueService:
             assert row is not None
             warning = await self._warning(uow, caller, transport)
             await uow.commit()
+        self._schedule_changed()
         return CueView(row, warning)
 
     async def page(
@@ -295,6 +299,8 @@ class CueService:
                 row = updated
             warning = await self._warning(uow, caller, row.transport)
             await uow.commit()
+        if "next_run" in changes:
+            self._schedule_changed()
         return CueView(row, warning)
 
     async def _changes(

@@ -7,6 +7,7 @@ times are computed from zone-aware datetimes, so they follow DST changes.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterNotAlphaError, croniter
@@ -40,11 +41,76 @@ def check_cron(expression: str | None) -> str:
     return expression
 
 
-def next_cron_time(expression: str, timezone: str, after: dt.datetime) -> dt.datetime:
-    """The first cron slot strictly after `after`, in UTC."""
-    local = after.astimezone(zone(timezone))
+def _instant(wall: dt.datetime, where: ZoneInfo) -> dt.datetime:
+    """A wall-clock time in a zone as a UTC instant. A time that a DST change
+    skips is shifted forward by the gap (02:30 on a spring-forward night is
+    03:30); a time that occurs twice means its first occurrence, so it fires once."""
+    return wall.replace(tzinfo=where, fold=0).astimezone(dt.UTC)
+
+
+def _slots(expression: str, timezone: str, start: dt.datetime, forward: bool) -> Iterator[dt.datetime]:
+    """Cron slots as UTC instants, walking wall-clock time in the zone."""
+    where = zone(timezone)
+    wall = start.astimezone(where).replace(tzinfo=None)
     try:
-        slot: dt.datetime = croniter(expression, local).get_next(dt.datetime)
+        walker = croniter(expression, wall if forward else wall + dt.timedelta(seconds=1))
+        while True:
+            step = walker.get_next(dt.datetime) if forward else walker.get_prev(dt.datetime)
+            yield _instant(step, where)
     except (CroniterBadCronError, CroniterBadDateError, CroniterNotAlphaError) as exc:
         raise invalid_schedule(f"Invalid cron expression: '{expression}'") from exc
-    return slot.astimezone(dt.UTC)
+
+
+def next_cron_time(expression: str, timezone: str, after: dt.datetime) -> dt.datetime:
+    """The first cron slot strictly after `after`, in UTC."""
+    for slot in _slots(expression, timezone, after, forward=True):
+        if slot > after:
+            return slot
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def previous_cron_times(expression: str, timezone: str, until: dt.datetime) -> Iterator[dt.datetime]:
+    """Cron slots at or before `until`, newest first, each distinct."""
+    last: dt.datetime | None = None
+    for slot in _slots(expression, timezone, until, forward=False):
+        if slot <= until and (last is None or slot < last):
+            last = slot
+            yield slot
+
+
+REPLAY_CAP = 100
+
+
+def plan_firing(
+    *,
+    schedule_type: str,
+    cron: str | None,
+    timezone: str,
+    next_run: dt.datetime,
+    catch_up: str,
+    now: dt.datetime,
+    grace: dt.timedelta,
+) -> tuple[list[dt.datetime], dt.datetime | None]:
+    """The slots to fire for a due cue, oldest first, and its next run.
+
+    A once cue fires its one slot however late. For a recurring cue, the due
+    window W is every slot from next_run up to now; its newest slot is the
+    current one and the rest were missed while nothing was running:
+    run_once_if_missed fires the newest; skip_missed fires it only when it is
+    no older than the grace; replay_all_missed fires all of W, the newest 100
+    at most. The next run is the first slot strictly after now."""
+    if schedule_type == "once":
+        return [next_run], None
+    assert cron is not None
+    window: list[dt.datetime] = []
+    for slot in previous_cron_times(cron, timezone, now):
+        if slot < next_run:
+            break
+        window.append(slot)
+        if catch_up != "replay_all_missed" or len(window) == REPLAY_CAP:
+            break
+    if not window:  # next_run is later than the newest slot: fire it, it is due
+        window = [next_run]
+    if catch_up == "skip_missed" and now - window[0] > grace:
+        window = []
+    return window[::-1], next_cron_time(cron, timezone, now)

@@ -14,6 +14,7 @@ from functools import cache
 from typing import Any, Unpack
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Row,
     String,
@@ -137,6 +138,39 @@ class CueRepository(_Repository):
             .values(fired_count=cues.c.fired_count + fired, updated_at=now)
         )
 
+    async def due(self, now: dt.datetime, limit: int) -> Sequence[AnyRow]:
+        """Active cues whose next run has come, oldest first. Rows another
+        scheduler holds are skipped (PostgreSQL), so replicas share the work."""
+        result = await self.conn.execute(
+            select(cues)
+            .where(cues.c.status == "active", cues.c.next_run <= now)
+            .order_by(cues.c.next_run)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return result.all()
+
+    async def earliest_next_run(self) -> dt.datetime | None:
+        result = await self.conn.execute(select(func.min(cues.c.next_run)).where(cues.c.status == "active"))
+        value: dt.datetime | None = result.scalar()
+        return value
+
+    async def advance(self, steps: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
+        """Move each cue to its next run and count what fired: rows of
+        {"cue_id", "next_run", "fired"}."""
+        if not steps:
+            return
+        await self.conn.execute(
+            update(cues)
+            .where(cues.c.id == bindparam("b_cue_id"))
+            .values(
+                next_run=bindparam("b_next_run", type_=UTCDateTime),
+                fired_count=cues.c.fired_count + bindparam("b_fired", type_=BigInteger),
+                updated_at=now,
+            ),
+            [{"b_cue_id": s["cue_id"], "b_next_run": s["next_run"], "b_fired": s["fired"]} for s in steps],
+        )
+
     async def delete(self, account_id: uuid.UUID, cue_id: str) -> bool:
         result = await self.conn.execute(
             delete(cues).where(cues.c.account_id == account_id, cues.c.id == cue_id).returning(cues.c.id)
@@ -147,6 +181,23 @@ class CueRepository(_Repository):
 class ExecutionRepository(_Repository):
     async def add(self, values: Mapping[str, Any]) -> None:
         await self._insert(insert(executions).values(**values))
+
+    async def add_scheduled(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Insert scheduled executions, skipping any (cue, slot) that already has
+        one; returns the cue id of each row inserted."""
+        if not rows:
+            return []
+        dialect_insert = postgresql.insert if self.conn.dialect.name == "postgresql" else sqlite.insert
+        statement = (
+            dialect_insert(executions)
+            .on_conflict_do_nothing(
+                index_elements=[executions.c.cue_id, executions.c.scheduled_for],
+                index_where=executions.c.triggered_by == "scheduled",
+            )
+            .returning(executions.c.cue_id)
+        )
+        result = await self.conn.execute(statement, list(rows))
+        return [row.cue_id for row in result]
 
     async def get(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
         result = await self.conn.execute(

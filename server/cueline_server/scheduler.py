@@ -1,0 +1,115 @@
+"""The scheduler: fires each due cue at its time, not at a polling tick.
+
+It sleeps until the earliest `next_run` in the database (or until a cue
+changes on this process, or at most `scheduler_poll_seconds`), then fires
+everything due, in batches, each batch one transaction. Exactly one
+execution per (cue, scheduled slot): due cues are taken with SKIP LOCKED, the
+insert skips a slot that already has an execution (a unique index), and the
+cue's next_run moves in the same transaction; so replicas and restarts never
+double-fire. Housekeeping runs on every pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from cueline_server.config import Settings
+from cueline_server.services.accounts import now
+from cueline_server.services.cues import new_execution
+from cueline_server.services.schedules import plan_firing
+from cueline_server.store.database import Database
+
+log = logging.getLogger("cueline.scheduler")
+
+BATCH = 500
+Housekeeping = Callable[[dt.datetime], Awaitable[None]]
+
+
+class Scheduler:
+    def __init__(self, db: Database, settings: Settings, housekeeping: Sequence[Housekeeping] = ()) -> None:
+        self._db = db
+        self._poll = settings.scheduler_poll_seconds
+        self._grace = dt.timedelta(seconds=settings.catch_up_grace_seconds)
+        self._housekeeping = housekeeping
+        self._wake = asyncio.Event()
+        self.last_pass: dt.datetime | None = None
+
+    def wake(self) -> None:
+        """A cue's schedule changed: look again now."""
+        self._wake.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                await self.pass_once()
+                delay = await self._until_next()
+            except Exception:
+                log.exception("scheduler pass failed; retrying")
+                delay = self._poll
+            self._wake.clear()
+            waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stopping.wait())]
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waits:
+                waiter.cancel()
+
+    async def _until_next(self) -> float:
+        async with self._db.unit_of_work(write=False) as uow:
+            earliest = await uow.cues.earliest_next_run()
+        if earliest is None:
+            return self._poll
+        return max(0.0, min(self._poll, (earliest - now()).total_seconds()))
+
+    async def pass_once(self) -> int:
+        """Fire everything due now, then run the housekeeping steps."""
+        fired = 0
+        while True:
+            batch = await self.fire_due(now())
+            fired += batch
+            if batch < BATCH:
+                break
+        moment = now()
+        for step in self._housekeeping:
+            try:
+                await step(moment)
+            except Exception:
+                log.exception("housekeeping step %s failed", getattr(step, "__name__", step))
+        self.last_pass = moment
+        return fired
+
+    async def fire_due(self, moment: dt.datetime) -> int:
+        """One batch: returns how many cues were due (not executions created)."""
+        async with self._db.unit_of_work() as uow:
+            due = await uow.cues.due(moment, BATCH)
+            if not due:
+                return 0
+            rows: list[dict[str, Any]] = []
+            steps: list[dict[str, Any]] = []
+            for cue in due:
+                slots, next_run = plan_firing(
+                    schedule_type=cue.schedule_type,
+                    cron=cue.cron,
+                    timezone=cue.timezone,
+                    next_run=cue.next_run,
+                    catch_up=cue.catch_up,
+                    now=moment,
+                    grace=self._grace,
+                )
+                rows += [
+                    new_execution(cue, triggered_by="scheduled", payload=cue.payload, scheduled_for=slot)
+                    for slot in slots
+                ]
+                steps.append({"cue_id": cue.id, "next_run": next_run, "fired": 0})
+            inserted = await uow.executions.add_scheduled(rows)
+            counts = Counter(inserted)
+            for step in steps:
+                step["fired"] = counts[step["cue_id"]]
+            await uow.cues.advance(steps, moment)
+            await uow.commit()
+        if inserted:
+            log.debug("fired %d executions for %d cues", len(inserted), len(due))
+        return len(due)

@@ -1,0 +1,127 @@
+"""The scheduler against the real server: on time, once per slot, across restarts and replicas."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import Server, auth
+
+
+def once_cue(client: httpx.Client, name: str, at: dt.datetime, **extra: Any) -> dict[str, Any]:
+    body = {"name": name, "transport": "worker", "schedule": {"type": "once", "at": at.isoformat()}, **extra}
+    response = client.post("/v1/cues", json=body)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def executions_of(client: httpx.Client, cue_id: str) -> list[dict[str, Any]]:
+    return list(client.get(f"/v1/executions?cue_id={cue_id}&limit=100").json()["executions"])
+
+
+def wait_for(check: Any, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def soon(seconds: float) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+
+
+def test_a_once_cue_fires_at_its_time_exactly_once(server: Server) -> None:
+    key = server.register()
+    at = soon(1.5).replace(microsecond=0) + dt.timedelta(seconds=1)
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = once_cue(client, "once", at, payload={"task": "t", "n": 1})
+        assert cue["next_run"] == at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        fired = wait_for(lambda: executions_of(client, cue["id"]))
+        time.sleep(1.5)  # a second pass must not fire again
+        assert len(executions_of(client, cue["id"])) == 1
+        execution = fired[0]
+        assert execution["triggered_by"] == "scheduled" and execution["status"] == "pending"
+        assert execution["scheduled_for"] == cue["next_run"] and execution["payload"] == {"task": "t", "n": 1}
+        after = client.get(f"/v1/cues/{cue['id']}").json()
+        assert after["next_run"] is None and after["fired_count"] == 1 and after["status"] == "active"
+
+
+def test_a_recurring_cue_is_due_at_its_next_slot(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = client.post(
+            "/v1/cues",
+            json={"name": "minutely", "transport": "worker", "catch_up": "replay_all_missed",
+                  "schedule": {"type": "recurring", "cron": "* * * * *"}},
+        ).json()  # fmt: skip
+        first = dt.datetime.fromisoformat(cue["next_run"].replace("Z", "+00:00"))
+        assert first > dt.datetime.now(dt.UTC) and first.second == 0
+
+
+def test_paused_cues_do_not_fire(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = once_cue(client, "paused", soon(1.5))
+        client.patch(f"/v1/cues/{cue['id']}", json={"status": "paused"})
+        time.sleep(3)
+        assert executions_of(client, cue["id"]) == []
+        resumed = client.patch(f"/v1/cues/{cue['id']}", json={"status": "active"}).json()
+        assert resumed["next_run"] is not None  # a once cue whose time passed fires at once on resume
+        assert len(wait_for(lambda: executions_of(client, cue["id"]))) == 1
+
+
+def test_catch_up_after_downtime(database_url: str) -> None:
+    server = Server(database_url).start()
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = once_cue(client, "during-downtime", soon(2))
+    server.stop()
+    time.sleep(3)
+    restarted = Server(database_url).start()
+    try:
+        with httpx.Client(base_url=restarted.http_url, headers=auth(key)) as client:
+            assert len(wait_for(lambda: executions_of(client, cue["id"]))) == 1
+            time.sleep(1.5)
+            assert len(executions_of(client, cue["id"])) == 1
+    finally:
+        restarted.stop()
+
+
+@pytest.mark.postgres
+def test_three_replicas_fire_each_slot_once(postgres_admin_url: str) -> None:
+    from tests.support import new_database
+
+    url = new_database(postgres_admin_url)
+    replicas = [Server(url).start() for _ in range(3)]
+    try:
+        keys = [replicas[0].register() for _ in range(3)]
+        at = soon(3)
+        cue_ids: list[tuple[str, str]] = []
+        for index, key in enumerate(keys):
+            # Each account creates its cues on a different replica, so every replica is woken.
+            with httpx.Client(base_url=replicas[index].http_url, headers=auth(key)) as client:
+                cue_ids += [(key, once_cue(client, f"c{i}", at)["id"]) for i in range(10)]
+        counts: Counter[str] = Counter()
+
+        def all_fired() -> bool:
+            counts.clear()
+            for key, cue_id in cue_ids:
+                with httpx.Client(base_url=replicas[0].http_url, headers=auth(key)) as client:
+                    counts[cue_id] = len(executions_of(client, cue_id))
+            return all(counts[c] >= 1 for _, c in cue_ids)
+
+        wait_for(all_fired, timeout=30)
+        time.sleep(2)
+        all_fired()
+        assert set(counts.values()) == {1}
+    finally:
+        for replica in replicas:
+            replica.stop()
