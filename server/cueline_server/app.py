@@ -31,6 +31,7 @@ from cueline_server.servicers.executions import ExecutionServicer
 from cueline_server.servicers.outcomes import OutcomeServicer
 from cueline_server.servicers.workers import WorkerServicer
 from cueline_server.services.accounts import AccountService, Authenticator
+from cueline_server.services.claims import ClaimService
 from cueline_server.services.cues import CueService
 from cueline_server.services.executions import ExecutionService
 from cueline_server.services.outcomes import OutcomeService
@@ -46,13 +47,17 @@ class StartupError(Exception):
 
 
 def handlers(
-    db: Database, settings: Settings, authenticator: Authenticator, scheduler: Scheduler | None = None
+    db: Database,
+    settings: Settings,
+    authenticator: Authenticator,
+    claims: ClaimService,
+    scheduler: Scheduler | None = None,
 ) -> dict[str, Handler]:
     """Every RPC's handler, by full method name; an RPC without one is a start-up error."""
     servicers: list[Any] = [
         AccountServicer(AccountService(db, settings)),
         CueServicer(CueService(db, settings, scheduler.wake if scheduler else lambda: None)),
-        ExecutionServicer(ExecutionService(db)),
+        ExecutionServicer(ExecutionService(db), claims),
         OutcomeServicer(OutcomeService(db)),
         WorkerServicer(WorkerService(db, settings.worker_heartbeat_timeout_seconds)),
     ]
@@ -106,9 +111,12 @@ class Runtime:
         await prepare_schema(settings)
         db = Database(settings.resolved_database_url(), pool_size=settings.database_pool_size)
         authenticator = Authenticator(db, settings.auth_cache_seconds)
-        scheduler = Scheduler(db, settings)
+        claims = ClaimService(db, settings)
+        scheduler = Scheduler(db, settings, housekeeping=(claims.recover_leases, claims.expire_unclaimed))
         pipeline = Pipeline(
-            authenticator, handlers(db, settings, authenticator, scheduler), access_log=settings.access_log
+            authenticator,
+            handlers(db, settings, authenticator, claims, scheduler),
+            access_log=settings.access_log,
         )
         health_servicer = health.aio.HealthServicer()
         grpc_server = build_server(pipeline, health_servicer, settings.max_request_bytes + 64 * 1024)

@@ -41,6 +41,10 @@ class Settings:
     default_active_cue_limit: int = 10
     default_monthly_execution_limit: int = 300
     worker_heartbeat_timeout_seconds: int = 180
+    # A claim's lease (reported as lease_seconds); heartbeats extend it.
+    worker_claim_lease_seconds: int = 900
+    # A worker execution nobody claims this long after it became claimable is missed.
+    worker_unclaimed_timeout_seconds: int = 900
     # The scheduler's safety re-read of the schedule and housekeeping interval;
     # cues fire at their due time regardless.
     scheduler_poll_seconds: float = 1.0

@@ -4,12 +4,15 @@ from cueline.v1 import executions_pb2
 from cueline_server.api.pipeline import Call
 from cueline_server.servicers.convert import from_enum, put_time
 from cueline_server.servicers.resources import execution_message
+from cueline_server.services.claims import ClaimService
 from cueline_server.services.executions import ExecutionService
+from cueline_server.store.repositories import AnyRow
 
 
 class ExecutionServicer:
-    def __init__(self, executions: ExecutionService) -> None:
+    def __init__(self, executions: ExecutionService, claims: ClaimService) -> None:
         self._executions = executions
+        self._claims = claims
 
     async def ListExecutions(
         self, request: executions_pb2.ListExecutionsRequest, call: Call
@@ -35,4 +38,78 @@ class ExecutionServicer:
         row = await self._executions.get(call.account, request.execution_id)
         response = executions_pb2.GetExecutionResponse()
         execution_message(row, response.execution)
+        return response
+
+    async def ListClaimableExecutions(
+        self, request: executions_pb2.ListClaimableExecutionsRequest, call: Call
+    ) -> executions_pb2.ListClaimableExecutionsResponse:
+        rows = await self._claims.claimable(
+            call.account,
+            request.task if request.HasField("task") else None,
+            request.limit if request.HasField("limit") else None,
+        )
+        response = executions_pb2.ListClaimableExecutionsResponse()
+        for row in rows:
+            item = response.executions.add(
+                execution_id=str(row.id), cue_id=row.cue_id, cue_name=row.cue_name, payload=row.payload,
+                attempt=row.attempts,
+            )  # fmt: skip
+            if row.task is not None:
+                item.task = row.task
+            put_time(item.scheduled_for, row.scheduled_for)
+        return response
+
+    async def ClaimNextExecution(
+        self, request: executions_pb2.ClaimNextExecutionRequest, call: Call
+    ) -> executions_pb2.ClaimNextExecutionResponse:
+        row = await self._claims.claim_next(
+            call.account, request.worker_id, request.task if request.HasField("task") else None
+        )
+        response = executions_pb2.ClaimNextExecutionResponse()
+        self._claim(row, response.claim)
+        return response
+
+    async def ClaimExecution(
+        self, request: executions_pb2.ClaimExecutionRequest, call: Call
+    ) -> executions_pb2.ClaimExecutionResponse:
+        row = await self._claims.claim(call.account, request.worker_id, request.execution_id)
+        response = executions_pb2.ClaimExecutionResponse()
+        self._claim(row, response.claim)
+        return response
+
+    def _claim(self, row: AnyRow, claim: executions_pb2.Claim) -> None:
+        claim.claimed = True
+        claim.execution_id = str(row.id)
+        claim.lease_seconds = int(self._claims.lease.total_seconds())
+        put_time(claim.lease_expires_at, row.lease_expires_at)
+        claim.cue_id = row.cue_id
+        if row.task is not None:
+            claim.task = row.task
+        claim.payload = row.payload
+        claim.attempts = row.attempts
+
+    async def HeartbeatExecution(
+        self, request: executions_pb2.HeartbeatExecutionRequest, call: Call
+    ) -> executions_pb2.HeartbeatExecutionResponse:
+        until = await self._claims.heartbeat(
+            call.account, request.execution_id, request.worker_id if request.HasField("worker_id") else None
+        )
+        response = executions_pb2.HeartbeatExecutionResponse(
+            execution_id=request.execution_id, acknowledged=True
+        )
+        put_time(response.lease_extended_until, until)
+        return response
+
+    async def ReplayExecution(
+        self, request: executions_pb2.ReplayExecutionRequest, call: Call
+    ) -> executions_pb2.ReplayExecutionResponse:
+        row = await self._claims.replay(call.account, request.execution_id)
+        response = executions_pb2.ReplayExecutionResponse(
+            id=str(row.id),
+            cue_id=row.cue_id,
+            status=executions_pb2.EXECUTION_STATUS_PENDING,
+            triggered_by=executions_pb2.TRIGGERED_BY_REPLAY,
+            replayed_from=request.execution_id.lower(),
+        )
+        put_time(response.scheduled_for, row.scheduled_for)
         return response

@@ -408,6 +408,7 @@ def new_execution(
         "payload": payload,
         "task": payload_task(payload),
         "attempts": 0,
+        "available_at": scheduled_for if cue.transport == "worker" else None,
         "created_at": moment,
         "updated_at": moment,
     }

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from cueline_server.store.repositories import (
     AccountRepository,
+    ClaimRepository,
     CueRepository,
     ExecutionRepository,
     WorkerRepository,
@@ -138,6 +139,7 @@ class Repositories:
         self.accounts = AccountRepository(conn)
         self.cues = CueRepository(conn)
         self.executions = ExecutionRepository(conn)
+        self.claims = ClaimRepository(conn)
         self.workers = WorkerRepository(conn)
 
 

@@ -25,6 +25,7 @@ from sqlalchemy import (
     func,
     insert,
     not_,
+    or_,
     select,
     update,
 )
@@ -171,6 +172,13 @@ class CueRepository(_Repository):
             [{"b_cue_id": s["cue_id"], "b_next_run": s["next_run"], "b_fired": s["fired"]} for s in steps],
         )
 
+    async def record_result(self, cue_id: str, status: str, now: dt.datetime) -> None:
+        """An execution of the cue reached a final status (success, failed, missed):
+        count it, and end or pause the cue as its schedule and policy say."""
+        await self.conn.execute(
+            _record_result_statement(), {"r_cue_id": cue_id, "r_status": status, "r_now": now}
+        )
+
     async def delete(self, account_id: uuid.UUID, cue_id: str) -> bool:
         result = await self.conn.execute(
             delete(cues).where(cues.c.account_id == account_id, cues.c.id == cue_id).returning(cues.c.id)
@@ -258,9 +266,10 @@ class ExecutionRepository(_Repository):
         verdicts: Mapping[str | None, tuple[str, str | None]],
     ) -> AnyRow | None:
         """The write-once guard: one conditional UPDATE that succeeds only while
-        no outcome is recorded. `outcome` holds the outcome and evidence columns;
-        `verdicts` maps each verification mode (None: unset) to its
-        (outcome_state, validation_state), and the statement picks the one for
+        no outcome is recorded; a worker execution's report also settles its
+        cue. `outcome` holds the outcome and evidence columns; `verdicts` maps
+        each verification mode (None: unset) to its (outcome_state,
+        validation_state), and the statement picks the one for
         the cue's mode at this moment. Returns None when it did not apply (no
         such execution, or an outcome is already there)."""
         params: dict[str, Any] = {f"p_{name}": outcome.get(name) for name in _OUTCOME_COLUMNS}
@@ -268,8 +277,12 @@ class ExecutionRepository(_Repository):
             params[f"p_state_{mode or 'unset'}"] = state
             params[f"p_validation_{mode or 'unset'}"] = validation
         params.update(p_execution_id=execution_id, p_account_id=account_id, p_now=now)
-        result = await self.conn.execute(_record_outcome_statement(), params)
-        return result.first()
+        if self.conn.dialect.name == "postgresql":
+            return (await self.conn.execute(_record_outcome_and_settle_statement(), params)).first()
+        row = (await self.conn.execute(_record_outcome_statement(), params)).first()
+        if row is not None and row.transport == "worker":
+            await CueRepository(self.conn).record_result(row.cue_id, row.status, now)
+        return row
 
 
 VERIFICATION_MODES = ("none", "require_external_id", "require_result_url", "require_artifacts", "manual")
@@ -286,6 +299,49 @@ _OUTCOME_COLUMNS = (
     "artifacts",
     "evidence_produced_at",
 )
+
+
+def _settle_cue(status: Any, now: Any) -> dict[str, Any]:
+    """The cue's side of an execution reaching `status` (success, failed, missed):
+    count a success; a once cue ends (completed or failed); a recurring cue
+    whose on_failure says pause is paused."""
+    succeeded = status == "success"
+    ends_once = and_(cues.c.schedule_type == "once", cues.c.status.in_(("active", "paused")))
+    pauses = and_(
+        cues.c.schedule_type == "recurring", cues.c.status == "active", ~succeeded, cues.c.on_failure_pause
+    )
+    return {
+        "run_count": cues.c.run_count + case((succeeded, 1), else_=0),
+        "last_run": case((status.in_(("success", "failed")), now), else_=cues.c.last_run),
+        "status": case(
+            (ends_once, case((succeeded, "completed"), else_="failed")),
+            (pauses, "paused"),
+            else_=cues.c.status,
+        ),
+        "next_run": case((or_(ends_once, pauses), None), else_=cues.c.next_run),
+        "updated_at": now,
+    }
+
+
+@cache
+def _record_result_statement() -> Any:
+    values = _settle_cue(bindparam("r_status", type_=String), bindparam("r_now", type_=UTCDateTime))
+    return update(cues).where(cues.c.id == bindparam("r_cue_id", type_=String)).values(**values)
+
+
+@cache
+def _record_outcome_and_settle_statement() -> Any:
+    """PostgreSQL: the write-once UPDATE and, for a worker execution, its cue's
+    settlement, as one statement (a data-modifying CTE): one round trip, atomic."""
+    recorded = _record_outcome_statement().cte("recorded")
+    status = case((recorded.c.status == "success", "success"), else_="failed")
+    settle = (
+        update(cues)
+        .where(cues.c.id == recorded.c.cue_id, recorded.c.transport == "worker")
+        .values(**_settle_cue(status, bindparam("p_now", type_=UTCDateTime)))
+        .cte("settled")
+    )
+    return select(recorded).add_cte(settle)
 
 
 @cache
@@ -322,8 +378,228 @@ def _record_outcome_statement() -> Any:
             t.c.outcome_recorded_at.is_(None),
         )
         .values(**values)
-        .returning(t.c.id, t.c.outcome_state, t.c.outcome_late, t.c.outcome_verification_mode)
+        .returning(
+            t.c.id,
+            t.c.cue_id,
+            t.c.transport,
+            t.c.status,
+            t.c.outcome_state,
+            t.c.outcome_late,
+            t.c.outcome_verification_mode,
+        )
     )
+
+
+class ClaimRepository(_Repository):
+    """Worker claims. The claimable predicate is one expression, shared by the
+    list, claim-by-id and claim-next, so a listed execution fails a claim only
+    by losing a race."""
+
+    @staticmethod
+    def claimable(account_id: uuid.UUID, now: dt.datetime, silent_since: dt.datetime) -> ColumnElement[bool]:
+        alive = (
+            select(workers.c.worker_id)
+            .where(
+                workers.c.account_id == executions.c.account_id,
+                workers.c.worker_id == executions.c.claimed_by_worker,
+                workers.c.last_heartbeat >= silent_since,
+            )
+            .exists()
+        )
+        return and_(
+            executions.c.account_id == account_id,
+            executions.c.transport == "worker",
+            or_(
+                and_(executions.c.status == "pending", executions.c.scheduled_for <= now),
+                and_(executions.c.status == "delivering", executions.c.lease_expires_at <= now, ~alive),
+            ),
+        )
+
+    async def claimable_page(
+        self, account_id: uuid.UUID, now: dt.datetime, silent_since: dt.datetime, task: str | None, limit: int
+    ) -> Sequence[AnyRow]:
+        query = (
+            select(executions, cues.c.name.label("cue_name"))
+            .join(cues, cues.c.id == executions.c.cue_id)
+            .where(self.claimable(account_id, now, silent_since))
+            .order_by(executions.c.scheduled_for, executions.c.created_at)
+            .limit(limit)
+        )
+        if task is not None:
+            query = query.where(executions.c.task == task)
+        return (await self.conn.execute(query)).all()
+
+    async def claim(
+        self,
+        account_id: uuid.UUID,
+        worker_id: str,
+        now: dt.datetime,
+        lease: dt.timedelta,
+        silent_since: dt.datetime,
+        *,
+        execution_id: uuid.UUID | None = None,
+        task: str | None = None,
+    ) -> AnyRow | None:
+        """Take one claimable execution (that one, or the oldest). Rows locked by
+        a concurrent claimer are skipped, so two callers never get the same one."""
+        query = (
+            select(executions.c.id, cues.c.outcome_deadline_seconds)
+            .join(cues, cues.c.id == executions.c.cue_id)
+            .where(self.claimable(account_id, now, silent_since))
+            .order_by(executions.c.scheduled_for, executions.c.created_at)
+            .limit(1)
+            .with_for_update(skip_locked=True, of=executions)
+        )
+        if execution_id is not None:
+            query = query.where(executions.c.id == execution_id)
+        if task is not None:
+            query = query.where(executions.c.task == task)
+        candidate = (await self.conn.execute(query)).first()
+        if candidate is None:
+            return None
+        result = await self.conn.execute(
+            update(executions)
+            .where(executions.c.id == candidate.id)
+            .values(
+                status="delivering",
+                claimed_by_worker=worker_id,
+                claimed_at=now,
+                last_attempt_at=now,
+                started_at=func.coalesce(executions.c.started_at, now),
+                attempts=executions.c.attempts + 1,
+                last_heartbeat_at=None,
+                lease_expires_at=now + lease,
+                outcome_deadline_at=now + dt.timedelta(seconds=candidate.outcome_deadline_seconds),
+                outcome_state=case(
+                    (executions.c.outcome_state == "unknown", None), else_=executions.c.outcome_state
+                ),
+                updated_at=now,
+            )
+            .returning(executions)
+        )
+        claimed: AnyRow | None = result.first()
+        return claimed
+
+    async def holder(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
+        """The execution's claim state and its cue's outcome deadline, locked."""
+        result = await self.conn.execute(
+            select(
+                executions.c.transport,
+                executions.c.status,
+                executions.c.claimed_by_worker,
+                executions.c.outcome_deadline_at,
+                cues.c.outcome_deadline_seconds,
+            )
+            .join(cues, cues.c.id == executions.c.cue_id)
+            .where(executions.c.account_id == account_id, executions.c.id == execution_id)
+            .with_for_update(of=executions)
+        )
+        return result.first()
+
+    async def extend(
+        self, execution_id: uuid.UUID, now: dt.datetime, lease_until: dt.datetime, deadline: dt.datetime
+    ) -> None:
+        await self.conn.execute(
+            update(executions)
+            .where(executions.c.id == execution_id)
+            .values(
+                last_heartbeat_at=now,
+                lease_expires_at=lease_until,
+                outcome_deadline_at=deadline,
+                updated_at=now,
+            )
+        )
+
+    async def recover_expired(
+        self, now: dt.datetime, silent_since: dt.datetime, limit: int
+    ) -> Sequence[AnyRow]:
+        """Expired leases held by silent workers: back to pending, or failed
+        once the cue's attempts are used up. Returns the rows that failed."""
+        alive = (
+            select(workers.c.worker_id)
+            .where(
+                workers.c.account_id == executions.c.account_id,
+                workers.c.worker_id == executions.c.claimed_by_worker,
+                workers.c.last_heartbeat >= silent_since,
+            )
+            .exists()
+        )
+        expired = (
+            await self.conn.execute(
+                select(executions.c.id, executions.c.attempts, cues.c.retry_max_attempts)
+                .join(cues, cues.c.id == executions.c.cue_id)
+                .where(
+                    executions.c.status == "delivering",
+                    executions.c.transport == "worker",
+                    executions.c.lease_expires_at <= now,
+                    ~alive,
+                )
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=executions)
+            )
+        ).all()
+        released = [r.id for r in expired if r.attempts < r.retry_max_attempts]
+        exhausted = [r.id for r in expired if r.attempts >= r.retry_max_attempts]
+        cleared = {
+            "claimed_by_worker": None,
+            "claimed_at": None,
+            "last_heartbeat_at": None,
+            "lease_expires_at": None,
+            "outcome_deadline_at": None,
+            "outcome_state": case(
+                (executions.c.outcome_state == "unknown", None), else_=executions.c.outcome_state
+            ),
+            "updated_at": now,
+        }
+        if released:
+            await self.conn.execute(
+                update(executions)
+                .where(executions.c.id.in_(released))
+                .values(
+                    status="pending",
+                    available_at=now,
+                    error_message="Reset: claim lease expired and worker heartbeat stale",
+                    **cleared,
+                )
+            )
+        if not exhausted:
+            return []
+        result = await self.conn.execute(
+            update(executions)
+            .where(executions.c.id.in_(exhausted))
+            .values(status="failed", error_message="Claim lease expired; max attempts exhausted", **cleared)
+            .returning(executions.c.id, executions.c.cue_id, executions.c.status)
+        )
+        return result.all()
+
+    async def expire_unclaimed(
+        self, available_before: dt.datetime, now: dt.datetime, limit: int
+    ) -> Sequence[AnyRow]:
+        """Worker executions nobody claimed in time become missed."""
+        stale = (
+            select(executions.c.id)
+            .where(
+                executions.c.status == "pending",
+                executions.c.transport == "worker",
+                executions.c.available_at <= available_before,
+            )
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        ids = [row.id for row in await self.conn.execute(stale)]
+        if not ids:
+            return []
+        result = await self.conn.execute(
+            update(executions)
+            .where(executions.c.id.in_(ids), executions.c.status == "pending")
+            .values(
+                status="missed",
+                error_message="No worker claimed this execution within timeout window",
+                updated_at=now,
+            )
+            .returning(executions.c.id, executions.c.cue_id, executions.c.status)
+        )
+        return result.all()
 
 
 class WorkerRepository(_Repository):

@@ -147,6 +147,13 @@ executions = Table(
     Column("claimed_at", UTCDateTime, nullable=True),
     Column("last_heartbeat_at", UTCDateTime, nullable=True),
     Column("outcome_deadline_at", UTCDateTime, nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True, comment="worker claims: when the lease runs out"),
+    Column(
+        "available_at",
+        UTCDateTime,
+        nullable=True,
+        comment="worker executions: when it last became claimable (for the unclaimed timeout)",
+    ),
     Column("outcome_state", String(32), nullable=True),
     Column("outcome_recorded_at", UTCDateTime, nullable=True, comment="set once: the write-once guard"),
     Column("outcome_success", Boolean, nullable=True),
@@ -168,6 +175,9 @@ executions = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Index(None, "account_id", "created_at"),
     Index(None, "cue_id", "created_at"),
+    # Claims and sweeps: what is claimable, and what is delivering with a lease.
+    Index(None, "account_id", "status", "scheduled_for"),
+    Index(None, "status", "lease_expires_at"),
     # Exactly one scheduled execution per cron slot, across replicas and restarts.
     Index(
         "uq_executions_scheduled_slot",

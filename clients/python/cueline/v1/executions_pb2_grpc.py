@@ -46,6 +46,31 @@ class ExecutionServiceStub:
                 request_serializer=cueline_dot_v1_dot_executions__pb2.GetExecutionRequest.SerializeToString,
                 response_deserializer=cueline_dot_v1_dot_executions__pb2.GetExecutionResponse.FromString,
                 _registered_method=True)
+        self.ListClaimableExecutions = channel.unary_unary(
+                '/cueline.v1.ExecutionService/ListClaimableExecutions',
+                request_serializer=cueline_dot_v1_dot_executions__pb2.ListClaimableExecutionsRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_executions__pb2.ListClaimableExecutionsResponse.FromString,
+                _registered_method=True)
+        self.ClaimNextExecution = channel.unary_unary(
+                '/cueline.v1.ExecutionService/ClaimNextExecution',
+                request_serializer=cueline_dot_v1_dot_executions__pb2.ClaimNextExecutionRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_executions__pb2.ClaimNextExecutionResponse.FromString,
+                _registered_method=True)
+        self.ClaimExecution = channel.unary_unary(
+                '/cueline.v1.ExecutionService/ClaimExecution',
+                request_serializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionResponse.FromString,
+                _registered_method=True)
+        self.HeartbeatExecution = channel.unary_unary(
+                '/cueline.v1.ExecutionService/HeartbeatExecution',
+                request_serializer=cueline_dot_v1_dot_executions__pb2.HeartbeatExecutionRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_executions__pb2.HeartbeatExecutionResponse.FromString,
+                _registered_method=True)
+        self.ReplayExecution = channel.unary_unary(
+                '/cueline.v1.ExecutionService/ReplayExecution',
+                request_serializer=cueline_dot_v1_dot_executions__pb2.ReplayExecutionRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_executions__pb2.ReplayExecutionResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutionServiceServicer:
@@ -67,6 +92,44 @@ class ExecutionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListClaimableExecutions(self, request, context):
+        """Lists what the caller's workers could claim now, oldest first: exactly
+        the executions a claim would accept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimNextExecution(self, request, context):
+        """Claims the oldest claimable execution (of one task, when given).
+        Concurrent callers never receive the same execution; ABORTED
+        (REST 409 claim_failed) only when nothing claimable is left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimExecution(self, request, context):
+        """Claims one execution; ABORTED (REST 409 claim_failed) unless it is claimable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HeartbeatExecution(self, request, context):
+        """Extends a claim's lease and outcome deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayExecution(self, request, context):
+        """Creates a new execution with a finished execution's payload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +142,31 @@ def add_ExecutionServiceServicer_to_server(servicer, server):
                     servicer.GetExecution,
                     request_deserializer=cueline_dot_v1_dot_executions__pb2.GetExecutionRequest.FromString,
                     response_serializer=cueline_dot_v1_dot_executions__pb2.GetExecutionResponse.SerializeToString,
+            ),
+            'ListClaimableExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClaimableExecutions,
+                    request_deserializer=cueline_dot_v1_dot_executions__pb2.ListClaimableExecutionsRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_executions__pb2.ListClaimableExecutionsResponse.SerializeToString,
+            ),
+            'ClaimNextExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimNextExecution,
+                    request_deserializer=cueline_dot_v1_dot_executions__pb2.ClaimNextExecutionRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_executions__pb2.ClaimNextExecutionResponse.SerializeToString,
+            ),
+            'ClaimExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimExecution,
+                    request_deserializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionResponse.SerializeToString,
+            ),
+            'HeartbeatExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.HeartbeatExecution,
+                    request_deserializer=cueline_dot_v1_dot_executions__pb2.HeartbeatExecutionRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_executions__pb2.HeartbeatExecutionResponse.SerializeToString,
+            ),
+            'ReplayExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayExecution,
+                    request_deserializer=cueline_dot_v1_dot_executions__pb2.ReplayExecutionRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_executions__pb2.ReplayExecutionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +225,141 @@ class ExecutionService:
             '/cueline.v1.ExecutionService/GetExecution',
             cueline_dot_v1_dot_executions__pb2.GetExecutionRequest.SerializeToString,
             cueline_dot_v1_dot_executions__pb2.GetExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClaimableExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.ExecutionService/ListClaimableExecutions',
+            cueline_dot_v1_dot_executions__pb2.ListClaimableExecutionsRequest.SerializeToString,
+            cueline_dot_v1_dot_executions__pb2.ListClaimableExecutionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimNextExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.ExecutionService/ClaimNextExecution',
+            cueline_dot_v1_dot_executions__pb2.ClaimNextExecutionRequest.SerializeToString,
+            cueline_dot_v1_dot_executions__pb2.ClaimNextExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.ExecutionService/ClaimExecution',
+            cueline_dot_v1_dot_executions__pb2.ClaimExecutionRequest.SerializeToString,
+            cueline_dot_v1_dot_executions__pb2.ClaimExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeartbeatExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.ExecutionService/HeartbeatExecution',
+            cueline_dot_v1_dot_executions__pb2.HeartbeatExecutionRequest.SerializeToString,
+            cueline_dot_v1_dot_executions__pb2.HeartbeatExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.ExecutionService/ReplayExecution',
+            cueline_dot_v1_dot_executions__pb2.ReplayExecutionRequest.SerializeToString,
+            cueline_dot_v1_dot_executions__pb2.ReplayExecutionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,21 @@ class ExecutionServiceStub:
     """Lists the caller's executions, newest first."""
     GetExecution: _grpc.UnaryUnaryMultiCallable[_executions_pb2.GetExecutionRequest, _executions_pb2.GetExecutionResponse]
     """Returns one execution with its outcome."""
+    ListClaimableExecutions: _grpc.UnaryUnaryMultiCallable[_executions_pb2.ListClaimableExecutionsRequest, _executions_pb2.ListClaimableExecutionsResponse]
+    """Lists what the caller's workers could claim now, oldest first: exactly
+    the executions a claim would accept.
+    """
+    ClaimNextExecution: _grpc.UnaryUnaryMultiCallable[_executions_pb2.ClaimNextExecutionRequest, _executions_pb2.ClaimNextExecutionResponse]
+    """Claims the oldest claimable execution (of one task, when given).
+    Concurrent callers never receive the same execution; ABORTED
+    (REST 409 claim_failed) only when nothing claimable is left.
+    """
+    ClaimExecution: _grpc.UnaryUnaryMultiCallable[_executions_pb2.ClaimExecutionRequest, _executions_pb2.ClaimExecutionResponse]
+    """Claims one execution; ABORTED (REST 409 claim_failed) unless it is claimable."""
+    HeartbeatExecution: _grpc.UnaryUnaryMultiCallable[_executions_pb2.HeartbeatExecutionRequest, _executions_pb2.HeartbeatExecutionResponse]
+    """Extends a claim's lease and outcome deadline."""
+    ReplayExecution: _grpc.UnaryUnaryMultiCallable[_executions_pb2.ReplayExecutionRequest, _executions_pb2.ReplayExecutionResponse]
+    """Creates a new execution with a finished execution's payload."""
 
 @_typing.type_check_only
 class ExecutionServiceAsyncStub(ExecutionServiceStub):
@@ -51,6 +66,21 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     """Lists the caller's executions, newest first."""
     GetExecution: _aio.UnaryUnaryMultiCallable[_executions_pb2.GetExecutionRequest, _executions_pb2.GetExecutionResponse]  # type: ignore[assignment]
     """Returns one execution with its outcome."""
+    ListClaimableExecutions: _aio.UnaryUnaryMultiCallable[_executions_pb2.ListClaimableExecutionsRequest, _executions_pb2.ListClaimableExecutionsResponse]  # type: ignore[assignment]
+    """Lists what the caller's workers could claim now, oldest first: exactly
+    the executions a claim would accept.
+    """
+    ClaimNextExecution: _aio.UnaryUnaryMultiCallable[_executions_pb2.ClaimNextExecutionRequest, _executions_pb2.ClaimNextExecutionResponse]  # type: ignore[assignment]
+    """Claims the oldest claimable execution (of one task, when given).
+    Concurrent callers never receive the same execution; ABORTED
+    (REST 409 claim_failed) only when nothing claimable is left.
+    """
+    ClaimExecution: _aio.UnaryUnaryMultiCallable[_executions_pb2.ClaimExecutionRequest, _executions_pb2.ClaimExecutionResponse]  # type: ignore[assignment]
+    """Claims one execution; ABORTED (REST 409 claim_failed) unless it is claimable."""
+    HeartbeatExecution: _aio.UnaryUnaryMultiCallable[_executions_pb2.HeartbeatExecutionRequest, _executions_pb2.HeartbeatExecutionResponse]  # type: ignore[assignment]
+    """Extends a claim's lease and outcome deadline."""
+    ReplayExecution: _aio.UnaryUnaryMultiCallable[_executions_pb2.ReplayExecutionRequest, _executions_pb2.ReplayExecutionResponse]  # type: ignore[assignment]
+    """Creates a new execution with a finished execution's payload."""
 
 class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Executions: one per firing of a cue, delivered by webhook or claimed by a
@@ -72,5 +102,50 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executions_pb2.GetExecutionResponse, _abc.Awaitable[_executions_pb2.GetExecutionResponse]]:
         """Returns one execution with its outcome."""
+
+    @_abc_1.abstractmethod
+    def ListClaimableExecutions(
+        self,
+        request: _executions_pb2.ListClaimableExecutionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executions_pb2.ListClaimableExecutionsResponse, _abc.Awaitable[_executions_pb2.ListClaimableExecutionsResponse]]:
+        """Lists what the caller's workers could claim now, oldest first: exactly
+        the executions a claim would accept.
+        """
+
+    @_abc_1.abstractmethod
+    def ClaimNextExecution(
+        self,
+        request: _executions_pb2.ClaimNextExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executions_pb2.ClaimNextExecutionResponse, _abc.Awaitable[_executions_pb2.ClaimNextExecutionResponse]]:
+        """Claims the oldest claimable execution (of one task, when given).
+        Concurrent callers never receive the same execution; ABORTED
+        (REST 409 claim_failed) only when nothing claimable is left.
+        """
+
+    @_abc_1.abstractmethod
+    def ClaimExecution(
+        self,
+        request: _executions_pb2.ClaimExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executions_pb2.ClaimExecutionResponse, _abc.Awaitable[_executions_pb2.ClaimExecutionResponse]]:
+        """Claims one execution; ABORTED (REST 409 claim_failed) unless it is claimable."""
+
+    @_abc_1.abstractmethod
+    def HeartbeatExecution(
+        self,
+        request: _executions_pb2.HeartbeatExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executions_pb2.HeartbeatExecutionResponse, _abc.Awaitable[_executions_pb2.HeartbeatExecutionResponse]]:
+        """Extends a claim's lease and outcome deadline."""
+
+    @_abc_1.abstractmethod
+    def ReplayExecution(
+        self,
+        request: _executions_pb2.ReplayExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executions_pb2.ReplayExecutionResponse, _abc.Awaitable[_executions_pb2.ReplayExecutionResponse]]:
+        """Creates a new execution with a finished execution's payload."""
 
 def add_ExecutionServiceServicer_to_server(servicer: ExecutionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,134 @@
+"""Worker transport: claims, leases, per-execution heartbeats, replays, and the
+sweeps that recover expired leases and expire unclaimed work (contract §5.6)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+from cueline_server.config import Settings
+from cueline_server.errors import ApiError, execution_not_found
+from cueline_server.services.accounts import Caller, now
+from cueline_server.services.cues import new_execution
+from cueline_server.services.identifiers import parse_uuid
+from cueline_server.store.database import Database, Repositories
+from cueline_server.store.repositories import AnyRow
+
+SWEEP_BATCH = 500
+FINAL = ("success", "failed", "missed")
+
+
+def claim_failed(message: str) -> ApiError:
+    return ApiError("claim_failed", message, 409)
+
+
+class ClaimService:
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self._db = db
+        self.lease = dt.timedelta(seconds=settings.worker_claim_lease_seconds)
+        self._silence = dt.timedelta(seconds=settings.worker_heartbeat_timeout_seconds)
+        self._unclaimed = dt.timedelta(seconds=settings.worker_unclaimed_timeout_seconds)
+
+    async def claimable(self, caller: Caller, task: str | None, limit: int | None) -> Sequence[AnyRow]:
+        moment = now()
+        async with self._db.unit_of_work(write=False) as uow:
+            return await uow.claims.claimable_page(
+                caller.account_id, moment, moment - self._silence, task, 50 if limit is None else limit
+            )
+
+    async def claim(self, caller: Caller, worker_id: str, execution_id: str) -> AnyRow:
+        parsed = parse_uuid(execution_id)
+        if parsed is None:
+            raise execution_not_found()
+        row = await self._claim(caller, worker_id, execution_id=parsed)
+        if row is None:
+            raise claim_failed("Execution not available for claiming")
+        return row
+
+    async def claim_next(self, caller: Caller, worker_id: str, task: str | None) -> AnyRow:
+        row = await self._claim(caller, worker_id, task=task)
+        if row is None:
+            raise claim_failed("No executions available for claiming")
+        return row
+
+    async def _claim(self, caller: Caller, worker_id: str, **which: object) -> AnyRow | None:
+        moment = now()
+        async with self._db.unit_of_work() as uow:
+            row = await uow.claims.claim(
+                caller.account_id,
+                worker_id,
+                moment,
+                self.lease,
+                moment - self._silence,
+                **which,  # type: ignore[arg-type]
+            )
+            await uow.commit()
+        return row
+
+    async def heartbeat(self, caller: Caller, execution_id: str, worker_id: str | None) -> dt.datetime:
+        """Extends the lease to now + lease and the outcome deadline to at least
+        now + the cue's outcome_deadline_seconds."""
+        parsed = parse_uuid(execution_id)
+        if parsed is None:
+            raise execution_not_found()
+        moment = now()
+        async with self._db.unit_of_work() as uow:
+            held = await uow.claims.holder(caller.account_id, parsed)
+            if held is None:
+                raise execution_not_found()
+            if held.transport != "worker" or held.status != "delivering":
+                raise ApiError("execution_not_claiming", "Execution is not currently claimed", 409)
+            if worker_id is not None and worker_id != held.claimed_by_worker:
+                raise ApiError("not_execution_owner", "This execution is claimed by another worker", 403)
+            deadline = moment + dt.timedelta(seconds=held.outcome_deadline_seconds)
+            if held.outcome_deadline_at is not None:
+                deadline = max(deadline, held.outcome_deadline_at)
+            lease_until = moment + self.lease
+            await uow.claims.extend(parsed, moment, lease_until, deadline)
+            await uow.commit()
+        return lease_until
+
+    async def replay(self, caller: Caller, execution_id: str) -> AnyRow:
+        parsed = parse_uuid(execution_id)
+        if parsed is None:
+            raise execution_not_found()
+        moment = now()
+        async with self._db.unit_of_work() as uow:
+            original = await uow.executions.get(caller.account_id, parsed)
+            if original is None:
+                raise execution_not_found()
+            if original.status not in FINAL:
+                raise ApiError(
+                    "execution_in_flight", "Cannot replay an execution that is still in progress", 409
+                )
+            cue = await uow.cues.get(caller.account_id, original.cue_id)
+            assert cue is not None
+            values = new_execution(cue, triggered_by="replay", payload=original.payload, scheduled_for=moment)
+            values["replayed_from"] = original.id
+            await uow.executions.add(values)
+            await uow.cues.count_fired(cue.id, 1, moment)
+            row = await uow.executions.get(caller.account_id, values["id"])
+            assert row is not None
+            await uow.commit()
+        return row
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    async def recover_leases(self, moment: dt.datetime) -> None:
+        """Expired leases of silent workers go back to pending (attempts kept),
+        or fail once the cue's max_attempts are used."""
+        async with self._db.unit_of_work() as uow:
+            failed = await uow.claims.recover_expired(moment, moment - self._silence, SWEEP_BATCH)
+            await _settle(uow, failed, moment)
+            await uow.commit()
+
+    async def expire_unclaimed(self, moment: dt.datetime) -> None:
+        async with self._db.unit_of_work() as uow:
+            missed = await uow.claims.expire_unclaimed(moment - self._unclaimed, moment, SWEEP_BATCH)
+            await _settle(uow, missed, moment)
+            await uow.commit()
+
+
+async def _settle(repos: Repositories, finished: Sequence[AnyRow], moment: dt.datetime) -> None:
+    for row in finished:
+        await repos.cues.record_result(row.cue_id, row.status, moment)

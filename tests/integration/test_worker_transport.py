@@ -1,0 +1,242 @@
+"""The worker transport (contract §5.6) against the real server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.test_scheduler import wait_for
+from tests.support import Server, auth
+
+FAST = {
+    "CUELINE_WORKER_CLAIM_LEASE_SECONDS": "2",
+    "CUELINE_WORKER_HEARTBEAT_TIMEOUT_SECONDS": "1",
+    "CUELINE_WORKER_UNCLAIMED_TIMEOUT_SECONDS": "3",
+    "CUELINE_SCHEDULER_POLL_SECONDS": "0.2",
+}
+
+
+@pytest.fixture
+def fast_server(database_url: str) -> Iterator[Server]:
+    """A server with second-scale leases and timeouts, on a fresh database."""
+    running = Server(database_url, env=FAST).start()
+    yield running
+    running.stop()
+
+
+def worker_cue(client: httpx.Client, name: str = "w", task: str = "report", **extra: Any) -> dict[str, Any]:
+    body = {"name": name, "transport": "worker", "payload": {"task": task},
+            "schedule": {"type": "recurring", "cron": "0 0 1 1 *"}, **extra}  # fmt: skip
+    response = client.post("/v1/cues", json=body)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def fire(client: httpx.Client, cue_id: str, **body: Any) -> str:
+    response = client.post(f"/v1/cues/{cue_id}/fire", json=body)
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+def test_claimable_claim_heartbeat_report(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = worker_cue(client)
+        other = worker_cue(client, name="other", task="other")
+        first, second = fire(client, cue["id"]), fire(client, cue["id"])
+        fire(client, other["id"])
+        later = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
+        fire(client, cue["id"], send_at=later)  # not claimable before its time
+
+        listed = client.get("/v1/executions/claimable?task=report").json()["executions"]
+        assert [i["execution_id"] for i in listed] == [first, second]
+        assert listed[0] == {
+            "execution_id": first, "cue_id": cue["id"], "cue_name": "w", "task": "report",
+            "scheduled_for": listed[0]["scheduled_for"], "payload": {"task": "report"}, "attempt": 0,
+        }  # fmt: skip
+        assert len(client.get("/v1/executions/claimable").json()["executions"]) == 3
+
+        claim = client.post(f"/v1/executions/{first}/claim", json={"worker_id": "box-1"})
+        assert claim.status_code == 200, claim.text
+        granted = claim.json()
+        assert granted["claimed"] is True and granted["execution_id"] == first
+        assert granted["lease_seconds"] == 900 and granted["attempts"] == 1 and granted["task"] == "report"
+        again = client.post(f"/v1/executions/{first}/claim", json={"worker_id": "box-2"})
+        assert again.status_code == 409 and again.json()["error"]["code"] == "claim_failed"
+
+        beat = client.post(f"/v1/executions/{first}/heartbeat", headers={"X-Worker-Id": "box-1"})
+        assert beat.status_code == 200 and beat.json()["acknowledged"] is True
+        stranger = client.post(f"/v1/executions/{first}/heartbeat", headers={"X-Worker-Id": "box-2"})
+        assert stranger.status_code == 403 and stranger.json()["error"]["code"] == "not_execution_owner"
+        idle = client.post(f"/v1/executions/{second}/heartbeat")
+        assert idle.status_code == 409 and idle.json()["error"]["code"] == "execution_not_claiming"
+
+        stored = client.get(f"/v1/executions/{first}").json()
+        assert stored["status"] == "delivering" and stored["claimed_by_worker"] == "box-1"
+        assert stored["outcome_deadline_at"] is not None and stored["last_heartbeat_at"] is not None
+
+        report = client.post(f"/v1/executions/{first}/outcome", json={"success": True})
+        assert report.status_code == 200
+        done = client.get(f"/v1/cues/{cue['id']}").json()
+        assert done["run_count"] == 1 and done["last_run"] is not None
+        assert client.get(f"/v1/executions/{first}").json()["status"] == "success"
+
+
+def test_claim_edge_cases(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        webhook = client.post(
+            "/v1/cues",
+            json={"name": "hook", "callback": {"url": "https://hooks.example.com/x"},
+                  "schedule": {"type": "recurring", "cron": "0 0 1 1 *"}},
+        ).json()  # fmt: skip
+        hooked = fire(client, webhook["id"])
+        assert client.post(f"/v1/executions/{hooked}/claim", json={"worker_id": "w"}).status_code == 409
+        assert client.post("/v1/executions/not-a-uuid/claim", json={"worker_id": "w"}).status_code == 404
+        missing = client.post(f"/v1/executions/{hooked}/claim", json={})
+        assert (
+            missing.status_code == 422 and missing.json()["error"]["details"][0]["field"] == "body.worker_id"
+        )
+        empty = client.post("/v1/executions/claim", json={"worker_id": "w"})
+        assert (
+            empty.status_code == 409
+            and empty.json()["error"]["message"] == "No executions available for claiming"
+        )
+
+
+def test_claim_next_hands_out_each_execution_once(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = worker_cue(client)
+        created = {fire(client, cue["id"]) for _ in range(40)}
+    got: Counter[str] = Counter()
+    conflicts: list[int] = []
+    lock = threading.Lock()
+
+    def worker(index: int) -> None:
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            while True:
+                response = client.post(
+                    "/v1/executions/claim", json={"worker_id": f"w{index}", "task": "report"}
+                )
+                if response.status_code == 409:
+                    with lock:
+                        conflicts.append(index)
+                    return
+                assert response.status_code == 200, response.text
+                with lock:
+                    got[response.json()["execution_id"]] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert set(got) == created and set(got.values()) == {1}  # every one claimed, none twice
+    assert len(conflicts) == 8  # each worker stopped only when nothing was left
+
+
+def test_a_silent_workers_expired_lease_is_recovered(fast_server: Server) -> None:
+    key = fast_server.register()
+    with httpx.Client(base_url=fast_server.http_url, headers=auth(key)) as client:
+        cue = worker_cue(client, retry={"max_attempts": 2})
+        execution = fire(client, cue["id"])
+        client.post("/v1/worker/heartbeat", json={"worker_id": "crashy"})
+        assert (
+            client.post(f"/v1/executions/{execution}/claim", json={"worker_id": "crashy"}).status_code == 200
+        )
+        # The worker dies: no more heartbeats. After the lease and the silence window it is claimable again.
+        recovered = wait_for(lambda: client.get(f"/v1/executions/{execution}").json()["status"] == "pending")
+        assert recovered
+        stored = client.get(f"/v1/executions/{execution}").json()
+        assert stored["attempts"] == 1 and stored["claimed_by_worker"] is None
+        assert stored["error_message"] == "Reset: claim lease expired and worker heartbeat stale"
+        # The second claim uses the last attempt; when that lease expires too, the execution fails.
+        assert (
+            client.post(f"/v1/executions/{execution}/claim", json={"worker_id": "crashy"}).status_code == 200
+        )
+        wait_for(lambda: client.get(f"/v1/executions/{execution}").json()["status"] == "failed")
+        assert client.get(f"/v1/executions/{execution}").json()["error_message"] == (
+            "Claim lease expired; max attempts exhausted"
+        )
+
+
+def test_a_live_worker_keeps_its_claim_past_the_lease(fast_server: Server) -> None:
+    key = fast_server.register()
+    with httpx.Client(base_url=fast_server.http_url, headers=auth(key)) as client:
+        execution = fire(client, worker_cue(client)["id"])
+        client.post("/v1/worker/heartbeat", json={"worker_id": "steady"})
+        client.post(f"/v1/executions/{execution}/claim", json={"worker_id": "steady"})
+        for _ in range(8):  # 4 s: twice the lease, with worker heartbeats only
+            client.post("/v1/worker/heartbeat", json={"worker_id": "steady"})
+            time.sleep(0.5)
+        stored = client.get(f"/v1/executions/{execution}").json()
+        assert stored["status"] == "delivering" and stored["claimed_by_worker"] == "steady"
+        assert client.post(f"/v1/executions/{execution}/outcome", json={"success": True}).status_code == 200
+
+
+def test_unclaimed_work_is_missed_and_a_once_cue_fails(fast_server: Server) -> None:
+    key = fast_server.register()
+    at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    with httpx.Client(base_url=fast_server.http_url, headers=auth(key)) as client:
+        cue = client.post(
+            "/v1/cues",
+            json={
+                "name": "nobody",
+                "transport": "worker",
+                "schedule": {"type": "once", "at": at.isoformat()},
+            },
+        ).json()
+        executions = wait_for(
+            lambda: client.get(f"/v1/executions?cue_id={cue['id']}&status=missed").json()["executions"]
+        )
+        assert executions[0]["error_message"] == "No worker claimed this execution within timeout window"
+        after = client.get(f"/v1/cues/{cue['id']}").json()
+        assert after["status"] == "failed" and after["next_run"] is None
+
+
+def test_a_once_cue_completes_when_its_execution_succeeds(fast_server: Server) -> None:
+    key = fast_server.register()
+    at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    with httpx.Client(base_url=fast_server.http_url, headers=auth(key)) as client:
+        cue = client.post(
+            "/v1/cues",
+            json={"name": "once", "transport": "worker", "payload": {"task": "t"},
+                  "schedule": {"type": "once", "at": at.isoformat()}},
+        ).json()  # fmt: skip
+        claimed = wait_for(
+            lambda: client.post("/v1/executions/claim", json={"worker_id": "w"}).json().get("claimed")
+        )
+        assert claimed
+        execution = client.get(f"/v1/executions?cue_id={cue['id']}").json()["executions"][0]["id"]
+        client.post(f"/v1/executions/{execution}/outcome", json={"success": True})
+        after = client.get(f"/v1/cues/{cue['id']}").json()
+        assert after["status"] == "completed" and after["run_count"] == 1
+
+
+def test_replay(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = worker_cue(client)
+        original = fire(client, cue["id"], payload_override={"extra": 1})
+        in_flight = client.post(f"/v1/executions/{original}/replay")
+        assert in_flight.status_code == 409 and in_flight.json()["error"]["code"] == "execution_in_flight"
+        client.post(f"/v1/executions/{original}/outcome", json={"success": False, "error": "nope"})
+        replay = client.post(f"/v1/executions/{original}/replay")
+        assert replay.status_code == 200, replay.text
+        body = replay.json()
+        assert (
+            body["triggered_by"] == "replay"
+            and body["replayed_from"] == original
+            and body["status"] == "pending"
+        )
+        copy = client.get(f"/v1/executions/{body['id']}").json()
+        assert copy["payload"] == {"task": "report", "extra": 1} and copy["replayed_from"] == original
+        assert client.get(f"/v1/cues/{cue['id']}").json()["fired_count"] == 2
