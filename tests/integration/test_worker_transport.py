@@ -240,3 +240,42 @@ def test_replay(server: Server) -> None:
         copy = client.get(f"/v1/executions/{body['id']}").json()
         assert copy["payload"] == {"task": "report", "extra": 1} and copy["replayed_from"] == original
         assert client.get(f"/v1/cues/{cue['id']}").json()["fired_count"] == 2
+
+
+def test_fire_idempotency(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = worker_cue(client)
+        body = {"idempotency_key": "nightly-2026-03-13", "payload_override": {"day": 13}}
+        first = client.post(f"/v1/cues/{cue['id']}/fire", json=body)
+        repeat = client.post(f"/v1/cues/{cue['id']}/fire", json=body)
+        assert first.status_code == repeat.status_code == 200 and first.json() == repeat.json()
+        changed = client.post(f"/v1/cues/{cue['id']}/fire", json={**body, "payload_override": {"day": 14}})
+        assert changed.status_code == 409 and changed.json()["error"]["code"] == "idempotency_key_conflict"
+        assert client.get(f"/v1/cues/{cue['id']}").json()["fired_count"] == 1
+        other_cue = worker_cue(client, name="second")
+        assert client.post(f"/v1/cues/{other_cue['id']}/fire", json=body).json()["id"] != first.json()["id"]
+
+
+def test_concurrent_first_uses_of_a_fire_key_create_one_execution(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = worker_cue(client)
+    ids: list[str] = []
+    start = threading.Barrier(8)
+
+    def fire_once() -> None:
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            start.wait()
+            response = client.post(f"/v1/cues/{cue['id']}/fire", json={"idempotency_key": "k"})
+            assert response.status_code == 200, response.text
+            ids.append(response.json()["id"])
+
+    threads = [threading.Thread(target=fire_once) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(ids) == 8 and len(set(ids)) == 1
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        assert client.get(f"/v1/executions?cue_id={cue['id']}").json()["total"] == 1

@@ -64,20 +64,19 @@ class CueServicer:
         return cues_pb2.DeleteCueResponse()
 
     async def FireCue(self, request: cues_pb2.FireCueRequest, call: Call) -> cues_pb2.FireCueResponse:
-        if request.HasField("idempotency_key"):
-            raise ApiError("not_implemented", "idempotency_key is not supported yet", 501)
-        row = await self._cues.fire(
+        fired = await self._cues.fire(
             call.account,
             request.cue_id,
             send_at=get_time(request, "send_at"),
             payload_override=request.payload_override if request.HasField("payload_override") else None,
             replace=request.merge_strategy == cues_pb2.MERGE_STRATEGY_REPLACE,
+            idempotency_key=request.idempotency_key if request.HasField("idempotency_key") else None,
         )
         response = cues_pb2.FireCueResponse(
-            id=str(row.id),
-            cue_id=row.cue_id,
+            id=fired.execution_id,
+            cue_id=fired.cue_id,
             status=executions_pb2.EXECUTION_STATUS_PENDING,
             triggered_by=executions_pb2.TRIGGERED_BY_MANUAL_FIRE,
         )
-        put_time(response.scheduled_for, row.scheduled_for)
+        put_time(response.scheduled_for, fired.scheduled_for)
         return response

@@ -10,6 +10,7 @@ limit, callback URL, payload, timezone, schedule.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 import uuid
@@ -27,6 +28,7 @@ from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import AnyRow, DuplicateError
 
 MAX_PAYLOAD_BYTES = 1_048_576
+FIRE_KEY_TTL = dt.timedelta(hours=24)
 MAX_HEADER_BYTES = 8192
 METHODS = ("POST", "GET", "PUT", "PATCH")
 LIVE_STATUSES = ("active", "paused")
@@ -83,6 +85,13 @@ class CuePage:
     total: int
     limit: int
     offset: int
+
+
+@dataclass(frozen=True)
+class Fired:
+    execution_id: str
+    cue_id: str
+    scheduled_for: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -362,16 +371,56 @@ class CueService:
         send_at: dt.datetime | None,
         payload_override: str | None,
         replace: bool,
-    ) -> AnyRow:
-        """Creates a manual_fire execution with the payload snapshot."""
+        idempotency_key: str | None = None,
+    ) -> Fired:
+        """Creates a manual_fire execution with the payload snapshot. A repeat
+        with the same idempotency key and body within 24 h returns the first
+        result and creates nothing; the same key with another body is refused."""
         if not is_cue_id(cue_id):
             raise cue_not_found()
-        moment = now()
         override = check_payload(payload_override, "payload_override") if payload_override else None
+        request_hash = hashlib.sha256(
+            json.dumps(
+                {
+                    "send_at": send_at.isoformat() if send_at else None,
+                    "payload_override": json.loads(override) if override else None,
+                    "merge_strategy": "replace" if replace and override else "merge",
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+        for _ in range(2):  # a second round only after losing a race for the key
+            try:
+                return await self._fire_once(
+                    caller, cue_id, send_at, override, replace, idempotency_key, request_hash
+                )
+            except DuplicateError:
+                continue
+        raise _key_conflict()
+
+    async def _fire_once(
+        self,
+        caller: Caller,
+        cue_id: str,
+        send_at: dt.datetime | None,
+        override: str | None,
+        replace: bool,
+        key: str | None,
+        request_hash: str,
+    ) -> Fired:
+        moment = now()
         async with self._db.unit_of_work() as uow:
             cue = await uow.cues.get(caller.account_id, cue_id)
             if cue is None:
                 raise cue_not_found()
+            if key is not None:
+                earlier = await uow.fire_keys.get(cue_id, key)
+                if earlier is not None and moment - earlier.created_at < FIRE_KEY_TTL:
+                    if earlier.request_hash != request_hash:
+                        raise _key_conflict()
+                    return Fired(str(earlier.execution_id), cue_id, earlier.scheduled_for)
+                if earlier is not None:
+                    await uow.fire_keys.forget(cue_id, key)
             payload = cue.payload
             if override is not None:
                 payload = override if replace else _merge(cue.payload, override)
@@ -380,11 +429,21 @@ class CueService:
                 cue, triggered_by="manual_fire", payload=payload, scheduled_for=max(send_at or moment, moment)
             )
             await uow.executions.add(values)
+            if key is not None:
+                await uow.fire_keys.add(
+                    {
+                        "cue_id": cue_id,
+                        "key": key,
+                        "request_hash": request_hash,
+                        "execution_id": values["id"],
+                        "scheduled_for": values["scheduled_for"],
+                        "created_at": moment,
+                    }
+                )
+            # Last: the cue row stays locked from here to the commit.
             await uow.cues.count_fired(cue.id, 1, moment)
-            row = await uow.executions.get(caller.account_id, values["id"])
-            assert row is not None
             await uow.commit()
-        return row
+        return Fired(str(values["id"]), cue_id, values["scheduled_for"])
 
 
 def _merge(base: str, override: str) -> str:
@@ -412,6 +471,10 @@ def new_execution(
         "created_at": moment,
         "updated_at": moment,
     }
+
+
+def _key_conflict() -> ApiError:
+    return ApiError("idempotency_key_conflict", "Idempotency key already used with a different request", 409)
 
 
 def _duplicate_name(name: str) -> ApiError:

@@ -30,6 +30,7 @@ from cueline_server.store.repositories import (
     ClaimRepository,
     CueRepository,
     ExecutionRepository,
+    FireKeyRepository,
     WorkerRepository,
 )
 
@@ -140,6 +141,7 @@ class Repositories:
         self.cues = CueRepository(conn)
         self.executions = ExecutionRepository(conn)
         self.claims = ClaimRepository(conn)
+        self.fire_keys = FireKeyRepository(conn)
         self.workers = WorkerRepository(conn)
 
 

@@ -33,7 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cueline_server.store.tables import UTCDateTime, accounts, cues, executions, workers
+from cueline_server.store.tables import UTCDateTime, accounts, cues, executions, fire_keys, workers
 
 AnyRow = Row[Unpack[tuple[Any, ...]]]  # noqa: UP044 (mypy reads the Unpack form)
 """A result row of any width; its attributes are the column names."""
@@ -388,6 +388,21 @@ def _record_outcome_statement() -> Any:
             t.c.outcome_verification_mode,
         )
     )
+
+
+class FireKeyRepository(_Repository):
+    async def get(self, cue_id: str, key: str) -> AnyRow | None:
+        result = await self.conn.execute(
+            select(fire_keys).where(fire_keys.c.cue_id == cue_id, fire_keys.c.key == key)
+        )
+        return result.first()
+
+    async def add(self, values: Mapping[str, Any]) -> None:
+        """Raises DuplicateError when a concurrent first use got there first."""
+        await self._insert(insert(fire_keys).values(**values))
+
+    async def forget(self, cue_id: str, key: str) -> None:
+        await self.conn.execute(delete(fire_keys).where(fire_keys.c.cue_id == cue_id, fire_keys.c.key == key))
 
 
 class ClaimRepository(_Repository):

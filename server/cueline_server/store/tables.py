@@ -198,3 +198,15 @@ workers = Table(
     Column("last_heartbeat", UTCDateTime, nullable=False),
     Column("registered_since", UTCDateTime, nullable=False),
 )
+
+fire_keys = Table(
+    "fire_keys",
+    metadata,
+    Column("cue_id", String(16), ForeignKey("cues.id", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False, comment="SHA-256 of the canonical fire body"),
+    Column("execution_id", Uuid, nullable=False),
+    Column("scheduled_for", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    comment="idempotency keys of POST /v1/cues/{id}/fire, remembered for 24 h",
+)
