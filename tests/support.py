@@ -160,3 +160,61 @@ class Server:
 
 def auth(key: str) -> dict[str, Any]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Receiver:
+    """A local webhook receiver: records every request and answers from a
+    script of (status, body, delay) per path, then 200 with an empty object."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[Received] = []
+        self.script: dict[str, list[tuple[int, bytes, float]]] = {}
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                receiver.requests.append(Received(self.command, self.path, dict(self.headers), body))
+                steps = receiver.script.get(self.path) or []
+                status, reply, delay = steps.pop(0) if steps else (200, b"{}", 0.0)
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    if 300 <= status < 400:
+                        self.send_header("Location", "/elsewhere")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_POST = do_GET = do_PUT = do_PATCH = _handle
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def to(self, path: str) -> list[Received]:
+        return [r for r in self.requests if r.path == path]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

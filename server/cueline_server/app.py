@@ -24,6 +24,7 @@ from cueline_server.api.grpc_server import build_server, service_names
 from cueline_server.api.pipeline import Handler, Pipeline
 from cueline_server.api.transcoder import Transcoder
 from cueline_server.config import Settings
+from cueline_server.dispatch import Dispatcher
 from cueline_server.scheduler import Scheduler
 from cueline_server.servicers.accounts import AccountServicer
 from cueline_server.servicers.cues import CueServicer
@@ -46,19 +47,41 @@ class StartupError(Exception):
     pass
 
 
-def handlers(
-    db: Database,
-    settings: Settings,
-    authenticator: Authenticator,
-    claims: ClaimService,
-    scheduler: Scheduler | None = None,
-) -> dict[str, Handler]:
-    """Every RPC's handler, by full method name; an RPC without one is a start-up error."""
+@dataclass
+class Components:
+    """The long-lived parts of a cueline process, wired together."""
+
+    authenticator: Authenticator
+    scheduler: Scheduler
+    dispatcher: Dispatcher
+    handlers: dict[str, Handler]
+
+
+def assemble(db: Database, settings: Settings) -> Components:
+    """Build the services and servicers. Every RPC must have a handler; an RPC
+    without one is a start-up error, not a runtime surprise."""
+    authenticator = Authenticator(db, settings.auth_cache_seconds)
+    outcomes = OutcomeService(db, failed=lambda ids: dispatcher.notify_failed(ids))
+    dispatcher = Dispatcher(db, settings, outcomes)
+    claims = ClaimService(db, settings, work_created=dispatcher.wake, failed=dispatcher.notify_failed)
+    scheduler = Scheduler(
+        db,
+        settings,
+        # The contract's order: retries due, stale webhooks, expired leases, unclaimed work.
+        housekeeping=(
+            dispatcher.ready_retries,
+            dispatcher.recover_stale,
+            claims.recover_leases,
+            claims.expire_unclaimed,
+        ),
+        work_created=dispatcher.wake,
+    )
+    cues = CueService(db, settings, schedule_changed=scheduler.wake, work_created=dispatcher.wake)
     servicers: list[Any] = [
-        AccountServicer(AccountService(db, settings)),
-        CueServicer(CueService(db, settings, scheduler.wake if scheduler else lambda: None)),
+        AccountServicer(AccountService(db, settings, authenticator)),
+        CueServicer(cues),
         ExecutionServicer(ExecutionService(db), claims),
-        OutcomeServicer(OutcomeService(db)),
+        OutcomeServicer(outcomes),
         WorkerServicer(WorkerService(db, settings.worker_heartbeat_timeout_seconds)),
     ]
     found: dict[str, Handler] = {}
@@ -70,7 +93,7 @@ def handlers(
                 break
         else:
             raise StartupError(f"no servicer implements {method.full_name}")
-    return found
+    return Components(authenticator, scheduler, dispatcher, found)
 
 
 async def prepare_schema(settings: Settings) -> None:
@@ -110,14 +133,8 @@ class Runtime:
         settings = self.settings
         await prepare_schema(settings)
         db = Database(settings.resolved_database_url(), pool_size=settings.database_pool_size)
-        authenticator = Authenticator(db, settings.auth_cache_seconds)
-        claims = ClaimService(db, settings)
-        scheduler = Scheduler(db, settings, housekeeping=(claims.recover_leases, claims.expire_unclaimed))
-        pipeline = Pipeline(
-            authenticator,
-            handlers(db, settings, authenticator, claims, scheduler),
-            access_log=settings.access_log,
-        )
+        parts = assemble(db, settings)
+        pipeline = Pipeline(parts.authenticator, parts.handlers, access_log=settings.access_log)
         health_servicer = health.aio.HealthServicer()
         grpc_server = build_server(pipeline, health_servicer, settings.max_request_bytes + 64 * 1024)
         grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
@@ -153,7 +170,10 @@ class Runtime:
                 raise StartupError(f"cannot serve HTTP on {settings.host}:{settings.http_port}")
             await asyncio.sleep(0.01)
         http_port = http.servers[0].sockets[0].getsockname()[1]
-        background = asyncio.create_task(scheduler.run(self.stopping))
+        background = [
+            asyncio.create_task(parts.scheduler.run(self.stopping)),
+            asyncio.create_task(parts.dispatcher.run(self.stopping)),
+        ]
         for name in ("", *service_names()):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
@@ -173,6 +193,7 @@ class Runtime:
             await asyncio.sleep(settings.shutdown_drain_seconds)
         log.info("shutting down: in-flight calls have %.0fs to finish", settings.shutdown_grace_seconds)
         http.should_exit = True
-        await asyncio.gather(grpc_server.stop(settings.shutdown_grace_seconds), http_task, background)
+        await asyncio.gather(grpc_server.stop(settings.shutdown_grace_seconds), http_task, *background)
+        await parts.dispatcher.drain(settings.shutdown_grace_seconds)
         await db.dispose()
         log.info("stopped")

@@ -45,6 +45,13 @@ class Settings:
     worker_claim_lease_seconds: int = 900
     # A worker execution nobody claims this long after it became claimable is missed.
     worker_unclaimed_timeout_seconds: int = 900
+    # Callback URL safety switches for self-hosting and tests: admit loopback and
+    # private targets, and plain http.
+    allow_private_callbacks: bool = False
+    allow_http_callbacks: bool = False
+    # Webhook deliveries under way at once, and when a silent one counts as failed.
+    delivery_concurrency: int = 200
+    webhook_stale_after_seconds: int = 300
     # The scheduler's safety re-read of the schedule and housekeeping interval;
     # cues fire at their due time regardless.
     scheduler_poll_seconds: float = 1.0

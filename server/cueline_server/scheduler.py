@@ -31,8 +31,15 @@ Housekeeping = Callable[[dt.datetime], Awaitable[None]]
 
 
 class Scheduler:
-    def __init__(self, db: Database, settings: Settings, housekeeping: Sequence[Housekeeping] = ()) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        housekeeping: Sequence[Housekeeping] = (),
+        work_created: Callable[[], None] = lambda: None,
+    ) -> None:
         self._db = db
+        self._work_created = work_created
         self._poll = settings.scheduler_poll_seconds
         self._grace = dt.timedelta(seconds=settings.catch_up_grace_seconds)
         self._housekeeping = housekeeping
@@ -111,5 +118,6 @@ class Scheduler:
             await uow.cues.advance(steps, moment)
             await uow.commit()
         if inserted:
+            self._work_created()
             log.debug("fired %d executions for %d cues", len(inserted), len(due))
         return len(due)

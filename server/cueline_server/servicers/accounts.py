@@ -34,3 +34,24 @@ class AccountServicer:
         if account.alert_webhook_url is not None:
             response.alert_webhook_url = account.alert_webhook_url
         return response
+
+    async def RegenerateApiKey(
+        self, request: accounts_pb2.RegenerateApiKeyRequest, call: Call
+    ) -> accounts_pb2.RegenerateApiKeyResponse:
+        key = await self._accounts.regenerate_key(call.account, request.confirm)
+        return accounts_pb2.RegenerateApiKeyResponse(api_key=key, previous_key_revoked=True)
+
+    async def GetWebhookSecret(
+        self, request: accounts_pb2.GetWebhookSecretRequest, call: Call
+    ) -> accounts_pb2.GetWebhookSecretResponse:
+        return accounts_pb2.GetWebhookSecretResponse(
+            webhook_secret=await self._accounts.webhook_secret(call.account)
+        )
+
+    async def RegenerateWebhookSecret(
+        self, request: accounts_pb2.RegenerateWebhookSecretRequest, call: Call
+    ) -> accounts_pb2.RegenerateWebhookSecretResponse:
+        secret = await self._accounts.regenerate_webhook_secret(call.account, request.confirm)
+        return accounts_pb2.RegenerateWebhookSecretResponse(
+            webhook_secret=secret, previous_secret_revoked=True
+        )

@@ -102,9 +102,10 @@ def normalize_email(email: str) -> str:
 
 
 class AccountService:
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: Settings, authenticator: Authenticator | None = None) -> None:
         self._db = db
         self._settings = settings
+        self._authenticator = authenticator or Authenticator(db, 0)
 
     async def register(self, email: str) -> Registration:
         if not self._settings.allow_register:
@@ -137,6 +138,43 @@ class AccountService:
             await uow.commit()
         return Registration(key, email)
 
+    async def regenerate_key(self, caller: Caller, confirmed: bool) -> str:
+        """A new key; the old one answers key_rotated for 24 h."""
+        _require_confirmation(confirmed)
+        key = new_api_key()
+        moment = now()
+        async with self._db.unit_of_work() as uow:
+            account = await uow.accounts.get(caller.account_id)
+            assert account is not None
+            await uow.accounts.update(
+                caller.account_id,
+                {
+                    "api_key_hash": hash_api_key(key),
+                    "api_key_prefix": key[:12],
+                    "previous_key_hash": account.api_key_hash,
+                    "key_rotated_at": moment,
+                    "updated_at": moment,
+                },
+            )
+            await uow.commit()
+        self._authenticator.forget(caller.account_id)
+        return key
+
+    async def webhook_secret(self, caller: Caller) -> str:
+        async with self._db.unit_of_work(write=False) as uow:
+            secret = await uow.accounts.webhook_secret(caller.account_id)
+        if not secret:
+            raise ApiError("no_webhook_secret", "No webhook secret is set", 404)
+        return secret
+
+    async def regenerate_webhook_secret(self, caller: Caller, confirmed: bool) -> str:
+        _require_confirmation(confirmed)
+        secret = new_webhook_secret()
+        async with self._db.unit_of_work() as uow:
+            await uow.accounts.update(caller.account_id, {"webhook_secret": secret, "updated_at": now()})
+            await uow.commit()
+        return secret
+
     async def summary(self, caller: Caller) -> AccountSummary:
         async with self._db.unit_of_work(write=False) as uow:
             account = await uow.accounts.get(caller.account_id)
@@ -145,6 +183,15 @@ class AccountService:
             active = await uow.cues.count(caller.account_id, ("active", "paused"))
             executions = await uow.executions.count_created_since(caller.account_id, month_start(now()))
         return AccountSummary(account, active, executions)
+
+
+def _require_confirmation(confirmed: bool) -> None:
+    if not confirmed:
+        raise ApiError(
+            "confirmation_required",
+            "This action is destructive: send the header X-Confirm-Destructive: true",
+            400,
+        )
 
 
 def _duplicate_email() -> ApiError:

@@ -4,7 +4,8 @@ sweeps that recover expired leases and expire unclaimed work (contract §5.6).""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError, execution_not_found
@@ -23,8 +24,17 @@ def claim_failed(message: str) -> ApiError:
 
 
 class ClaimService:
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        work_created: Callable[[], None] = lambda: None,
+        failed: Callable[[Sequence[uuid.UUID]], None] = lambda ids: None,
+    ) -> None:
         self._db = db
+        self._work_created = work_created
+        self._failed = failed
         self.lease = dt.timedelta(seconds=settings.worker_claim_lease_seconds)
         self._silence = dt.timedelta(seconds=settings.worker_heartbeat_timeout_seconds)
         self._unclaimed = dt.timedelta(seconds=settings.worker_unclaimed_timeout_seconds)
@@ -110,6 +120,7 @@ class ClaimService:
             row = await uow.executions.get(caller.account_id, values["id"])
             assert row is not None
             await uow.commit()
+        self._work_created()
         return row
 
     # --- housekeeping -----------------------------------------------------------------------
@@ -121,12 +132,14 @@ class ClaimService:
             failed = await uow.claims.recover_expired(moment, moment - self._silence, SWEEP_BATCH)
             await _settle(uow, failed, moment)
             await uow.commit()
+        self._failed([row.id for row in failed])
 
     async def expire_unclaimed(self, moment: dt.datetime) -> None:
         async with self._db.unit_of_work() as uow:
             missed = await uow.claims.expire_unclaimed(moment - self._unclaimed, moment, SWEEP_BATCH)
             await _settle(uow, missed, moment)
             await uow.commit()
+        self._failed([row.id for row in missed])
 
 
 async def _settle(repos: Repositories, finished: Sequence[AnyRow], moment: dt.datetime) -> None:

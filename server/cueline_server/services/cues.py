@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError, cue_not_found, field_error
 from cueline_server.services.accounts import Caller, now
+from cueline_server.services.callbacks import CallbackPolicy
 from cueline_server.services.identifiers import is_cue_id, new_cue_id
 from cueline_server.services.schedules import check_cron, invalid_schedule, next_cron_time, zone
 from cueline_server.store.database import Database, Repositories
@@ -187,11 +188,18 @@ def next_run_for(columns: Mapping[str, Any], moment: dt.datetime) -> dt.datetime
 
 class CueService:
     def __init__(
-        self, db: Database, settings: Settings, schedule_changed: Callable[[], None] = lambda: None
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        schedule_changed: Callable[[], None] = lambda: None,
+        work_created: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
         self._settings = settings
         self._schedule_changed = schedule_changed
+        self._work_created = work_created
+        self._callbacks = CallbackPolicy(settings.allow_private_callbacks, settings.allow_http_callbacks)
 
     async def _warning(self, repos: Repositories, caller: Caller, transport: str) -> str | None:
         if transport != "worker":
@@ -235,8 +243,12 @@ class CueService:
                 raise ApiError(
                     "cue_limit_exceeded", f"Active cue limit of {account.active_cue_limit} reached", 403
                 )
+            if transport == "webhook" and url is not None:
+                await self._callbacks.check(url)
             columns["payload"] = check_payload(draft.get("payload"), "payload")
             columns.update(_schedule_columns(draft, None, moment))
+            if columns["on_failure_webhook"] is not None:
+                await self._callbacks.check(columns["on_failure_webhook"], "on_failure.webhook")
             columns.update(
                 id=new_cue_id(),
                 account_id=caller.account_id,
@@ -327,6 +339,8 @@ class CueService:
                 raise field_error("callback.url", "callback.url is required for webhook transport")
             if url is not None:
                 _check_url(url, "callback.url")
+                if current.transport == "webhook":
+                    await self._callbacks.check(url)
             changes["callback_url"] = url
         if "callback.method" in draft:
             changes["callback_method"] = _method(draft["callback.method"])
@@ -346,6 +360,8 @@ class CueService:
         rescheduled = any(path.startswith("schedule") for path in draft)
         if rescheduled:
             changes.update(_schedule_columns(draft, current.timezone, moment))
+        if changes.get("on_failure_webhook") is not None:
+            await self._callbacks.check(changes["on_failure_webhook"], "on_failure.webhook")
         if "status" in draft and current.status in TERMINAL_STATUSES:
             raise ApiError("invalid_state", f"Cannot change status of a {current.status} cue", 409)
         new_status = status if "status" in draft else current.status

@@ -11,6 +11,8 @@ every mode and the statement picks the one for the cue's mode.
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cueline_server.errors import ApiError, execution_not_found, field_error
@@ -115,8 +117,11 @@ def check_report(report: OutcomeReport) -> OutcomeReport:
 
 
 class OutcomeService:
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self, db: Database, failed: Callable[[Sequence[uuid.UUID]], None] = lambda ids: None
+    ) -> None:
         self._db = db
+        self._failed = failed
 
     async def record(self, caller: Caller, execution_id: str, report: OutcomeReport) -> RecordedOutcome:
         parsed = parse_uuid(execution_id)
@@ -155,5 +160,7 @@ class OutcomeService:
                         409,
                     )
                 raise execution_not_found()
+        if row.transport == "worker" and row.status == "failed":
+            self._failed([row.id])
         reason = verdicts[row.outcome_verification_mode].reason
         return RecordedOutcome(str(row.id), row.outcome_state, reason, bool(row.outcome_late))

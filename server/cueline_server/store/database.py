@@ -29,6 +29,7 @@ from cueline_server.store.repositories import (
     AccountRepository,
     ClaimRepository,
     CueRepository,
+    DeliveryRepository,
     ExecutionRepository,
     FireKeyRepository,
     WorkerRepository,
@@ -142,6 +143,7 @@ class Repositories:
         self.executions = ExecutionRepository(conn)
         self.claims = ClaimRepository(conn)
         self.fire_keys = FireKeyRepository(conn)
+        self.deliveries = DeliveryRepository(conn)
         self.workers = WorkerRepository(conn)
 
 

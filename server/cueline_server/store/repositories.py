@@ -75,6 +75,14 @@ class AccountRepository(_Repository):
         result = await self.conn.execute(select(accounts).where(accounts.c.id == account_id))
         return result.first()
 
+    async def update(self, account_id: uuid.UUID, values: Mapping[str, Any]) -> None:
+        await self.conn.execute(update(accounts).where(accounts.c.id == account_id).values(**values))
+
+    async def webhook_secret(self, account_id: uuid.UUID) -> str | None:
+        result = await self.conn.execute(select(accounts.c.webhook_secret).where(accounts.c.id == account_id))
+        value: str | None = result.scalar()
+        return value
+
     async def email_taken(self, email_key: str) -> bool:
         result = await self.conn.execute(select(accounts.c.id).where(accounts.c.email_key == email_key))
         return result.first() is not None
@@ -615,6 +623,153 @@ class ClaimRepository(_Repository):
             .returning(executions.c.id, executions.c.cue_id, executions.c.status)
         )
         return result.all()
+
+
+class DeliveryRepository(_Repository):
+    """Webhook executions on their way out."""
+
+    async def take_due(self, now: dt.datetime, limit: int) -> Sequence[AnyRow]:
+        """Due webhook executions, moved to delivering with the attempt counted,
+        with what sending them needs."""
+        due = (
+            select(executions.c.id)
+            .where(
+                executions.c.transport == "webhook",
+                executions.c.status.in_(("pending", "retry_ready")),
+                executions.c.scheduled_for <= now,
+            )
+            .order_by(executions.c.scheduled_for)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        ids = [row.id for row in await self.conn.execute(due)]
+        if not ids:
+            return []
+        await self.conn.execute(
+            update(executions)
+            .where(executions.c.id.in_(ids))
+            .values(
+                status="delivering",
+                attempts=executions.c.attempts + 1,
+                last_attempt_at=now,
+                started_at=func.coalesce(executions.c.started_at, now),
+                next_retry=None,
+                updated_at=now,
+            )
+        )
+        return (await self.conn.execute(_delivery_view().where(executions.c.id.in_(ids)))).all()
+
+    async def succeeded(self, row: AnyRow, http_status: int | None, body: str, now: dt.datetime) -> None:
+        await self.conn.execute(
+            update(executions)
+            .where(executions.c.id == row.id)
+            .values(
+                status="success",
+                http_status=http_status,
+                response_body=body,
+                delivered_at=now,
+                next_retry=None,
+                error_message=None,
+                outcome_deadline_at=case(
+                    (
+                        executions.c.outcome_recorded_at.is_(None),
+                        now + dt.timedelta(seconds=row.outcome_deadline_seconds),
+                    ),
+                    else_=None,
+                ),
+                updated_at=now,
+            )
+        )
+
+    async def retry_later(
+        self, execution_id: uuid.UUID, error: str, http_status: int | None, at: dt.datetime, now: dt.datetime
+    ) -> None:
+        await self.conn.execute(
+            update(executions)
+            .where(executions.c.id == execution_id)
+            .values(
+                status="retrying", next_retry=at, error_message=error, http_status=http_status, updated_at=now
+            )
+        )
+
+    async def failed(
+        self, execution_id: uuid.UUID, error: str, http_status: int | None, now: dt.datetime
+    ) -> None:
+        await self.conn.execute(
+            update(executions)
+            .where(executions.c.id == execution_id)
+            .values(
+                status="failed", next_retry=None, error_message=error, http_status=http_status, updated_at=now
+            )
+        )
+
+    async def ready_retries(self, now: dt.datetime) -> int:
+        result = await self.conn.execute(
+            update(executions)
+            .where(
+                executions.c.transport == "webhook",
+                executions.c.status == "retrying",
+                executions.c.next_retry <= now,
+            )
+            .values(status="retry_ready", updated_at=now)
+        )
+        return int(result.rowcount)
+
+    async def stale(self, now: dt.datetime, stale_after_seconds: int) -> list[AnyRow]:
+        """Deliveries silent for max(stale_after, the cue's timeout + 60) seconds."""
+        rows = await self.conn.execute(
+            _delivery_view()
+            .where(
+                executions.c.transport == "webhook",
+                executions.c.status == "delivering",
+                executions.c.last_attempt_at < now - dt.timedelta(seconds=stale_after_seconds),
+            )
+            .limit(500)
+            .with_for_update(skip_locked=True, of=executions)
+        )
+        return [
+            r
+            for r in rows
+            if r.last_attempt_at
+            < now - dt.timedelta(seconds=max(stale_after_seconds, r.timeout_seconds + 60))
+        ]
+
+    async def failure_notice(self, execution_id: uuid.UUID) -> AnyRow | None:
+        result = await self.conn.execute(
+            select(
+                executions.c.account_id,
+                executions.c.cue_id,
+                executions.c.attempts,
+                executions.c.http_status,
+                executions.c.error_message,
+                executions.c.updated_at,
+                cues.c.name.label("cue_name"),
+                cues.c.on_failure_webhook,
+            )
+            .join(cues, cues.c.id == executions.c.cue_id)
+            .where(executions.c.id == execution_id)
+        )
+        return result.first()
+
+
+def _delivery_view() -> Any:
+    return select(
+        executions.c.id,
+        executions.c.account_id,
+        executions.c.cue_id,
+        executions.c.attempts,
+        executions.c.payload,
+        executions.c.scheduled_for,
+        executions.c.last_attempt_at,
+        cues.c.name.label("cue_name"),
+        cues.c.callback_url,
+        cues.c.callback_method,
+        cues.c.callback_headers,
+        cues.c.timeout_seconds,
+        cues.c.outcome_deadline_seconds,
+        cues.c.retry_max_attempts,
+        cues.c.retry_backoff_minutes,
+    ).join(cues, cues.c.id == executions.c.cue_id)
 
 
 class WorkerRepository(_Repository):

@@ -178,6 +178,7 @@ executions = Table(
     # Claims and sweeps: what is claimable, and what is delivering with a lease.
     Index(None, "account_id", "status", "scheduled_for"),
     Index(None, "status", "lease_expires_at"),
+    Index(None, "transport", "status", "scheduled_for"),
     # Exactly one scheduled execution per cron slot, across replicas and restarts.
     Index(
         "uq_executions_scheduled_slot",

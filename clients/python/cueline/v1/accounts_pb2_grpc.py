@@ -45,6 +45,21 @@ class AccountServiceStub:
                 request_serializer=cueline_dot_v1_dot_accounts__pb2.GetAccountRequest.SerializeToString,
                 response_deserializer=cueline_dot_v1_dot_accounts__pb2.GetAccountResponse.FromString,
                 _registered_method=True)
+        self.RegenerateApiKey = channel.unary_unary(
+                '/cueline.v1.AccountService/RegenerateApiKey',
+                request_serializer=cueline_dot_v1_dot_accounts__pb2.RegenerateApiKeyRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_accounts__pb2.RegenerateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.GetWebhookSecret = channel.unary_unary(
+                '/cueline.v1.AccountService/GetWebhookSecret',
+                request_serializer=cueline_dot_v1_dot_accounts__pb2.GetWebhookSecretRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_accounts__pb2.GetWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.RegenerateWebhookSecret = channel.unary_unary(
+                '/cueline.v1.AccountService/RegenerateWebhookSecret',
+                request_serializer=cueline_dot_v1_dot_accounts__pb2.RegenerateWebhookSecretRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_accounts__pb2.RegenerateWebhookSecretResponse.FromString,
+                _registered_method=True)
 
 
 class AccountServiceServicer:
@@ -66,6 +81,29 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegenerateApiKey(self, request, context):
+        """Replaces the API key. The old key stops working at once and answers
+        key_rotated for 24 hours. Needs confirm (REST: X-Confirm-Destructive: true).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWebhookSecret(self, request, context):
+        """Returns the secret that signs webhook deliveries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegenerateWebhookSecret(self, request, context):
+        """Replaces the webhook secret; every later delivery attempt uses the new one.
+        Needs confirm (REST: X-Confirm-Destructive: true).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +116,21 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.GetAccount,
                     request_deserializer=cueline_dot_v1_dot_accounts__pb2.GetAccountRequest.FromString,
                     response_serializer=cueline_dot_v1_dot_accounts__pb2.GetAccountResponse.SerializeToString,
+            ),
+            'RegenerateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegenerateApiKey,
+                    request_deserializer=cueline_dot_v1_dot_accounts__pb2.RegenerateApiKeyRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_accounts__pb2.RegenerateApiKeyResponse.SerializeToString,
+            ),
+            'GetWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhookSecret,
+                    request_deserializer=cueline_dot_v1_dot_accounts__pb2.GetWebhookSecretRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_accounts__pb2.GetWebhookSecretResponse.SerializeToString,
+            ),
+            'RegenerateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegenerateWebhookSecret,
+                    request_deserializer=cueline_dot_v1_dot_accounts__pb2.RegenerateWebhookSecretRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_accounts__pb2.RegenerateWebhookSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +188,87 @@ class AccountService:
             '/cueline.v1.AccountService/GetAccount',
             cueline_dot_v1_dot_accounts__pb2.GetAccountRequest.SerializeToString,
             cueline_dot_v1_dot_accounts__pb2.GetAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegenerateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.AccountService/RegenerateApiKey',
+            cueline_dot_v1_dot_accounts__pb2.RegenerateApiKeyRequest.SerializeToString,
+            cueline_dot_v1_dot_accounts__pb2.RegenerateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.AccountService/GetWebhookSecret',
+            cueline_dot_v1_dot_accounts__pb2.GetWebhookSecretRequest.SerializeToString,
+            cueline_dot_v1_dot_accounts__pb2.GetWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegenerateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.AccountService/RegenerateWebhookSecret',
+            cueline_dot_v1_dot_accounts__pb2.RegenerateWebhookSecretRequest.SerializeToString,
+            cueline_dot_v1_dot_accounts__pb2.RegenerateWebhookSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,16 @@ class AccountServiceStub:
     """
     GetAccount: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetAccountRequest, _accounts_pb2.GetAccountResponse]
     """Returns the caller's account and its limits."""
+    RegenerateApiKey: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.RegenerateApiKeyRequest, _accounts_pb2.RegenerateApiKeyResponse]
+    """Replaces the API key. The old key stops working at once and answers
+    key_rotated for 24 hours. Needs confirm (REST: X-Confirm-Destructive: true).
+    """
+    GetWebhookSecret: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetWebhookSecretRequest, _accounts_pb2.GetWebhookSecretResponse]
+    """Returns the secret that signs webhook deliveries."""
+    RegenerateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.RegenerateWebhookSecretRequest, _accounts_pb2.RegenerateWebhookSecretResponse]
+    """Replaces the webhook secret; every later delivery attempt uses the new one.
+    Needs confirm (REST: X-Confirm-Destructive: true).
+    """
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
@@ -51,6 +61,16 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """
     GetAccount: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetAccountRequest, _accounts_pb2.GetAccountResponse]  # type: ignore[assignment]
     """Returns the caller's account and its limits."""
+    RegenerateApiKey: _aio.UnaryUnaryMultiCallable[_accounts_pb2.RegenerateApiKeyRequest, _accounts_pb2.RegenerateApiKeyResponse]  # type: ignore[assignment]
+    """Replaces the API key. The old key stops working at once and answers
+    key_rotated for 24 hours. Needs confirm (REST: X-Confirm-Destructive: true).
+    """
+    GetWebhookSecret: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetWebhookSecretRequest, _accounts_pb2.GetWebhookSecretResponse]  # type: ignore[assignment]
+    """Returns the secret that signs webhook deliveries."""
+    RegenerateWebhookSecret: _aio.UnaryUnaryMultiCallable[_accounts_pb2.RegenerateWebhookSecretRequest, _accounts_pb2.RegenerateWebhookSecretResponse]  # type: ignore[assignment]
+    """Replaces the webhook secret; every later delivery attempt uses the new one.
+    Needs confirm (REST: X-Confirm-Destructive: true).
+    """
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounts: every resource belongs to exactly one, reached with its API key."""
@@ -72,5 +92,33 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_accounts_pb2.GetAccountResponse, _abc.Awaitable[_accounts_pb2.GetAccountResponse]]:
         """Returns the caller's account and its limits."""
+
+    @_abc_1.abstractmethod
+    def RegenerateApiKey(
+        self,
+        request: _accounts_pb2.RegenerateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.RegenerateApiKeyResponse, _abc.Awaitable[_accounts_pb2.RegenerateApiKeyResponse]]:
+        """Replaces the API key. The old key stops working at once and answers
+        key_rotated for 24 hours. Needs confirm (REST: X-Confirm-Destructive: true).
+        """
+
+    @_abc_1.abstractmethod
+    def GetWebhookSecret(
+        self,
+        request: _accounts_pb2.GetWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.GetWebhookSecretResponse, _abc.Awaitable[_accounts_pb2.GetWebhookSecretResponse]]:
+        """Returns the secret that signs webhook deliveries."""
+
+    @_abc_1.abstractmethod
+    def RegenerateWebhookSecret(
+        self,
+        request: _accounts_pb2.RegenerateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.RegenerateWebhookSecretResponse, _abc.Awaitable[_accounts_pb2.RegenerateWebhookSecretResponse]]:
+        """Replaces the webhook secret; every later delivery attempt uses the new one.
+        Needs confirm (REST: X-Confirm-Destructive: true).
+        """
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
