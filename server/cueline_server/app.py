@@ -63,7 +63,13 @@ def assemble(db: Database, settings: Settings) -> Components:
     authenticator = Authenticator(db, settings.auth_cache_seconds)
     outcomes = OutcomeService(db, failed=lambda ids: dispatcher.notify_failed(ids))
     dispatcher = Dispatcher(db, settings, outcomes)
-    claims = ClaimService(db, settings, work_created=dispatcher.wake, failed=dispatcher.notify_failed)
+
+    def work_created() -> None:
+        """New executions may be due: webhooks to send, claims to hand out."""
+        dispatcher.wake()
+        claims.work_arrived()
+
+    claims = ClaimService(db, settings, work_created=work_created, failed=dispatcher.notify_failed)
     scheduler = Scheduler(
         db,
         settings,
@@ -74,9 +80,9 @@ def assemble(db: Database, settings: Settings) -> Components:
             claims.recover_leases,
             claims.expire_unclaimed,
         ),
-        work_created=dispatcher.wake,
+        work_created=work_created,
     )
-    cues = CueService(db, settings, schedule_changed=scheduler.wake, work_created=dispatcher.wake)
+    cues = CueService(db, settings, schedule_changed=scheduler.wake, work_created=work_created)
     servicers: list[Any] = [
         AccountServicer(AccountService(db, settings, authenticator)),
         CueServicer(cues),

@@ -217,3 +217,71 @@ def test_request_id_is_returned(channel: grpc.Channel) -> None:
         metadata=(("x-request-id", "trace-123"),),
     )
     assert ("x-request-id", "trace-123") in call.initial_metadata()
+
+
+def test_batch_claim_long_poll_and_fencing(channel: grpc.Channel) -> None:
+    import threading
+    import time
+
+    md = api_key(channel)
+    cues = cues_pb2_grpc.CueServiceStub(channel)
+    executions = executions_pb2_grpc.ExecutionServiceStub(channel)
+    cue = cues.CreateCue(
+        cues_pb2.CreateCueRequest(
+            cue=cues_pb2.Cue(
+                name="batch",
+                transport=cues_pb2.TRANSPORT_WORKER,
+                payload='{"task": "t"}',
+                schedule=cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="0 0 1 1 *"),
+            )
+        ),
+        metadata=md,
+    ).cue
+    fired = {cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue.id), metadata=md).id for _ in range(5)}
+    batch = executions.ClaimExecutions(
+        executions_pb2.ClaimExecutionsRequest(worker_id="w", max_executions=3), metadata=md
+    ).claims
+    rest = executions.ClaimExecutions(
+        executions_pb2.ClaimExecutionsRequest(worker_id="w", max_executions=10), metadata=md
+    ).claims
+    assert len(batch) == 3 and len(rest) == 2
+    assert {c.execution_id for c in [*batch, *rest]} == fired and all(c.fencing_token == 1 for c in batch)
+
+    # A long poll with nothing to claim waits, and returns the work that appears meanwhile.
+    later: list[str] = []
+
+    def fire_soon() -> None:
+        time.sleep(0.5)
+        later.append(cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue.id), metadata=md).id)
+
+    threading.Thread(target=fire_soon).start()
+    waited = executions.ClaimExecutions(
+        executions_pb2.ClaimExecutionsRequest(worker_id="w", max_executions=10, wait_seconds=20), metadata=md
+    ).claims
+    assert [c.execution_id for c in waited] == later
+
+    # A stale fencing token is refused once the execution was claimed again.
+    claim = batch[0]
+    outcomes = outcomes_pb2_grpc.OutcomeServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        outcomes.RecordOutcome(
+            outcomes_pb2.RecordOutcomeRequest(
+                execution_id=claim.execution_id, success=True, fencing_token=claim.fencing_token + 1
+            ),
+            metadata=md,
+        )
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert details(raised.value)[0].reason == "stale_claim"
+    with pytest.raises(grpc.RpcError) as raised:
+        executions.HeartbeatExecution(
+            executions_pb2.HeartbeatExecutionRequest(execution_id=claim.execution_id, fencing_token=7),
+            metadata=md,
+        )
+    assert details(raised.value)[0].reason == "stale_claim"
+    recorded = outcomes.RecordOutcome(
+        outcomes_pb2.RecordOutcomeRequest(
+            execution_id=claim.execution_id, success=True, fencing_token=claim.fencing_token
+        ),
+        metadata=md,
+    )
+    assert recorded.outcome_recorded

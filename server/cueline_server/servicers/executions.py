@@ -77,6 +77,21 @@ class ExecutionServicer:
         self._claim(row, response.claim)
         return response
 
+    async def ClaimExecutions(
+        self, request: executions_pb2.ClaimExecutionsRequest, call: Call
+    ) -> executions_pb2.ClaimExecutionsResponse:
+        rows = await self._claims.claim_batch(
+            call.account,
+            request.worker_id,
+            request.task if request.HasField("task") else None,
+            request.max_executions,
+            request.wait_seconds,
+        )
+        response = executions_pb2.ClaimExecutionsResponse()
+        for row in rows:
+            self._claim(row, response.claims.add())
+        return response
+
     def _claim(self, row: AnyRow, claim: executions_pb2.Claim) -> None:
         claim.claimed = True
         claim.execution_id = str(row.id)
@@ -87,12 +102,16 @@ class ExecutionServicer:
             claim.task = row.task
         claim.payload = row.payload
         claim.attempts = row.attempts
+        claim.fencing_token = row.attempts
 
     async def HeartbeatExecution(
         self, request: executions_pb2.HeartbeatExecutionRequest, call: Call
     ) -> executions_pb2.HeartbeatExecutionResponse:
         until = await self._claims.heartbeat(
-            call.account, request.execution_id, request.worker_id if request.HasField("worker_id") else None
+            call.account,
+            request.execution_id,
+            request.worker_id if request.HasField("worker_id") else None,
+            request.fencing_token if request.HasField("fencing_token") else None,
         )
         response = executions_pb2.HeartbeatExecutionResponse(
             execution_id=request.execution_id, acknowledged=True

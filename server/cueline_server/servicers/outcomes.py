@@ -27,7 +27,10 @@ class OutcomeServicer:
     ) -> outcomes_pb2.RecordOutcomeResponse:
         given = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}  # type: ignore[arg-type]
         recorded = await self._outcomes.record(
-            call.account, request.execution_id, OutcomeReport(success=request.success, **given)
+            call.account,
+            request.execution_id,
+            OutcomeReport(success=request.success, **given),
+            request.fencing_token if request.HasField("fencing_token") else None,
         )
         response = outcomes_pb2.RecordOutcomeResponse(
             execution_id=recorded.execution_id,

@@ -3,7 +3,10 @@ sweeps that recover expired leases and expire unclaimed work (contract §5.6).""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import time
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -12,10 +15,12 @@ from cueline_server.errors import ApiError, execution_not_found
 from cueline_server.services.accounts import Caller, now
 from cueline_server.services.cues import new_execution
 from cueline_server.services.identifiers import parse_uuid
+from cueline_server.services.outcomes import stale_claim
 from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import AnyRow
 
 SWEEP_BATCH = 500
+RECHECK_SECONDS = 1.0
 FINAL = ("success", "failed", "missed")
 
 
@@ -35,6 +40,7 @@ class ClaimService:
         self._db = db
         self._work_created = work_created
         self._failed = failed
+        self._arrivals = asyncio.Event()
         self.lease = dt.timedelta(seconds=settings.worker_claim_lease_seconds)
         self._silence = dt.timedelta(seconds=settings.worker_heartbeat_timeout_seconds)
         self._unclaimed = dt.timedelta(seconds=settings.worker_unclaimed_timeout_seconds)
@@ -46,36 +52,70 @@ class ClaimService:
                 caller.account_id, moment, moment - self._silence, task, 50 if limit is None else limit
             )
 
+    def work_arrived(self) -> None:
+        """New claimable work may exist: wake every waiting long poll."""
+        self._arrivals.set()
+        self._arrivals = asyncio.Event()
+
+    async def claim_batch(
+        self, caller: Caller, worker_id: str, task: str | None, limit: int, wait_seconds: float
+    ) -> Sequence[AnyRow]:
+        """Up to `limit` claims; with nothing claimable, wait up to wait_seconds.
+        Waiters wake at once for work created on this process, and re-check at
+        least every second for work created elsewhere (another replica, or a
+        send_at that came due)."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            arrivals = self._arrivals  # taken before the query, so no signal is missed
+            rows = await self._claim(caller, worker_id, task=task, limit=limit)
+            remaining = deadline - time.monotonic()
+            if rows or remaining <= 0:
+                return rows
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrivals.wait(), min(remaining, RECHECK_SECONDS))
+
     async def claim(self, caller: Caller, worker_id: str, execution_id: str) -> AnyRow:
         parsed = parse_uuid(execution_id)
         if parsed is None:
             raise execution_not_found()
-        row = await self._claim(caller, worker_id, execution_id=parsed)
-        if row is None:
+        rows = await self._claim(caller, worker_id, execution_id=parsed)
+        if not rows:
             raise claim_failed("Execution not available for claiming")
-        return row
+        return rows[0]
 
     async def claim_next(self, caller: Caller, worker_id: str, task: str | None) -> AnyRow:
-        row = await self._claim(caller, worker_id, task=task)
-        if row is None:
+        rows = await self._claim(caller, worker_id, task=task)
+        if not rows:
             raise claim_failed("No executions available for claiming")
-        return row
+        return rows[0]
 
-    async def _claim(self, caller: Caller, worker_id: str, **which: object) -> AnyRow | None:
+    async def _claim(
+        self,
+        caller: Caller,
+        worker_id: str,
+        *,
+        execution_id: uuid.UUID | None = None,
+        task: str | None = None,
+        limit: int = 1,
+    ) -> Sequence[AnyRow]:
         moment = now()
         async with self._db.unit_of_work() as uow:
-            row = await uow.claims.claim(
+            rows = await uow.claims.claim(
                 caller.account_id,
                 worker_id,
                 moment,
                 self.lease,
                 moment - self._silence,
-                **which,  # type: ignore[arg-type]
+                execution_id=execution_id,
+                task=task,
+                limit=limit,
             )
             await uow.commit()
-        return row
+        return rows
 
-    async def heartbeat(self, caller: Caller, execution_id: str, worker_id: str | None) -> dt.datetime:
+    async def heartbeat(
+        self, caller: Caller, execution_id: str, worker_id: str | None, fencing_token: int | None = None
+    ) -> dt.datetime:
         """Extends the lease to now + lease and the outcome deadline to at least
         now + the cue's outcome_deadline_seconds."""
         parsed = parse_uuid(execution_id)
@@ -90,6 +130,8 @@ class ClaimService:
                 raise ApiError("execution_not_claiming", "Execution is not currently claimed", 409)
             if worker_id is not None and worker_id != held.claimed_by_worker:
                 raise ApiError("not_execution_owner", "This execution is claimed by another worker", 403)
+            if fencing_token is not None and fencing_token != held.attempts:
+                raise stale_claim()
             deadline = moment + dt.timedelta(seconds=held.outcome_deadline_seconds)
             if held.outcome_deadline_at is not None:
                 deadline = max(deadline, held.outcome_deadline_at)
@@ -129,10 +171,12 @@ class ClaimService:
         """Expired leases of silent workers go back to pending (attempts kept),
         or fail once the cue's max_attempts are used."""
         async with self._db.unit_of_work() as uow:
-            failed = await uow.claims.recover_expired(moment, moment - self._silence, SWEEP_BATCH)
+            failed, released = await uow.claims.recover_expired(moment, moment - self._silence, SWEEP_BATCH)
             await _settle(uow, failed, moment)
             await uow.commit()
         self._failed([row.id for row in failed])
+        if released:
+            self._work_created()
 
     async def expire_unclaimed(self, moment: dt.datetime) -> None:
         async with self._db.unit_of_work() as uow:

@@ -72,6 +72,10 @@ def outcome_already_recorded() -> ApiError:
     return ApiError("outcome_already_recorded", "Outcome has already been recorded for this execution", 409)
 
 
+def stale_claim() -> ApiError:
+    return ApiError("stale_claim", "The execution has been claimed again since this claim", 409)
+
+
 def verdict(success: bool, mode: str | None, evidence: set[str]) -> Verdict:
     """The outcome state of a report under a verification mode."""
     if not success:
@@ -123,7 +127,9 @@ class OutcomeService:
         self._db = db
         self._failed = failed
 
-    async def record(self, caller: Caller, execution_id: str, report: OutcomeReport) -> RecordedOutcome:
+    async def record(
+        self, caller: Caller, execution_id: str, report: OutcomeReport, fencing_token: int | None = None
+    ) -> RecordedOutcome:
         parsed = parse_uuid(execution_id)
         if parsed is None:
             raise execution_not_found()
@@ -151,15 +157,15 @@ class OutcomeService:
                 moment,
                 outcome,
                 {m: (v.outcome_state, v.validation_state) for m, v in verdicts.items()},
+                fencing_token,
             )
             if row is None:
-                if await repos.executions.exists(caller.account_id, parsed):
-                    raise ApiError(
-                        "outcome_already_recorded",
-                        "Outcome has already been recorded for this execution",
-                        409,
-                    )
-                raise execution_not_found()
+                found = await repos.executions.write_once_state(caller.account_id, parsed)
+                if found is None:
+                    raise execution_not_found()
+                if found.outcome_recorded_at is None:
+                    raise stale_claim()
+                raise outcome_already_recorded()
         if row.transport == "worker" and row.status == "failed":
             self._failed([row.id])
         reason = verdicts[row.outcome_verification_mode].reason

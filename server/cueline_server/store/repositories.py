@@ -221,13 +221,14 @@ class ExecutionRepository(_Repository):
         )
         return result.first()
 
-    async def exists(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> bool:
+    async def write_once_state(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
+        """Why a write-once UPDATE did not apply: the row's recorded time and attempts, or None."""
         result = await self.conn.execute(
-            select(executions.c.id).where(
+            select(executions.c.outcome_recorded_at, executions.c.attempts).where(
                 executions.c.account_id == account_id, executions.c.id == execution_id
             )
         )
-        return result.first() is not None
+        return result.first()
 
     async def page(
         self,
@@ -272,6 +273,7 @@ class ExecutionRepository(_Repository):
         now: dt.datetime,
         outcome: Mapping[str, Any],
         verdicts: Mapping[str | None, tuple[str, str | None]],
+        fencing_token: int | None = None,
     ) -> AnyRow | None:
         """The write-once guard: one conditional UPDATE that succeeds only while
         no outcome is recorded; a worker execution's report also settles its
@@ -284,7 +286,9 @@ class ExecutionRepository(_Repository):
         for mode, (state, validation) in verdicts.items():
             params[f"p_state_{mode or 'unset'}"] = state
             params[f"p_validation_{mode or 'unset'}"] = validation
-        params.update(p_execution_id=execution_id, p_account_id=account_id, p_now=now)
+        params.update(
+            p_execution_id=execution_id, p_account_id=account_id, p_now=now, p_fencing_token=fencing_token
+        )
         if self.conn.dialect.name == "postgresql":
             return (await self.conn.execute(_record_outcome_and_settle_statement(), params)).first()
         row = (await self.conn.execute(_record_outcome_statement(), params)).first()
@@ -384,6 +388,10 @@ def _record_outcome_statement() -> Any:
             t.c.id == bindparam("p_execution_id", type_=t.c.id.type),
             t.c.account_id == bindparam("p_account_id", type_=t.c.account_id.type),
             t.c.outcome_recorded_at.is_(None),
+            or_(
+                bindparam("p_fencing_token", type_=BigInteger).is_(None),
+                t.c.attempts == bindparam("p_fencing_token", type_=BigInteger),
+            ),
         )
         .values(**values)
         .returning(
@@ -462,45 +470,50 @@ class ClaimRepository(_Repository):
         *,
         execution_id: uuid.UUID | None = None,
         task: str | None = None,
-    ) -> AnyRow | None:
-        """Take one claimable execution (that one, or the oldest). Rows locked by
-        a concurrent claimer are skipped, so two callers never get the same one."""
+        limit: int = 1,
+    ) -> Sequence[AnyRow]:
+        """Take up to `limit` claimable executions (that one, or the oldest).
+        Rows locked by a concurrent claimer are skipped, so two callers never
+        get the same one. The claim's fencing token is the new attempt count."""
         query = (
             select(executions.c.id, cues.c.outcome_deadline_seconds)
             .join(cues, cues.c.id == executions.c.cue_id)
             .where(self.claimable(account_id, now, silent_since))
             .order_by(executions.c.scheduled_for, executions.c.created_at)
-            .limit(1)
+            .limit(limit)
             .with_for_update(skip_locked=True, of=executions)
         )
         if execution_id is not None:
             query = query.where(executions.c.id == execution_id)
         if task is not None:
             query = query.where(executions.c.task == task)
-        candidate = (await self.conn.execute(query)).first()
-        if candidate is None:
-            return None
-        result = await self.conn.execute(
-            update(executions)
-            .where(executions.c.id == candidate.id)
-            .values(
-                status="delivering",
-                claimed_by_worker=worker_id,
-                claimed_at=now,
-                last_attempt_at=now,
-                started_at=func.coalesce(executions.c.started_at, now),
-                attempts=executions.c.attempts + 1,
-                last_heartbeat_at=None,
-                lease_expires_at=now + lease,
-                outcome_deadline_at=now + dt.timedelta(seconds=candidate.outcome_deadline_seconds),
-                outcome_state=case(
-                    (executions.c.outcome_state == "unknown", None), else_=executions.c.outcome_state
-                ),
-                updated_at=now,
+        by_deadline: dict[int, list[uuid.UUID]] = {}
+        for candidate in await self.conn.execute(query):
+            by_deadline.setdefault(candidate.outcome_deadline_seconds, []).append(candidate.id)
+        claimed: list[AnyRow] = []
+        for seconds, ids in by_deadline.items():
+            result = await self.conn.execute(
+                update(executions)
+                .where(executions.c.id.in_(ids))
+                .values(
+                    status="delivering",
+                    claimed_by_worker=worker_id,
+                    claimed_at=now,
+                    last_attempt_at=now,
+                    started_at=func.coalesce(executions.c.started_at, now),
+                    attempts=executions.c.attempts + 1,
+                    last_heartbeat_at=None,
+                    lease_expires_at=now + lease,
+                    outcome_deadline_at=now + dt.timedelta(seconds=seconds),
+                    outcome_state=case(
+                        (executions.c.outcome_state == "unknown", None), else_=executions.c.outcome_state
+                    ),
+                    updated_at=now,
+                )
+                .returning(executions)
             )
-            .returning(executions)
-        )
-        claimed: AnyRow | None = result.first()
+            claimed += result.all()
+        claimed.sort(key=lambda r: (r.scheduled_for, r.created_at))
         return claimed
 
     async def holder(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
@@ -509,6 +522,7 @@ class ClaimRepository(_Repository):
             select(
                 executions.c.transport,
                 executions.c.status,
+                executions.c.attempts,
                 executions.c.claimed_by_worker,
                 executions.c.outcome_deadline_at,
                 cues.c.outcome_deadline_seconds,
@@ -535,9 +549,10 @@ class ClaimRepository(_Repository):
 
     async def recover_expired(
         self, now: dt.datetime, silent_since: dt.datetime, limit: int
-    ) -> Sequence[AnyRow]:
+    ) -> tuple[Sequence[AnyRow], int]:
         """Expired leases held by silent workers: back to pending, or failed
-        once the cue's attempts are used up. Returns the rows that failed."""
+        once the cue's attempts are used up. Returns the rows that failed and
+        how many went back to pending."""
         alive = (
             select(workers.c.worker_id)
             .where(
@@ -586,14 +601,14 @@ class ClaimRepository(_Repository):
                 )
             )
         if not exhausted:
-            return []
+            return [], len(released)
         result = await self.conn.execute(
             update(executions)
             .where(executions.c.id.in_(exhausted))
             .values(status="failed", error_message="Claim lease expired; max attempts exhausted", **cleared)
             .returning(executions.c.id, executions.c.cue_id, executions.c.status)
         )
-        return result.all()
+        return result.all(), len(released)
 
     async def expire_unclaimed(
         self, available_before: dt.datetime, now: dt.datetime, limit: int

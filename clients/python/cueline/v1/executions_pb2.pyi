@@ -430,6 +430,7 @@ class Claim(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     claimed: _builtins.bool
     execution_id: _builtins.str
     lease_seconds: _builtins.int
@@ -439,6 +440,11 @@ class Claim(_message.Message):
     payload: _builtins.str
     attempts: _builtins.int
     """Claims made, this one included."""
+    fencing_token: _builtins.int
+    """Identifies this claim: it grows with every claim of the execution.
+    Heartbeats and outcomes that present it are refused (FAILED_PRECONDITION,
+    reason stale_claim) once the execution has been claimed again.
+    """
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -452,16 +458,69 @@ class Claim(_message.Message):
         task: _builtins.str | None = ...,
         payload: _builtins.str = ...,
         attempts: _builtins.int = ...,
+        fencing_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_task", b"_task", "lease_expires_at", b"lease_expires_at", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_task", b"_task", "attempts", b"attempts", "claimed", b"claimed", "cue_id", b"cue_id", "execution_id", b"execution_id", "lease_expires_at", b"lease_expires_at", "lease_seconds", b"lease_seconds", "payload", b"payload", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_task", b"_task", "attempts", b"attempts", "claimed", b"claimed", "cue_id", b"cue_id", "execution_id", b"execution_id", "fencing_token", b"fencing_token", "lease_expires_at", b"lease_expires_at", "lease_seconds", b"lease_seconds", "payload", b"payload", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__task: _TypeAlias = _typing.Literal["task"]  # noqa: Y015
     _WhichOneofArgType__task: _TypeAlias = _typing.Literal["_task", b"_task"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__task) -> _WhichOneofReturnType__task | None: ...
 
 Global___Claim: _TypeAlias = Claim  # noqa: Y015
+
+@_typing.final
+class ClaimExecutionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    MAX_EXECUTIONS_FIELD_NUMBER: _builtins.int
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    task: _builtins.str
+    max_executions: _builtins.int
+    """1-500."""
+    wait_seconds: _builtins.int
+    """0-60 (default 0: answer at once)."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        task: _builtins.str | None = ...,
+        max_executions: _builtins.int = ...,
+        wait_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_task", b"_task", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_task", b"_task", "max_executions", b"max_executions", "task", b"task", "wait_seconds", b"wait_seconds", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__task: _TypeAlias = _typing.Literal["task"]  # noqa: Y015
+    _WhichOneofArgType__task: _TypeAlias = _typing.Literal["_task", b"_task"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__task) -> _WhichOneofReturnType__task | None: ...
+
+Global___ClaimExecutionsRequest: _TypeAlias = ClaimExecutionsRequest  # noqa: Y015
+
+@_typing.final
+class ClaimExecutionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLAIMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def claims(self) -> _containers.RepeatedCompositeFieldContainer[Global___Claim]: ...
+    def __init__(
+        self,
+        *,
+        claims: _abc.Iterable[Global___Claim] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimExecutionsResponse: _TypeAlias = ClaimExecutionsResponse  # noqa: Y015
 
 @_typing.final
 class ClaimNextExecutionRequest(_message.Message):
@@ -555,21 +614,30 @@ class HeartbeatExecutionRequest(_message.Message):
 
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     worker_id: _builtins.str
     """When given, it must be the claiming worker (REST header X-Worker-Id)."""
+    fencing_token: _builtins.int
+    """When given, the claim it names must still be the current one."""
     def __init__(
         self,
         *,
         execution_id: _builtins.str = ...,
         worker_id: _builtins.str | None = ...,
+        fencing_token: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_worker_id", b"_worker_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fencing_token", b"_fencing_token", "_worker_id", b"_worker_id", "fencing_token", b"fencing_token", "worker_id", b"worker_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_worker_id", b"_worker_id", "execution_id", b"execution_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fencing_token", b"_fencing_token", "_worker_id", b"_worker_id", "execution_id", b"execution_id", "fencing_token", b"fencing_token", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__fencing_token: _TypeAlias = _typing.Literal["fencing_token"]  # noqa: Y015
+    _WhichOneofArgType__fencing_token: _TypeAlias = _typing.Literal["_fencing_token", b"_fencing_token"]  # noqa: Y015
     _WhichOneofReturnType__worker_id: _TypeAlias = _typing.Literal["worker_id"]  # noqa: Y015
     _WhichOneofArgType__worker_id: _TypeAlias = _typing.Literal["_worker_id", b"_worker_id"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fencing_token) -> _WhichOneofReturnType__fencing_token | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__worker_id) -> _WhichOneofReturnType__worker_id | None: ...
 
 Global___HeartbeatExecutionRequest: _TypeAlias = HeartbeatExecutionRequest  # noqa: Y015

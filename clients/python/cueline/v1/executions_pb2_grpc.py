@@ -61,6 +61,11 @@ class ExecutionServiceStub:
                 request_serializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionRequest.SerializeToString,
                 response_deserializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionResponse.FromString,
                 _registered_method=True)
+        self.ClaimExecutions = channel.unary_unary(
+                '/cueline.v1.ExecutionService/ClaimExecutions',
+                request_serializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionsRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionsResponse.FromString,
+                _registered_method=True)
         self.HeartbeatExecution = channel.unary_unary(
                 '/cueline.v1.ExecutionService/HeartbeatExecution',
                 request_serializer=cueline_dot_v1_dot_executions__pb2.HeartbeatExecutionRequest.SerializeToString,
@@ -116,6 +121,15 @@ class ExecutionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimExecutions(self, request, context):
+        """Claims up to max_executions at once. When nothing is claimable it waits
+        up to wait_seconds for work to appear (long poll) and returns as soon as
+        some is claimed; an empty list means none came in time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def HeartbeatExecution(self, request, context):
         """Extends a claim's lease and outcome deadline.
         """
@@ -157,6 +171,11 @@ def add_ExecutionServiceServicer_to_server(servicer, server):
                     servicer.ClaimExecution,
                     request_deserializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionRequest.FromString,
                     response_serializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionResponse.SerializeToString,
+            ),
+            'ClaimExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimExecutions,
+                    request_deserializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionsRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_executions__pb2.ClaimExecutionsResponse.SerializeToString,
             ),
             'HeartbeatExecution': grpc.unary_unary_rpc_method_handler(
                     servicer.HeartbeatExecution,
@@ -306,6 +325,33 @@ class ExecutionService:
             '/cueline.v1.ExecutionService/ClaimExecution',
             cueline_dot_v1_dot_executions__pb2.ClaimExecutionRequest.SerializeToString,
             cueline_dot_v1_dot_executions__pb2.ClaimExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.ExecutionService/ClaimExecutions',
+            cueline_dot_v1_dot_executions__pb2.ClaimExecutionsRequest.SerializeToString,
+            cueline_dot_v1_dot_executions__pb2.ClaimExecutionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

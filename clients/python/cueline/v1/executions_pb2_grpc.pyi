@@ -50,6 +50,11 @@ class ExecutionServiceStub:
     """
     ClaimExecution: _grpc.UnaryUnaryMultiCallable[_executions_pb2.ClaimExecutionRequest, _executions_pb2.ClaimExecutionResponse]
     """Claims one execution; ABORTED (REST 409 claim_failed) unless it is claimable."""
+    ClaimExecutions: _grpc.UnaryUnaryMultiCallable[_executions_pb2.ClaimExecutionsRequest, _executions_pb2.ClaimExecutionsResponse]
+    """Claims up to max_executions at once. When nothing is claimable it waits
+    up to wait_seconds for work to appear (long poll) and returns as soon as
+    some is claimed; an empty list means none came in time.
+    """
     HeartbeatExecution: _grpc.UnaryUnaryMultiCallable[_executions_pb2.HeartbeatExecutionRequest, _executions_pb2.HeartbeatExecutionResponse]
     """Extends a claim's lease and outcome deadline."""
     ReplayExecution: _grpc.UnaryUnaryMultiCallable[_executions_pb2.ReplayExecutionRequest, _executions_pb2.ReplayExecutionResponse]
@@ -77,6 +82,11 @@ class ExecutionServiceAsyncStub(ExecutionServiceStub):
     """
     ClaimExecution: _aio.UnaryUnaryMultiCallable[_executions_pb2.ClaimExecutionRequest, _executions_pb2.ClaimExecutionResponse]  # type: ignore[assignment]
     """Claims one execution; ABORTED (REST 409 claim_failed) unless it is claimable."""
+    ClaimExecutions: _aio.UnaryUnaryMultiCallable[_executions_pb2.ClaimExecutionsRequest, _executions_pb2.ClaimExecutionsResponse]  # type: ignore[assignment]
+    """Claims up to max_executions at once. When nothing is claimable it waits
+    up to wait_seconds for work to appear (long poll) and returns as soon as
+    some is claimed; an empty list means none came in time.
+    """
     HeartbeatExecution: _aio.UnaryUnaryMultiCallable[_executions_pb2.HeartbeatExecutionRequest, _executions_pb2.HeartbeatExecutionResponse]  # type: ignore[assignment]
     """Extends a claim's lease and outcome deadline."""
     ReplayExecution: _aio.UnaryUnaryMultiCallable[_executions_pb2.ReplayExecutionRequest, _executions_pb2.ReplayExecutionResponse]  # type: ignore[assignment]
@@ -131,6 +141,17 @@ class ExecutionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executions_pb2.ClaimExecutionResponse, _abc.Awaitable[_executions_pb2.ClaimExecutionResponse]]:
         """Claims one execution; ABORTED (REST 409 claim_failed) unless it is claimable."""
+
+    @_abc_1.abstractmethod
+    def ClaimExecutions(
+        self,
+        request: _executions_pb2.ClaimExecutionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executions_pb2.ClaimExecutionsResponse, _abc.Awaitable[_executions_pb2.ClaimExecutionsResponse]]:
+        """Claims up to max_executions at once. When nothing is claimable it waits
+        up to wait_seconds for work to appear (long poll) and returns as soon as
+        some is claimed; an empty list means none came in time.
+        """
 
     @_abc_1.abstractmethod
     def HeartbeatExecution(

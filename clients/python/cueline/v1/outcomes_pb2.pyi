@@ -185,6 +185,7 @@ class RecordOutcomeRequest(_message.Message):
     RESULT_TYPE_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     ARTIFACTS_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     success: _builtins.bool
     """Whether the work succeeded."""
@@ -201,6 +202,10 @@ class RecordOutcomeRequest(_message.Message):
     summary: _builtins.str
     artifacts: _builtins.str
     """A JSON array; [] counts as absent."""
+    fencing_token: _builtins.int
+    """A worker's claim (Claim.fencing_token): when given, the report is refused
+    (FAILED_PRECONDITION, reason stale_claim) if the execution was claimed again since.
+    """
     def __init__(
         self,
         *,
@@ -215,10 +220,11 @@ class RecordOutcomeRequest(_message.Message):
         result_type: _builtins.str | None = ...,
         summary: _builtins.str | None = ...,
         artifacts: _builtins.str | None = ...,
+        fencing_token: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts", "_error", b"_error", "_external_id", b"_external_id", "_metadata", b"_metadata", "_result", b"_result", "_result_ref", b"_result_ref", "_result_type", b"_result_type", "_result_url", b"_result_url", "_success", b"_success", "_summary", b"_summary", "artifacts", b"artifacts", "error", b"error", "external_id", b"external_id", "metadata", b"metadata", "result", b"result", "result_ref", b"result_ref", "result_type", b"result_type", "result_url", b"result_url", "success", b"success", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts", "_error", b"_error", "_external_id", b"_external_id", "_fencing_token", b"_fencing_token", "_metadata", b"_metadata", "_result", b"_result", "_result_ref", b"_result_ref", "_result_type", b"_result_type", "_result_url", b"_result_url", "_success", b"_success", "_summary", b"_summary", "artifacts", b"artifacts", "error", b"error", "external_id", b"external_id", "fencing_token", b"fencing_token", "metadata", b"metadata", "result", b"result", "result_ref", b"result_ref", "result_type", b"result_type", "result_url", b"result_url", "success", b"success", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts", "_error", b"_error", "_external_id", b"_external_id", "_metadata", b"_metadata", "_result", b"_result", "_result_ref", b"_result_ref", "_result_type", b"_result_type", "_result_url", b"_result_url", "_success", b"_success", "_summary", b"_summary", "artifacts", b"artifacts", "error", b"error", "execution_id", b"execution_id", "external_id", b"external_id", "metadata", b"metadata", "result", b"result", "result_ref", b"result_ref", "result_type", b"result_type", "result_url", b"result_url", "success", b"success", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts", "_error", b"_error", "_external_id", b"_external_id", "_fencing_token", b"_fencing_token", "_metadata", b"_metadata", "_result", b"_result", "_result_ref", b"_result_ref", "_result_type", b"_result_type", "_result_url", b"_result_url", "_success", b"_success", "_summary", b"_summary", "artifacts", b"artifacts", "error", b"error", "execution_id", b"execution_id", "external_id", b"external_id", "fencing_token", b"fencing_token", "metadata", b"metadata", "result", b"result", "result_ref", b"result_ref", "result_type", b"result_type", "result_url", b"result_url", "success", b"success", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__artifacts: _TypeAlias = _typing.Literal["artifacts"]  # noqa: Y015
     _WhichOneofArgType__artifacts: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts"]  # noqa: Y015
@@ -226,6 +232,8 @@ class RecordOutcomeRequest(_message.Message):
     _WhichOneofArgType__error: _TypeAlias = _typing.Literal["_error", b"_error"]  # noqa: Y015
     _WhichOneofReturnType__external_id: _TypeAlias = _typing.Literal["external_id"]  # noqa: Y015
     _WhichOneofArgType__external_id: _TypeAlias = _typing.Literal["_external_id", b"_external_id"]  # noqa: Y015
+    _WhichOneofReturnType__fencing_token: _TypeAlias = _typing.Literal["fencing_token"]  # noqa: Y015
+    _WhichOneofArgType__fencing_token: _TypeAlias = _typing.Literal["_fencing_token", b"_fencing_token"]  # noqa: Y015
     _WhichOneofReturnType__metadata: _TypeAlias = _typing.Literal["metadata"]  # noqa: Y015
     _WhichOneofArgType__metadata: _TypeAlias = _typing.Literal["_metadata", b"_metadata"]  # noqa: Y015
     _WhichOneofReturnType__result: _TypeAlias = _typing.Literal["result"]  # noqa: Y015
@@ -246,6 +254,8 @@ class RecordOutcomeRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__error) -> _WhichOneofReturnType__error | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__external_id) -> _WhichOneofReturnType__external_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fencing_token) -> _WhichOneofReturnType__fencing_token | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__metadata) -> _WhichOneofReturnType__metadata | None: ...
     @_typing.overload
