@@ -125,3 +125,28 @@ def test_three_replicas_fire_each_slot_once(postgres_admin_url: str) -> None:
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_preview_marks_dst_transitions(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        response = client.post(
+            "/v1/schedules/preview",
+            json={"schedule": {"type": "recurring", "cron": "30 2 * * *", "timezone": "Europe/Berlin"},
+                  "count": 3, "after": "2026-03-27T12:00:00Z"},
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+        times = response.json()["fire_times"]
+        assert [t["at"] for t in times] == [
+            "2026-03-28T01:30:00Z",
+            "2026-03-29T01:30:00Z",
+            "2026-03-30T00:30:00Z",
+        ]
+        # 02:30 does not exist on 2026-03-29 (clocks jump to 03:00): it fires at 03:30 CEST.
+        assert [t["local_time"] for t in times] == [
+            "2026-03-28T02:30:00+01:00", "2026-03-29T03:30:00+02:00", "2026-03-30T02:30:00+02:00",
+        ]  # fmt: skip
+        assert [t["dst_transition"] for t in times] == [False, True, False]
+        assert client.get("/v1/cues").json()["total"] == 0  # nothing was created
+        bad = client.post("/v1/schedules/preview", json={"schedule": {"type": "recurring", "cron": "nope"}})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_schedule"

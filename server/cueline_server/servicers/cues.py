@@ -5,7 +5,9 @@ from cueline_server.api.pipeline import Call
 from cueline_server.errors import ApiError
 from cueline_server.servicers.convert import draft, from_enum, get_time, put_time
 from cueline_server.servicers.resources import cue_message, execution_message
+from cueline_server.services.accounts import now
 from cueline_server.services.cues import CueService
+from cueline_server.services.schedules import preview
 
 
 class CueServicer:
@@ -62,6 +64,31 @@ class CueServicer:
     async def DeleteCue(self, request: cues_pb2.DeleteCueRequest, call: Call) -> cues_pb2.DeleteCueResponse:
         await self._cues.delete(call.account, request.cue_id)
         return cues_pb2.DeleteCueResponse()
+
+    async def PreviewSchedule(
+        self, request: cues_pb2.PreviewScheduleRequest, call: Call
+    ) -> cues_pb2.PreviewScheduleResponse:
+        schedule = request.schedule
+        try:
+            times = preview(
+                from_enum(cues_pb2.ScheduleType, schedule.type),
+                schedule.cron if schedule.HasField("cron") else None,
+                get_time(schedule, "at"),
+                schedule.timezone if schedule.HasField("timezone") else "UTC",
+                get_time(request, "after") or now(),
+                request.count if request.HasField("count") else 10,
+            )
+        except ApiError as error:
+            raise error.within("schedule") from None
+        response = cues_pb2.PreviewScheduleResponse()
+        for item in times:
+            entry = response.fire_times.add(
+                local_time=item.local.isoformat(),
+                utc_offset_seconds=int(item.local.utcoffset().total_seconds()),  # type: ignore[union-attr]
+                dst_transition=item.dst_transition,
+            )
+            put_time(entry.at, item.at)
+        return response
 
     async def FireCue(self, request: cues_pb2.FireCueRequest, call: Call) -> cues_pb2.FireCueResponse:
         fired = await self._cues.fire(

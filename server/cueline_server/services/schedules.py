@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterNotAlphaError, croniter
@@ -114,3 +115,44 @@ def plan_firing(
     if catch_up == "skip_missed" and now - window[0] > grace:
         window = []
     return window[::-1], next_cron_time(cron, timezone, now)
+
+
+@dataclass(frozen=True)
+class FireTime:
+    at: dt.datetime
+    local: dt.datetime
+    dst_transition: bool
+
+
+def preview(
+    schedule_type: str | None,
+    cron: str | None,
+    at: dt.datetime | None,
+    timezone: str,
+    after: dt.datetime,
+    count: int,
+) -> list[FireTime]:
+    """The next `count` fire times, each with its local time and whether the
+    zone's UTC offset changed since the one before (a DST transition)."""
+    where = zone(timezone)
+    if schedule_type == "once":
+        if at is None:
+            raise invalid_schedule("Scheduled time must be in the future")
+        times = [at] if at > after else []
+    elif schedule_type == "recurring":
+        expression = check_cron(cron)
+        times = []
+        for slot in _slots(expression, timezone, after, forward=True):
+            if slot > after and (not times or slot > times[-1]):
+                times.append(slot)
+            if len(times) == count:
+                break
+    else:
+        raise invalid_schedule("Schedule type must be 'once' or 'recurring'")
+    result: list[FireTime] = []
+    previous = after.astimezone(where).utcoffset()
+    for moment in times:
+        local = moment.astimezone(where)
+        result.append(FireTime(moment, local, local.utcoffset() != previous))
+        previous = local.utcoffset()
+    return result

@@ -61,6 +61,11 @@ class CueServiceStub:
                 request_serializer=cueline_dot_v1_dot_cues__pb2.DeleteCueRequest.SerializeToString,
                 response_deserializer=cueline_dot_v1_dot_cues__pb2.DeleteCueResponse.FromString,
                 _registered_method=True)
+        self.PreviewSchedule = channel.unary_unary(
+                '/cueline.v1.CueService/PreviewSchedule',
+                request_serializer=cueline_dot_v1_dot_cues__pb2.PreviewScheduleRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_cues__pb2.PreviewScheduleResponse.FromString,
+                _registered_method=True)
         self.FireCue = channel.unary_unary(
                 '/cueline.v1.CueService/FireCue',
                 request_serializer=cueline_dot_v1_dot_cues__pb2.FireCueRequest.SerializeToString,
@@ -110,6 +115,14 @@ class CueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewSchedule(self, request, context):
+        """Returns the next fire times of a schedule without creating anything,
+        marking the ones whose UTC offset differs from the previous one (DST).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FireCue(self, request, context):
         """Creates an execution of the cue now (or at send_at), in any cue status.
         """
@@ -144,6 +157,11 @@ def add_CueServiceServicer_to_server(servicer, server):
                     servicer.DeleteCue,
                     request_deserializer=cueline_dot_v1_dot_cues__pb2.DeleteCueRequest.FromString,
                     response_serializer=cueline_dot_v1_dot_cues__pb2.DeleteCueResponse.SerializeToString,
+            ),
+            'PreviewSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewSchedule,
+                    request_deserializer=cueline_dot_v1_dot_cues__pb2.PreviewScheduleRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_cues__pb2.PreviewScheduleResponse.SerializeToString,
             ),
             'FireCue': grpc.unary_unary_rpc_method_handler(
                     servicer.FireCue,
@@ -288,6 +306,33 @@ class CueService:
             '/cueline.v1.CueService/DeleteCue',
             cueline_dot_v1_dot_cues__pb2.DeleteCueRequest.SerializeToString,
             cueline_dot_v1_dot_cues__pb2.DeleteCueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.CueService/PreviewSchedule',
+            cueline_dot_v1_dot_cues__pb2.PreviewScheduleRequest.SerializeToString,
+            cueline_dot_v1_dot_cues__pb2.PreviewScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

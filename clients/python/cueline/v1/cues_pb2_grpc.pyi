@@ -49,6 +49,10 @@ class CueServiceStub:
     """
     DeleteCue: _grpc.UnaryUnaryMultiCallable[_cues_pb2.DeleteCueRequest, _cues_pb2.DeleteCueResponse]
     """Deletes a cue and its executions."""
+    PreviewSchedule: _grpc.UnaryUnaryMultiCallable[_cues_pb2.PreviewScheduleRequest, _cues_pb2.PreviewScheduleResponse]
+    """Returns the next fire times of a schedule without creating anything,
+    marking the ones whose UTC offset differs from the previous one (DST).
+    """
     FireCue: _grpc.UnaryUnaryMultiCallable[_cues_pb2.FireCueRequest, _cues_pb2.FireCueResponse]
     """Creates an execution of the cue now (or at send_at), in any cue status."""
 
@@ -73,6 +77,10 @@ class CueServiceAsyncStub(CueServiceStub):
     """
     DeleteCue: _aio.UnaryUnaryMultiCallable[_cues_pb2.DeleteCueRequest, _cues_pb2.DeleteCueResponse]  # type: ignore[assignment]
     """Deletes a cue and its executions."""
+    PreviewSchedule: _aio.UnaryUnaryMultiCallable[_cues_pb2.PreviewScheduleRequest, _cues_pb2.PreviewScheduleResponse]  # type: ignore[assignment]
+    """Returns the next fire times of a schedule without creating anything,
+    marking the ones whose UTC offset differs from the previous one (DST).
+    """
     FireCue: _aio.UnaryUnaryMultiCallable[_cues_pb2.FireCueRequest, _cues_pb2.FireCueResponse]  # type: ignore[assignment]
     """Creates an execution of the cue now (or at send_at), in any cue status."""
 
@@ -124,6 +132,16 @@ class CueServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cues_pb2.DeleteCueResponse, _abc.Awaitable[_cues_pb2.DeleteCueResponse]]:
         """Deletes a cue and its executions."""
+
+    @_abc_1.abstractmethod
+    def PreviewSchedule(
+        self,
+        request: _cues_pb2.PreviewScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cues_pb2.PreviewScheduleResponse, _abc.Awaitable[_cues_pb2.PreviewScheduleResponse]]:
+        """Returns the next fire times of a schedule without creating anything,
+        marking the ones whose UTC offset differs from the previous one (DST).
+        """
 
     @_abc_1.abstractmethod
     def FireCue(
