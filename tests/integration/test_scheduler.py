@@ -150,3 +150,17 @@ def test_preview_marks_dst_transitions(server: Server) -> None:
         assert client.get("/v1/cues").json()["total"] == 0  # nothing was created
         bad = client.post("/v1/schedules/preview", json={"schedule": {"type": "recurring", "cron": "nope"}})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_schedule"
+
+
+def test_many_cues_due_in_one_pass_each_fire_once(server: Server) -> None:
+    key = server.register()
+    at = soon(2)
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue_ids = [once_cue(client, f"same-second-{i}", at)["id"] for i in range(8)]
+
+        def fired() -> list[int]:
+            return [len(executions_of(client, cue_id)) for cue_id in cue_ids]
+
+        wait_for(lambda: all(fired()))
+        time.sleep(1)
+        assert fired() == [1] * 8

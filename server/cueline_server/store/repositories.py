@@ -27,6 +27,7 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -208,7 +209,8 @@ class ExecutionRepository(_Repository):
             dialect_insert(executions)
             .on_conflict_do_nothing(
                 index_elements=[executions.c.cue_id, executions.c.scheduled_for],
-                index_where=executions.c.triggered_by == "scheduled",
+                # Literal SQL: a bound parameter here cannot be used with executemany.
+                index_where=text("triggered_by = 'scheduled'"),
             )
             .returning(executions.c.cue_id)
         )

@@ -1,0 +1,319 @@
+"""Claims, pickup, firing and webhook delivery: G4-G9 of BENCHMARKS.md.
+
+G4  batch claim + complete (gRPC ClaimExecutions, then RecordOutcome each), 8 workers
+G5  single claim per call (REST claim-next + outcome, the CueAPI protocol), 8 workers
+G6  pickup: fire -> in the hands of a worker waiting in a long poll (open loop, 50/s)
+G7  fire lag: execution committed - scheduled time, 1,000 cues due in one second
+G8  burst: 10,000 cues due in one second; time until the last fired, one execution each
+G9  webhook: fire -> first byte at a local receiver that takes 100 ms, 200 fires/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import http.server
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import grpc
+import httpx
+from sqlalchemy import func, select
+
+from bench.common import (
+    account_id,
+    engine,
+    insert_cues,
+    insert_executions,
+    markdown_table,
+    percentiles,
+    running,
+    write,
+)
+from cueline.v1 import (
+    cues_pb2,
+    cues_pb2_grpc,
+    executions_pb2,
+    executions_pb2_grpc,
+    outcomes_pb2,
+    outcomes_pb2_grpc,
+)
+from cueline_server.store.tables import executions
+from tests.support import Server, auth
+
+WORKERS = 8
+
+
+def _metadata(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def _cue(server: Server, key: str, **body: Any) -> str:
+    body = {
+        "name": f"b-{time.monotonic_ns()}",
+        "schedule": {"type": "recurring", "cron": "0 0 1 1 *"},
+        **body,
+    }
+    response = httpx.post(f"{server.http_url}/v1/cues", json=body, headers=auth(key))
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
+async def batch_claims(server: Server, key: str, pool: int, seconds: float) -> dict[str, Any]:
+    db = engine(server)
+    insert_executions(db, account_id(db, key), _cue(server, key, transport="worker"), pool)
+    db.dispose()
+    seen: Counter[str] = Counter()
+    deadline = time.perf_counter() + seconds
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+        claims = executions_pb2_grpc.ExecutionServiceStub(channel)
+        outcomes = outcomes_pb2_grpc.OutcomeServiceStub(channel)
+
+        async def worker(index: int) -> None:
+            while time.perf_counter() < deadline:
+                got = (
+                    await claims.ClaimExecutions(
+                        executions_pb2.ClaimExecutionsRequest(worker_id=f"w{index}", max_executions=50),
+                        metadata=_metadata(key),
+                    )
+                ).claims
+                if not got:
+                    return
+                await asyncio.gather(
+                    *(
+                        outcomes.RecordOutcome(
+                            outcomes_pb2.RecordOutcomeRequest(
+                                execution_id=c.execution_id, success=True, fencing_token=c.fencing_token
+                            ),
+                            metadata=_metadata(key),
+                        )
+                        for c in got
+                    )
+                )
+                seen.update(c.execution_id for c in got)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(WORKERS)))
+        elapsed = time.perf_counter() - started
+    return {"per_second": round(sum(seen.values()) / elapsed, 1), "completed": sum(seen.values()),
+            "double_claims": sum(1 for n in seen.values() if n > 1)}  # fmt: skip
+
+
+async def single_claims(server: Server, key: str, pool: int, seconds: float) -> dict[str, Any]:
+    db = engine(server)
+    insert_executions(db, account_id(db, key), _cue(server, key, transport="worker"), pool)
+    db.dispose()
+    seen: Counter[str] = Counter()
+    deadline = time.perf_counter() + seconds
+    async with httpx.AsyncClient(base_url=server.http_url, headers=auth(key), timeout=30) as client:
+
+        async def worker(index: int) -> None:
+            while time.perf_counter() < deadline:
+                claim = await client.post("/v1/executions/claim", json={"worker_id": f"w{index}"})
+                if claim.status_code == 409:
+                    return
+                execution_id = claim.json()["execution_id"]
+                await client.post(f"/v1/executions/{execution_id}/outcome", json={"success": True})
+                seen[execution_id] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(WORKERS)))
+        elapsed = time.perf_counter() - started
+    return {"per_second": round(sum(seen.values()) / elapsed, 1), "completed": sum(seen.values()),
+            "double_claims": sum(1 for n in seen.values() if n > 1)}  # fmt: skip
+
+
+async def pickup(server: Server, key: str, rate: float, seconds: float) -> dict[str, Any]:
+    """Latency from the fire call's start to the claim arriving at a long-polling worker."""
+    cue_id = _cue(server, key, transport="worker", payload={"task": "pickup"})
+    latencies: list[float] = []
+    total = int(rate * seconds)
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+        cues = cues_pb2_grpc.CueServiceStub(channel)
+        claims = executions_pb2_grpc.ExecutionServiceStub(channel)
+        done = asyncio.Event()
+
+        async def waiter(index: int) -> None:
+            while not done.is_set():
+                got = (
+                    await claims.ClaimExecutions(
+                        executions_pb2.ClaimExecutionsRequest(
+                            worker_id=f"p{index}", task="pickup", max_executions=10, wait_seconds=2
+                        ),
+                        metadata=_metadata(key),
+                    )
+                ).claims
+                arrived = time.time()
+                latencies.extend(arrived - json.loads(c.payload)["sent"] for c in got)
+                if len(latencies) >= total:
+                    done.set()
+
+        waiters = [asyncio.create_task(waiter(i)) for i in range(4)]
+        await asyncio.sleep(0.5)  # the waiters are parked in their long polls
+        for _ in range(total):
+            started = time.perf_counter()
+            await cues.FireCue(
+                cues_pb2.FireCueRequest(cue_id=cue_id, payload_override=json.dumps({"sent": time.time()})),
+                metadata=_metadata(key),
+            )
+            await asyncio.sleep(max(0.0, 1 / rate - (time.perf_counter() - started)))
+        await asyncio.wait_for(done.wait(), 30)
+        for task in waiters:
+            task.cancel()
+    return {"count": len(latencies), **percentiles(latencies)}
+
+
+def fire_lag(server: Server, key: str, count: int) -> dict[str, Any]:
+    """Cues due in the same second; lag = execution created_at - scheduled_for."""
+    db = engine(server)
+    due = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)).replace(microsecond=0)
+    cue_ids = insert_cues(db, account_id(db, key), count, transport="worker", next_run=due)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        with db.connect() as conn:
+            fired = conn.execute(
+                select(func.count()).select_from(executions).where(executions.c.cue_id.in_(cue_ids))
+            ).scalar_one()
+        if fired >= count and dt.datetime.now(dt.UTC) > due + dt.timedelta(seconds=2):
+            break
+    with db.connect() as conn:
+        rows = conn.execute(
+            select(executions.c.cue_id, executions.c.scheduled_for, executions.c.created_at).where(
+                executions.c.cue_id.in_(cue_ids)
+            )
+        ).all()
+    db.dispose()
+    per_cue = Counter(r.cue_id for r in rows)
+    lags = [(r.created_at - r.scheduled_for).total_seconds() for r in rows]
+    return {"cues": count, "fired": len(per_cue), "duplicates": sum(n - 1 for n in per_cue.values()),
+            "all_fired_within_ms": round(max(lags) * 1000, 1) if lags else None, **percentiles(lags)}  # fmt: skip
+
+
+class _SlowReceiver:
+    """200 deliveries/s to a receiver that takes 100 ms: threads, one per request."""
+
+    def __init__(self, secret: str) -> None:
+        self.arrivals: list[tuple[float, str, bool]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                arrived = time.time()
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                stamp = self.headers["X-CueAPI-Timestamp"]
+                expected = (
+                    "v1=" + hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+                )
+                outer.arrivals.append(
+                    (
+                        arrived,
+                        self.headers["X-CueAPI-Scheduled-For"],
+                        self.headers["X-CueAPI-Signature"] == expected,
+                    )
+                )
+                time.sleep(0.1)
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.request_queue_size = 1024
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+
+async def webhooks(server: Server, key: str, rate: float, seconds: float) -> dict[str, Any]:
+    secret = httpx.get(f"{server.http_url}/v1/auth/webhook-secret", headers=auth(key)).json()[
+        "webhook_secret"
+    ]
+    receiver = _SlowReceiver(secret)
+    cue_id = _cue(server, key, callback={"url": receiver.url})
+    total = int(rate * seconds)
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+        cues = cues_pb2_grpc.CueServiceStub(channel)
+        started = time.perf_counter()
+        pending = []
+        for index in range(total):
+            pending.append(
+                asyncio.ensure_future(
+                    cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue_id), metadata=_metadata(key))
+                )
+            )
+            await asyncio.sleep(max(0.0, started + (index + 1) / rate - time.perf_counter()))
+        await asyncio.gather(*pending)
+    deadline = time.monotonic() + 60
+    while len(receiver.arrivals) < total and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    receiver.server.shutdown()
+    lags = [
+        arrived - dt.datetime.fromisoformat(sent.replace("Z", "+00:00")).timestamp()
+        for arrived, sent, _ in receiver.arrivals
+    ]
+    return {"deliveries": len(receiver.arrivals), "fired": total,
+            "bad_signatures": sum(1 for *_, ok in receiver.arrivals if not ok), **percentiles(lags)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--backends", default="sqlite,postgres")
+    options = parser.parse_args(argv)
+    scale = 0.1 if options.smoke else 1.0
+    results: dict[str, Any] = {}
+    for backend in options.backends.split(","):
+        with running(backend) as server:
+            key = server.register()
+            step = lambda name: print(f"{backend} {name} ...", file=sys.stderr, flush=True)  # noqa: E731
+            step("G4 batch claims")
+            g4 = asyncio.run(batch_claims(server, key, int(20000 * scale), 5 * scale + 1))
+            step("G5 single claims")
+            g5 = asyncio.run(single_claims(server, key, int(5000 * scale), 5 * scale + 1))
+            step("G6 pickup")
+            g6 = asyncio.run(pickup(server, key, 50, 4 * scale + 1))
+            step("G7 fire lag")
+            g7 = fire_lag(server, key, int(1000 * scale))
+            step("G8 burst")
+            g8 = fire_lag(server, key, int(10000 * scale))
+            step("G9 webhooks")
+            g9 = asyncio.run(webhooks(server, key, 200, 3 * scale + 1))
+            results[backend] = {"G4": g4, "G5": g5, "G6": g6, "G7": g7, "G8": g8, "G9": g9}
+    return {"benchmark": "delivery", "smoke": options.smoke, "results": results}
+
+
+def render(document: dict[str, Any]) -> str:
+    rows = []
+    for backend, r in document["results"].items():
+        rows += [
+            (backend, "G4 batch claim + complete", f"{r['G4']['per_second']:,}/s", f"double claims {r['G4']['double_claims']}"),
+            (backend, "G5 single claim (REST)", f"{r['G5']['per_second']:,}/s", f"double claims {r['G5']['double_claims']}"),
+            (backend, "G6 pickup (long poll)", f"p50 {r['G6']['p50_ms']} ms", f"p99 {r['G6']['p99_ms']} ms"),
+            (backend, f"G7 fire lag, {r['G7']['cues']} cues", f"p50 {r['G7']['p50_ms']} ms, p99 {r['G7']['p99_ms']} ms",
+             f"max {r['G7']['max_ms']} ms, duplicates {r['G7']['duplicates']}"),
+            (backend, f"G8 burst, {r['G8']['cues']} cues", f"all fired within {r['G8']['all_fired_within_ms']} ms",
+             f"fired {r['G8']['fired']}, duplicates {r['G8']['duplicates']}"),
+            (backend, "G9 webhook start (receiver 100 ms)", f"p50 {r['G9']['p50_ms']} ms, p99 {r['G9']['p99_ms']} ms",
+             f"{r['G9']['deliveries']}/{r['G9']['fired']} delivered, bad signatures {r['G9']['bad_signatures']}"),
+        ]  # fmt: skip
+    return markdown_table(["database", "benchmark", "result", "checks"], rows)
+
+
+if __name__ == "__main__":
+    document = main()
+    markdown = render(document)
+    write("delivery", document, markdown)
+    print(markdown)
