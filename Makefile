@@ -44,13 +44,13 @@ proto-check: $(INSTALLED)
 breaking: $(INSTALLED)
 	BUF=$(BIN)/buf .ci/buf-breaking
 
-## Outcome ingest over gRPC and REST on SQLite and PostgreSQL; writes bench/results/.
+## Every benchmark (G1-G9, G13, G14) on SQLite and PostgreSQL; writes bench/results/.
 bench: $(INSTALLED)
-	$(BIN)/python -m bench.outcomes
+	$(BIN)/python -m bench
 
 ## A few seconds of the same, to keep the harness working (no speed assertions).
 bench-smoke: $(INSTALLED)
-	$(BIN)/python -m bench.outcomes --smoke
+	$(BIN)/python -m bench --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

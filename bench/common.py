@@ -19,8 +19,8 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, insert, select
 
-from cueline_server.services.cues import DEFAULTS, new_cue_id
-from cueline_server.services.identifiers import hash_api_key
+from cueline_server.services.cues import DEFAULTS
+from cueline_server.services.identifiers import hash_api_key, new_cue_id
 from cueline_server.store.database import sync_url
 from cueline_server.store.tables import accounts, cues, executions
 from tests.support import PostgresCluster, Server, new_database
@@ -74,11 +74,25 @@ def insert_cues(
     for index in range(count):
         row: dict[str, Any] = dict(DEFAULTS)
         row.update(
-            id=new_cue_id(), account_id=owner, name=f"bench-{uuid.uuid4().hex[:10]}-{index}", description=None,
-            status="active", transport=transport, schedule_type="once", cron=None, at=next_run, timezone="UTC",
-            callback_url=url, payload='{"task": "bench"}', next_run=next_run, last_run=None, run_count=0,
-            fired_count=0, created_at=now, updated_at=now,
-        )  # fmt: skip
+            id=new_cue_id(),
+            account_id=owner,
+            name=f"bench-{uuid.uuid4().hex[:10]}-{index}",
+            description=None,
+            status="active",
+            transport=transport,
+            schedule_type="once",
+            cron=None,
+            at=next_run,
+            timezone="UTC",
+            callback_url=url,
+            payload='{"task": "bench"}',
+            next_run=next_run,
+            last_run=None,
+            run_count=0,
+            fired_count=0,
+            created_at=now,
+            updated_at=now,
+        )
         rows.append(row)
     with db.begin() as conn:
         for start in range(0, count, 1000):
@@ -97,26 +111,44 @@ def insert_executions(
             conn.execute(
                 insert(executions),
                 [
-                    {"id": i, "account_id": owner, "cue_id": cue_id, "transport": transport, "scheduled_for": now,
-                     "status": "pending", "triggered_by": "manual_fire", "payload": '{"task": "bench"}',
-                     "task": "bench", "attempts": 0, "available_at": now, "created_at": now, "updated_at": now}
+                    {
+                        "id": i,
+                        "account_id": owner,
+                        "cue_id": cue_id,
+                        "transport": transport,
+                        "scheduled_for": now,
+                        "status": "pending",
+                        "triggered_by": "manual_fire",
+                        "payload": '{"task": "bench"}',
+                        "task": "bench",
+                        "attempts": 0,
+                        "available_at": now,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
                     for i in ids[start : start + 2000]
                 ],
-            )  # fmt: skip
+            )
     return [str(i) for i in ids]
 
 
 def percentiles(seconds: Sequence[float]) -> dict[str, float]:
     ordered = sorted(seconds) or [0.0]
-    pick = lambda q: ordered[min(len(ordered) - 1, int(len(ordered) * q))]  # noqa: E731
-    return {"p50_ms": round(pick(0.5) * 1000, 2), "p99_ms": round(pick(0.99) * 1000, 2),
-            "max_ms": round(ordered[-1] * 1000, 2)}  # fmt: skip
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000, 2)
+
+    return {"p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": round(ordered[-1] * 1000, 2)}
 
 
 def machine() -> dict[str, Any]:
     pg = subprocess.run(["postgres", "--version"], capture_output=True, text=True).stdout.strip()
-    return {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "postgres": pg or None}  # fmt: skip
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "postgres": pg or None,
+    }
 
 
 def write(name: str, document: dict[str, Any], markdown: str) -> Path:

@@ -102,8 +102,11 @@ async def batch_claims(server: Server, key: str, pool: int, seconds: float) -> d
         started = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(WORKERS)))
         elapsed = time.perf_counter() - started
-    return {"per_second": round(sum(seen.values()) / elapsed, 1), "completed": sum(seen.values()),
-            "double_claims": sum(1 for n in seen.values() if n > 1)}  # fmt: skip
+    return {
+        "per_second": round(sum(seen.values()) / elapsed, 1),
+        "completed": sum(seen.values()),
+        "double_claims": sum(1 for n in seen.values() if n > 1),
+    }
 
 
 async def single_claims(server: Server, key: str, pool: int, seconds: float) -> dict[str, Any]:
@@ -126,8 +129,11 @@ async def single_claims(server: Server, key: str, pool: int, seconds: float) -> 
         started = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(WORKERS)))
         elapsed = time.perf_counter() - started
-    return {"per_second": round(sum(seen.values()) / elapsed, 1), "completed": sum(seen.values()),
-            "double_claims": sum(1 for n in seen.values() if n > 1)}  # fmt: skip
+    return {
+        "per_second": round(sum(seen.values()) / elapsed, 1),
+        "completed": sum(seen.values()),
+        "double_claims": sum(1 for n in seen.values() if n > 1),
+    }
 
 
 async def pickup(server: Server, key: str, rate: float, seconds: float) -> dict[str, Any]:
@@ -193,15 +199,21 @@ def fire_lag(server: Server, key: str, count: int) -> dict[str, Any]:
     db.dispose()
     per_cue = Counter(r.cue_id for r in rows)
     lags = [(r.created_at - r.scheduled_for).total_seconds() for r in rows]
-    return {"cues": count, "fired": len(per_cue), "duplicates": sum(n - 1 for n in per_cue.values()),
-            "all_fired_within_ms": round(max(lags) * 1000, 1) if lags else None, **percentiles(lags)}  # fmt: skip
+    return {
+        "cues": count,
+        "fired": len(per_cue),
+        "duplicates": sum(n - 1 for n in per_cue.values()),
+        "all_fired_within_ms": round(max(lags) * 1000, 1) if lags else None,
+        **percentiles(lags),
+    }
 
 
 class _SlowReceiver:
     """200 deliveries/s to a receiver that takes 100 ms: threads, one per request."""
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str, count: int) -> None:
         self.arrivals: list[tuple[float, str, bool]] = []
+        self.complete = threading.Event()
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -209,16 +221,13 @@ class _SlowReceiver:
                 arrived = time.time()
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 stamp = self.headers["X-CueAPI-Timestamp"]
-                expected = (
+                signature = (
                     "v1=" + hmac.new(secret.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
                 )
-                outer.arrivals.append(
-                    (
-                        arrived,
-                        self.headers["X-CueAPI-Scheduled-For"],
-                        self.headers["X-CueAPI-Signature"] == expected,
-                    )
-                )
+                valid = self.headers["X-CueAPI-Signature"] == signature
+                outer.arrivals.append((arrived, self.headers["X-CueAPI-Scheduled-For"], valid))
+                if len(outer.arrivals) >= count:
+                    outer.complete.set()
                 time.sleep(0.1)
                 self.send_response(200)
                 self.send_header("Content-Length", "2")
@@ -237,13 +246,10 @@ class _SlowReceiver:
         return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
 
 
-async def webhooks(server: Server, key: str, rate: float, seconds: float) -> dict[str, Any]:
-    secret = httpx.get(f"{server.http_url}/v1/auth/webhook-secret", headers=auth(key)).json()[
-        "webhook_secret"
-    ]
-    receiver = _SlowReceiver(secret)
-    cue_id = _cue(server, key, callback={"url": receiver.url})
+async def webhooks(server: Server, key: str, secret: str, rate: float, seconds: float) -> dict[str, Any]:
     total = int(rate * seconds)
+    receiver = _SlowReceiver(secret, total)
+    cue_id = _cue(server, key, callback={"url": receiver.url})
     async with grpc.aio.insecure_channel(server.grpc_target) as channel:
         cues = cues_pb2_grpc.CueServiceStub(channel)
         started = time.perf_counter()
@@ -256,16 +262,22 @@ async def webhooks(server: Server, key: str, rate: float, seconds: float) -> dic
             )
             await asyncio.sleep(max(0.0, started + (index + 1) / rate - time.perf_counter()))
         await asyncio.gather(*pending)
-    deadline = time.monotonic() + 60
-    while len(receiver.arrivals) < total and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    await asyncio.to_thread(receiver.complete.wait, 60)
     receiver.server.shutdown()
     lags = [
         arrived - dt.datetime.fromisoformat(sent.replace("Z", "+00:00")).timestamp()
         for arrived, sent, _ in receiver.arrivals
     ]
-    return {"deliveries": len(receiver.arrivals), "fired": total,
-            "bad_signatures": sum(1 for *_, ok in receiver.arrivals if not ok), **percentiles(lags)}  # fmt: skip
+    return {
+        "deliveries": len(receiver.arrivals),
+        "fired": total,
+        "bad_signatures": sum(1 for *_, ok in receiver.arrivals if not ok),
+        **percentiles(lags),
+    }
+
+
+def _step(backend: str, name: str) -> None:
+    print(f"{backend} {name} ...", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -278,19 +290,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for backend in options.backends.split(","):
         with running(backend) as server:
             key = server.register()
-            step = lambda name: print(f"{backend} {name} ...", file=sys.stderr, flush=True)  # noqa: E731
-            step("G4 batch claims")
+            secret = httpx.get(f"{server.http_url}/v1/auth/webhook-secret", headers=auth(key)).json()
+            _step(backend, "G4 batch claims")
             g4 = asyncio.run(batch_claims(server, key, int(20000 * scale), 5 * scale + 1))
-            step("G5 single claims")
+            _step(backend, "G5 single claims")
             g5 = asyncio.run(single_claims(server, key, int(5000 * scale), 5 * scale + 1))
-            step("G6 pickup")
+            _step(backend, "G6 pickup")
             g6 = asyncio.run(pickup(server, key, 50, 4 * scale + 1))
-            step("G7 fire lag")
+            _step(backend, "G7 fire lag")
             g7 = fire_lag(server, key, int(1000 * scale))
-            step("G8 burst")
+            _step(backend, "G8 burst")
             g8 = fire_lag(server, key, int(10000 * scale))
-            step("G9 webhooks")
-            g9 = asyncio.run(webhooks(server, key, 200, 3 * scale + 1))
+            _step(backend, "G9 webhooks")
+            g9 = asyncio.run(webhooks(server, key, secret["webhook_secret"], 200, 3 * scale + 1))
             results[backend] = {"G4": g4, "G5": g5, "G6": g6, "G7": g7, "G8": g8, "G9": g9}
     return {"benchmark": "delivery", "smoke": options.smoke, "results": results}
 
@@ -298,17 +310,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def render(document: dict[str, Any]) -> str:
     rows = []
     for backend, r in document["results"].items():
+        g4, g5, g6, g7, g8, g9 = (r[g] for g in ("G4", "G5", "G6", "G7", "G8", "G9"))
         rows += [
-            (backend, "G4 batch claim + complete", f"{r['G4']['per_second']:,}/s", f"double claims {r['G4']['double_claims']}"),
-            (backend, "G5 single claim (REST)", f"{r['G5']['per_second']:,}/s", f"double claims {r['G5']['double_claims']}"),
-            (backend, "G6 pickup (long poll)", f"p50 {r['G6']['p50_ms']} ms", f"p99 {r['G6']['p99_ms']} ms"),
-            (backend, f"G7 fire lag, {r['G7']['cues']} cues", f"p50 {r['G7']['p50_ms']} ms, p99 {r['G7']['p99_ms']} ms",
-             f"max {r['G7']['max_ms']} ms, duplicates {r['G7']['duplicates']}"),
-            (backend, f"G8 burst, {r['G8']['cues']} cues", f"all fired within {r['G8']['all_fired_within_ms']} ms",
-             f"fired {r['G8']['fired']}, duplicates {r['G8']['duplicates']}"),
-            (backend, "G9 webhook start (receiver 100 ms)", f"p50 {r['G9']['p50_ms']} ms, p99 {r['G9']['p99_ms']} ms",
-             f"{r['G9']['deliveries']}/{r['G9']['fired']} delivered, bad signatures {r['G9']['bad_signatures']}"),
-        ]  # fmt: skip
+            (
+                backend,
+                "G4 batch claim + complete",
+                f"{g4['per_second']:,}/s",
+                f"double claims {g4['double_claims']}",
+            ),
+            (
+                backend,
+                "G5 single claim (REST)",
+                f"{g5['per_second']:,}/s",
+                f"double claims {g5['double_claims']}",
+            ),
+            (backend, "G6 pickup (long poll)", f"p50 {g6['p50_ms']} ms", f"p99 {g6['p99_ms']} ms"),
+            (
+                backend,
+                f"G7 fire lag, {g7['cues']} cues",
+                f"p50 {g7['p50_ms']} ms, p99 {g7['p99_ms']} ms",
+                f"max {g7['max_ms']} ms, duplicates {g7['duplicates']}",
+            ),
+            (
+                backend,
+                f"G8 burst, {g8['cues']} cues",
+                f"all fired within {g8['all_fired_within_ms']} ms",
+                f"fired {g8['fired']}, duplicates {g8['duplicates']}",
+            ),
+            (
+                backend,
+                "G9 webhook start (receiver 100 ms)",
+                f"p50 {g9['p50_ms']} ms, p99 {g9['p99_ms']} ms",
+                f"{g9['deliveries']}/{g9['fired']} delivered, bad signatures {g9['bad_signatures']}",
+            ),
+        ]
     return markdown_table(["database", "benchmark", "result", "checks"], rows)
 
 

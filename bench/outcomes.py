@@ -8,34 +8,25 @@ the median run is reported. Every request records a distinct execution's first
 outcome, so each one is a real write-once commit.
 
 Executions are inserted straight into the database before the clock starts
-(setup, not measured). Results go to bench/results/ as JSON and a Markdown table.
+(setup, not measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
-import os
-import platform
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
-from sqlalchemy import create_engine, insert, select
 
+from bench.common import account_id, engine, insert_executions, markdown_table, running, write
 from cueline.v1 import outcomes_pb2, outcomes_pb2_grpc
-from cueline_server.services.identifiers import hash_api_key
-from cueline_server.store.database import sync_url
-from tests.support import PostgresCluster, Server, auth, new_database
-
-RESULTS = Path(__file__).parent / "results"
+from tests.support import Server, auth
 
 
 @dataclass
@@ -54,33 +45,20 @@ class Run:
 
 def prepare(server: Server, key: str, count: int) -> list[str]:
     """A worker cue and `count` pending executions of it, inserted directly."""
-    from cueline_server.store.tables import accounts, executions
-
     cue = httpx.post(
         f"{server.http_url}/v1/cues",
-        json={"name": f"bench-{uuid.uuid4().hex[:6]}", "transport": "worker",
-              "schedule": {"type": "recurring", "cron": "0 0 1 1 *"}},
+        json={
+            "name": f"bench-{uuid.uuid4().hex[:6]}",
+            "transport": "worker",
+            "schedule": {"type": "recurring", "cron": "0 0 1 1 *"},
+        },
         headers=auth(key),
-    ).json()  # fmt: skip
-    engine = create_engine(sync_url(server.database_url))
-    ids = [uuid.uuid4() for _ in range(count)]
-    now = dt.datetime.now(dt.UTC)
-    with engine.begin() as conn:
-        account_id = conn.execute(
-            select(accounts.c.id).where(accounts.c.api_key_hash == hash_api_key(key))
-        ).scalar()
-        for start in range(0, count, 2000):
-            conn.execute(
-                insert(executions),
-                [
-                    {"id": i, "account_id": account_id, "cue_id": cue["id"], "transport": "worker",
-                     "scheduled_for": now, "status": "pending", "triggered_by": "manual_fire",
-                     "payload": "{}", "attempts": 0, "created_at": now, "updated_at": now}
-                    for i in ids[start : start + 2000]
-                ],
-            )  # fmt: skip
-    engine.dispose()
-    return [str(i) for i in ids]
+    ).json()
+    db = engine(server)
+    try:
+        return insert_executions(db, account_id(db, key), cue["id"], count)
+    finally:
+        db.dispose()
 
 
 async def _drive(call: Any, pool: list[str], concurrency: int, seconds: float) -> tuple[list[float], int]:
@@ -157,20 +135,26 @@ def median_run(runs: list[Run]) -> Run:
     return sorted(runs, key=lambda r: r.per_second)[len(runs) // 2]
 
 
-def table(runs: list[Run]) -> str:
-    lines = [
-        "| database | transport | callers | outcomes/s | p50 ms | p99 ms | max ms | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in runs:
-        lines.append(
-            f"| {r.backend} | {r.transport} | {r.concurrency} | {r.per_second:,.0f} "
-            f"| {r.p50_ms} | {r.p99_ms} | {r.max_ms} | {r.errors} |"
-        )
-    return "\n".join(lines)
+def render(runs: list[Run]) -> str:
+    return markdown_table(
+        ["database", "transport", "callers", "outcomes/s", "p50 ms", "p99 ms", "max ms", "errors"],
+        [
+            (
+                r.backend,
+                r.transport,
+                r.concurrency,
+                f"{r.per_second:,.0f}",
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.errors,
+            )
+            for r in runs
+        ],
+    )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description="Outcome ingest benchmark (gRPC and REST, SQLite and PostgreSQL)."
     )
@@ -181,56 +165,33 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3)
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     seconds, repeat, warmup = (1.0, 1, 0.3) if options.smoke else (options.seconds, options.repeat, 1.0)
     per_run = int(5000 * (seconds + warmup)) + options.concurrency
     results: list[Run] = []
     for backend in options.backends.split(","):
-        cluster = PostgresCluster(durable=True) if backend == "postgres" else None
-        try:
-            if cluster is not None:
-                url = new_database(cluster.admin_url)
-            else:
-                url = f"sqlite:///{RESULTS / 'work' / uuid.uuid4().hex / 'cueline.db'}"
-            server = Server(url).start()
-            try:
-                key = server.register()
-                for transport in ("grpc", "rest"):
-                    runs = []
-                    for attempt in range(repeat):
-                        pool = prepare(server, key, per_run)
-                        print(
-                            f"{backend} {transport} run {attempt + 1}/{repeat} ...",
-                            file=sys.stderr,
-                            flush=True,
+        with running(backend) as server:
+            key = server.register()
+            for transport in ("grpc", "rest"):
+                runs = []
+                for attempt in range(repeat):
+                    pool = prepare(server, key, per_run)
+                    print(
+                        f"{backend} outcomes {transport} run {attempt + 1}/{repeat} ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    runs.append(
+                        asyncio.run(
+                            measure(server, key, transport, pool, options.concurrency, seconds, warmup)
                         )
-                        runs.append(
-                            asyncio.run(
-                                measure(server, key, transport, pool, options.concurrency, seconds, warmup)
-                            )
-                        )
-                    results.append(median_run(runs))
-            finally:
-                server.stop()
-        finally:
-            if cluster is not None:
-                cluster.stop()
-    RESULTS.mkdir(exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    machine = {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-    document = {
-        "benchmark": "outcomes",
-        "smoke": options.smoke,
-        "machine": machine,
-        "runs": [asdict(r) for r in results],
-    }
-    (RESULTS / f"outcomes-{stamp}.json").write_text(json.dumps(document, indent=2))
-    print(table(results))
-    failed = sum(r.errors for r in results)
-    if failed:
-        print(f"{failed} requests failed", file=sys.stderr)
-    return 1 if failed else 0
+                    )
+                results.append(median_run(runs))
+    return {"benchmark": "outcomes", "smoke": options.smoke, "runs": [asdict(r) for r in results]}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    document = main()
+    markdown = render([Run(**r) for r in document["runs"]])
+    write("outcomes", document, markdown)
+    print(markdown)
