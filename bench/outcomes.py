@@ -105,9 +105,12 @@ async def measure(
                 return False
 
         async def over_rest(execution_id: str) -> bool:
-            response = await client.post(
-                f"/v1/executions/{execution_id}/outcome", json={"success": True, "result": "ok"}
-            )
+            try:
+                response = await client.post(
+                    f"/v1/executions/{execution_id}/outcome", json={"success": True, "result": "ok"}
+                )
+            except httpx.HTTPError:
+                return False
             return response.status_code == 200
 
         call = over_grpc if transport == "grpc" else over_rest

@@ -30,12 +30,14 @@ from cueline_server.servicers.accounts import AccountServicer
 from cueline_server.servicers.cues import CueServicer
 from cueline_server.servicers.executions import ExecutionServicer
 from cueline_server.servicers.outcomes import OutcomeServicer
+from cueline_server.servicers.probes import ProbeServicer
 from cueline_server.servicers.workers import WorkerServicer
 from cueline_server.services.accounts import AccountService, Authenticator
 from cueline_server.services.claims import ClaimService
 from cueline_server.services.cues import CueService
 from cueline_server.services.executions import ExecutionService
 from cueline_server.services.outcomes import OutcomeService
+from cueline_server.services.probes import ProbeService
 from cueline_server.services.workers import WorkerService
 from cueline_server.store import migrate
 from cueline_server.store.database import Database
@@ -88,6 +90,7 @@ def assemble(db: Database, settings: Settings) -> Components:
         CueServicer(cues),
         ExecutionServicer(ExecutionService(db), claims),
         OutcomeServicer(outcomes),
+        ProbeServicer(ProbeService(db, lambda: scheduler.last_pass, settings.webhook_stale_after_seconds)),
         WorkerServicer(WorkerService(db, settings.worker_heartbeat_timeout_seconds)),
     ]
     found: dict[str, Handler] = {}

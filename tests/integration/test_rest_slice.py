@@ -10,16 +10,54 @@ import httpx
 from tests.support import Server, auth
 
 CUE_FIELDS = {
-    "id", "name", "description", "status", "transport", "schedule", "callback", "payload", "retry",
-    "next_run", "last_run", "run_count", "fired_count", "on_failure", "verification", "delivery",
-    "alerts", "catch_up", "warning", "created_at", "updated_at",
-}  # fmt: skip
+    "id",
+    "name",
+    "description",
+    "status",
+    "transport",
+    "schedule",
+    "callback",
+    "payload",
+    "retry",
+    "next_run",
+    "last_run",
+    "run_count",
+    "fired_count",
+    "on_failure",
+    "verification",
+    "delivery",
+    "alerts",
+    "catch_up",
+    "warning",
+    "created_at",
+    "updated_at",
+}
 EXECUTION_FIELDS = {
-    "id", "cue_id", "scheduled_for", "status", "triggered_by", "replayed_from", "payload", "http_status",
-    "response_body", "attempts", "error_message", "next_retry", "started_at", "delivered_at",
-    "last_attempt_at", "claimed_by_worker", "claimed_at", "last_heartbeat_at", "outcome_success",
-    "outcome_state", "outcome_deadline_at", "created_at", "updated_at", "outcome",
-}  # fmt: skip
+    "id",
+    "cue_id",
+    "scheduled_for",
+    "status",
+    "triggered_by",
+    "replayed_from",
+    "payload",
+    "http_status",
+    "response_body",
+    "attempts",
+    "error_message",
+    "next_retry",
+    "started_at",
+    "delivered_at",
+    "last_attempt_at",
+    "claimed_by_worker",
+    "claimed_at",
+    "last_heartbeat_at",
+    "outcome_success",
+    "outcome_state",
+    "outcome_deadline_at",
+    "created_at",
+    "updated_at",
+    "outcome",
+}
 
 
 def worker_cue(client: httpx.Client, key: str, name: str = "nightly", **extra: Any) -> dict[str, Any]:
@@ -236,3 +274,20 @@ def test_probes_and_openapi(server: Server) -> None:
         )
         assert "201" in spec["paths"]["/v1/cues"]["post"]["responses"]
         assert "204" in spec["paths"]["/v1/cues/{cue_id}"]["delete"]["responses"]
+
+
+def test_health_and_status_probes(server: Server) -> None:
+    with httpx.Client(base_url=server.http_url) as client:
+        health = client.get("/health")
+        assert health.status_code == 200
+        body = health.json()
+        assert body["status"] == "healthy" and body["services"] == {"database": "ok", "scheduler": "ok"}
+        assert set(body["queue"]) == {
+            "pending_webhook_deliveries",
+            "pending_retries",
+            "pending_worker_claims",
+            "stale_executions",
+        }
+        assert all(isinstance(v, int) for v in body["queue"].values())
+        status = client.get("/status")
+        assert status.status_code == 200 and status.json() == {"status": "healthy", "reason": None}

@@ -94,7 +94,7 @@ def parse_datetime(text: str) -> dt.datetime:
 def render(message: Message) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in message_info(message.DESCRIPTOR).fields:
-        if f.input_only:
+        if f.input_only or f.rules.http_status:
             continue
         value = getattr(message, f.name)
         if f.rules.inline:

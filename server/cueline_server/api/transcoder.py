@@ -178,6 +178,9 @@ class Transcoder:
             request = self._build_request(route, variables, body, scope.get("query_string", b""), headers)
             response = await self._pipeline.invoke(route.method, request, headers, rid)
             status = route.method.success_status
+            for f in message_info(response.DESCRIPTOR).fields:
+                if f.rules.http_status and getattr(response, f.name):
+                    status = getattr(response, f.name)
             if status == 204:
                 await _respond(send, 204, b"", rid)
                 return

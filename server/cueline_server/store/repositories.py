@@ -260,6 +260,31 @@ class ExecutionRepository(_Repository):
         total, oldest = summary.one()
         return rows.all(), int(total), oldest
 
+    async def queue_counts(self, now: dt.datetime, stale_before: dt.datetime) -> AnyRow:
+        """Work in flight across all accounts, for /health."""
+        t = executions
+        webhook, worker = t.c.transport == "webhook", t.c.transport == "worker"
+
+        def total(condition: ColumnElement[bool]) -> Any:
+            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+        result = await self.conn.execute(
+            select(
+                total(and_(webhook, t.c.status.in_(("pending", "delivering")))).label(
+                    "pending_webhook_deliveries"
+                ),
+                total(t.c.status.in_(("retrying", "retry_ready"))).label("pending_retries"),
+                total(and_(worker, t.c.status == "pending")).label("pending_worker_claims"),
+                total(
+                    or_(
+                        and_(webhook, t.c.status == "delivering", t.c.last_attempt_at < stale_before),
+                        and_(worker, t.c.status == "delivering", t.c.lease_expires_at <= now),
+                    )
+                ).label("stale_executions"),
+            ).where(t.c.status.in_(("pending", "delivering", "retrying", "retry_ready")))
+        )
+        return result.one()
+
     async def count_created_since(self, account_id: uuid.UUID, since: dt.datetime) -> int:
         result = await self.conn.execute(
             select(func.count())

@@ -122,6 +122,7 @@ class FieldRules(_message.Message):
     MAX_ITEMS_FIELD_NUMBER: _builtins.int
     LENIENT_FIELD_NUMBER: _builtins.int
     INLINE_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
     json_text: _builtins.bool
     """The string carries one JSON value as compact UTF-8 text. REST bodies hold
     the value itself, not a string; numbers keep their exact digits.
@@ -147,6 +148,10 @@ class FieldRules(_message.Message):
     """REST: the fields of this message field appear directly in the parent
     JSON object (a resource plus page fields in one body).
     """
+    http_status: _builtins.bool
+    """REST: this response field's value is the HTTP status of the response
+    (when non-zero), and it is left out of the body.
+    """
     def __init__(
         self,
         *,
@@ -160,10 +165,11 @@ class FieldRules(_message.Message):
         max_items: _builtins.int | None = ...,
         lenient: _builtins.bool = ...,
         inline: _builtins.bool = ...,
+        http_status: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_items", b"_max_items", "_max_length", b"_max_length", "_maximum", b"_maximum", "_min_length", b"_min_length", "_minimum", b"_minimum", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "min_length", b"min_length", "minimum", b"minimum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_items", b"_max_items", "_max_length", b"_max_length", "_maximum", b"_maximum", "_min_length", b"_min_length", "_minimum", b"_minimum", "http_header", b"http_header", "inline", b"inline", "json_text", b"json_text", "lenient", b"lenient", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "min_length", b"min_length", "minimum", b"minimum", "not_blank", b"not_blank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_items", b"_max_items", "_max_length", b"_max_length", "_maximum", b"_maximum", "_min_length", b"_min_length", "_minimum", b"_minimum", "http_header", b"http_header", "http_status", b"http_status", "inline", b"inline", "json_text", b"json_text", "lenient", b"lenient", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "min_length", b"min_length", "minimum", b"minimum", "not_blank", b"not_blank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_items: _TypeAlias = _typing.Literal["max_items"]  # noqa: Y015
     _WhichOneofArgType__max_items: _TypeAlias = _typing.Literal["_max_items", b"_max_items"]  # noqa: Y015
