@@ -81,6 +81,7 @@ def assemble(db: Database, settings: Settings) -> Components:
             dispatcher.recover_stale,
             claims.recover_leases,
             claims.expire_unclaimed,
+            outcomes.apply_deadlines,
         ),
         work_created=work_created,
     )

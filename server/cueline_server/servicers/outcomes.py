@@ -3,7 +3,7 @@ from __future__ import annotations
 from cueline.v1 import outcomes_pb2
 from cueline_server.api.pipeline import Call
 from cueline_server.servicers.convert import to_enum
-from cueline_server.services.outcomes import OutcomeReport, OutcomeService
+from cueline_server.services.outcomes import Evidence, OutcomeReport, OutcomeService
 
 _OPTIONAL = (
     "result",
@@ -41,3 +41,38 @@ class OutcomeServicer:
         if recorded.reason is not None:
             response.reason = recorded.reason
         return response
+
+    async def VerifyOutcome(
+        self, request: outcomes_pb2.VerifyOutcomeRequest, call: Call
+    ) -> outcomes_pb2.VerifyOutcomeResponse:
+        valid = request.valid if request.HasField("valid") else True
+        reason = request.reason if request.HasField("reason") else None
+        state = await self._outcomes.verify(call.account, request.execution_id, valid, reason)
+        response = outcomes_pb2.VerifyOutcomeResponse(
+            execution_id=request.execution_id,
+            outcome_state=to_enum(outcomes_pb2.OutcomeState, state),
+            valid=valid,
+        )
+        if reason is not None:
+            response.reason = reason
+        return response
+
+    async def MarkVerificationPending(
+        self, request: outcomes_pb2.MarkVerificationPendingRequest, call: Call
+    ) -> outcomes_pb2.MarkVerificationPendingResponse:
+        await self._outcomes.mark_pending(call.account, request.execution_id)
+        return outcomes_pb2.MarkVerificationPendingResponse(
+            execution_id=request.execution_id, outcome_state=outcomes_pb2.OUTCOME_STATE_VERIFICATION_PENDING
+        )
+
+    async def UpdateEvidence(
+        self, request: outcomes_pb2.UpdateEvidenceRequest, call: Call
+    ) -> outcomes_pb2.UpdateEvidenceResponse:
+        names = ("external_id", "result_url", "result_ref", "result_type", "summary", "artifacts", "metadata")
+        given = {name: getattr(request, name) for name in names if request.HasField(name)}  # type: ignore[arg-type]
+        state = await self._outcomes.update_evidence(call.account, request.execution_id, Evidence(**given))
+        return outcomes_pb2.UpdateEvidenceResponse(
+            execution_id=request.execution_id,
+            outcome_state=to_enum(outcomes_pb2.OutcomeState, state),
+            evidence_updated=True,
+        )

@@ -10,10 +10,12 @@ every mode and the statement picks the one for the cue's mode.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cueline_server.errors import ApiError, execution_not_found, field_error
 from cueline_server.services.accounts import Caller, now
@@ -170,3 +172,139 @@ class OutcomeService:
             self._failed([row.id])
         reason = verdicts[row.outcome_verification_mode].reason
         return RecordedOutcome(str(row.id), row.outcome_state, reason, bool(row.outcome_late))
+
+    # --- after the report -------------------------------------------------------------------
+
+    async def verify(self, caller: Caller, execution_id: str, valid: bool, reason: str | None) -> str:
+        """verified_success, or verification_failed with the reason appended to the summary."""
+        parsed = _execution_id(execution_id)
+        async with self._db.unit_of_work() as uow:
+            row = await uow.executions.outcome_for_update(caller.account_id, parsed)
+            if row is None:
+                raise execution_not_found()
+            if row.outcome_state not in REVIEWABLE:
+                raise invalid_state(f"Cannot verify from state '{row.outcome_state or 'null'}'")
+            values: dict[str, Any] = {"updated_at": now()}
+            if valid:
+                values["outcome_state"] = "verified_success"
+            else:
+                values["outcome_state"] = "verification_failed"
+                note = f"verification rejected: {reason}" if reason else "verification rejected"
+                values["summary"] = (f"{row.summary} | {note}" if row.summary else note)[:MAX_SUMMARY]
+            await uow.executions.update_outcome(parsed, values)
+            await uow.commit()
+        return str(values["outcome_state"])
+
+    async def mark_pending(self, caller: Caller, execution_id: str) -> None:
+        parsed = _execution_id(execution_id)
+        async with self._db.unit_of_work() as uow:
+            row = await uow.executions.outcome_for_update(caller.account_id, parsed)
+            if row is None:
+                raise execution_not_found()
+            if row.outcome_recorded_at is None:
+                raise no_outcome("No outcome recorded yet")
+            if row.outcome_state not in REVIEWABLE:
+                raise invalid_state(f"Cannot mark pending from state '{row.outcome_state}'")
+            await uow.executions.update_outcome(
+                parsed, {"outcome_state": "verification_pending", "updated_at": now()}
+            )
+            await uow.commit()
+
+    async def update_evidence(self, caller: Caller, execution_id: str, evidence: Evidence) -> str:
+        """Present fields replace the stored ones; a policy's failed verdict is re-run."""
+        parsed = _execution_id(execution_id)
+        evidence = check_evidence(evidence)
+        moment = now()
+        async with self._db.unit_of_work() as uow:
+            row = await uow.executions.outcome_for_update(caller.account_id, parsed)
+            if row is None:
+                raise execution_not_found()
+            if row.outcome_recorded_at is None:
+                raise no_outcome("Report outcome first before appending evidence")
+            values: dict[str, Any] = {k: v for k, v in evidence.columns().items() if v is not None}
+            merged = {
+                name: values.get(name, getattr(row, name))
+                for name in ("external_id", "result_url", "artifacts")
+            }
+            present = {name for name, value in merged.items() if value}
+            if present and row.evidence_produced_at is None:
+                values["evidence_produced_at"] = moment
+            state = row.outcome_state
+            if state == "verification_failed" and row.validation_state == "invalid":  # set by the policy
+                rerun = verdict(True, row.outcome_verification_mode, present)
+                if rerun.outcome_state == "verified_success":
+                    state = values["outcome_state"] = "verified_success"
+                    values["validation_state"] = "valid"
+            values["updated_at"] = moment
+            await uow.executions.update_outcome(parsed, values)
+            await uow.commit()
+        return str(state)
+
+    async def apply_deadlines(self, moment: dt.datetime) -> None:
+        """Housekeeping: no report by the outcome deadline makes the outcome unknown."""
+        async with self._db.unit_of_work() as uow:
+            await uow.executions.expire_deadlines(moment, 500)
+            await uow.commit()
+
+
+REVIEWABLE = ("reported_success", "reported_failure", "verification_pending")
+MAX_SUMMARY = 500
+
+
+@dataclass(frozen=True)
+class Evidence:
+    external_id: str | None = None
+    result_url: str | None = None
+    result_ref: str | None = None
+    result_type: str | None = None
+    summary: str | None = None
+    artifacts: str | None = None  # JSON array text
+    metadata: str | None = None  # JSON object text
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "external_id": self.external_id or None,
+            "result_url": self.result_url,
+            "result_ref": self.result_ref or None,
+            "result_type": self.result_type,
+            "summary": self.summary[:MAX_SUMMARY] if self.summary is not None else None,
+            "artifacts": self.artifacts,
+            "evidence_metadata": self.metadata,
+        }
+
+
+def check_evidence(evidence: Evidence) -> Evidence:
+    """The outcome's evidence rules (the summary is truncated, not refused)."""
+    checked = check_report(
+        OutcomeReport(
+            success=True,
+            metadata=evidence.metadata,
+            external_id=evidence.external_id,
+            result_url=evidence.result_url,
+            artifacts=evidence.artifacts,
+        )
+    )
+    return Evidence(
+        external_id=checked.external_id,
+        result_url=checked.result_url,
+        result_ref=evidence.result_ref,
+        result_type=evidence.result_type,
+        summary=evidence.summary,
+        artifacts=checked.artifacts,
+        metadata=checked.metadata,
+    )
+
+
+def _execution_id(value: str) -> uuid.UUID:
+    parsed = parse_uuid(value)
+    if parsed is None:
+        raise execution_not_found()
+    return parsed
+
+
+def invalid_state(message: str) -> ApiError:
+    return ApiError("invalid_state", message, 409)
+
+
+def no_outcome(message: str) -> ApiError:
+    return ApiError("no_outcome", message, 409)

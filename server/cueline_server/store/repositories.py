@@ -260,6 +260,41 @@ class ExecutionRepository(_Repository):
         total, oldest = summary.one()
         return rows.all(), int(total), oldest
 
+    async def outcome_for_update(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
+        """The execution's outcome columns, locked for a read-modify-write."""
+        result = await self.conn.execute(
+            select(executions)
+            .where(executions.c.account_id == account_id, executions.c.id == execution_id)
+            .with_for_update()
+        )
+        return result.first()
+
+    async def update_outcome(self, execution_id: uuid.UUID, values: Mapping[str, Any]) -> None:
+        await self.conn.execute(update(executions).where(executions.c.id == execution_id).values(**values))
+
+    async def expire_deadlines(self, now: dt.datetime, limit: int) -> Sequence[AnyRow]:
+        """Executions whose outcome deadline passed with no report become unknown."""
+        overdue = (
+            select(executions.c.id)
+            .where(
+                executions.c.outcome_recorded_at.is_(None),
+                executions.c.outcome_state.is_(None),
+                executions.c.outcome_deadline_at < now,
+            )
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        ids = [row.id for row in await self.conn.execute(overdue)]
+        if not ids:
+            return []
+        result = await self.conn.execute(
+            update(executions)
+            .where(executions.c.id.in_(ids), executions.c.outcome_recorded_at.is_(None))
+            .values(outcome_state="unknown", updated_at=now)
+            .returning(executions.c.id, executions.c.account_id, executions.c.cue_id)
+        )
+        return result.all()
+
     async def queue_counts(self, now: dt.datetime, stale_before: dt.datetime) -> AnyRow:
         """Work in flight across all accounts, for /health."""
         t = executions
@@ -448,6 +483,19 @@ class FireKeyRepository(_Repository):
         await self.conn.execute(delete(fire_keys).where(fire_keys.c.cue_id == cue_id, fire_keys.c.key == key))
 
 
+def _claimer_alive(silent_since: dt.datetime) -> ColumnElement[bool]:
+    """The execution's claiming worker has sent a heartbeat since `silent_since`."""
+    return (
+        select(workers.c.worker_id)
+        .where(
+            workers.c.account_id == executions.c.account_id,
+            workers.c.worker_id == executions.c.claimed_by_worker,
+            workers.c.last_heartbeat >= silent_since,
+        )
+        .exists()
+    )
+
+
 class ClaimRepository(_Repository):
     """Worker claims. The claimable predicate is one expression, shared by the
     list, claim-by-id and claim-next, so a listed execution fails a claim only
@@ -455,15 +503,7 @@ class ClaimRepository(_Repository):
 
     @staticmethod
     def claimable(account_id: uuid.UUID, now: dt.datetime, silent_since: dt.datetime) -> ColumnElement[bool]:
-        alive = (
-            select(workers.c.worker_id)
-            .where(
-                workers.c.account_id == executions.c.account_id,
-                workers.c.worker_id == executions.c.claimed_by_worker,
-                workers.c.last_heartbeat >= silent_since,
-            )
-            .exists()
-        )
+        alive = _claimer_alive(silent_since)
         return and_(
             executions.c.account_id == account_id,
             executions.c.transport == "worker",
@@ -580,15 +620,7 @@ class ClaimRepository(_Repository):
         """Expired leases held by silent workers: back to pending, or failed
         once the cue's attempts are used up. Returns the rows that failed and
         how many went back to pending."""
-        alive = (
-            select(workers.c.worker_id)
-            .where(
-                workers.c.account_id == executions.c.account_id,
-                workers.c.worker_id == executions.c.claimed_by_worker,
-                workers.c.last_heartbeat >= silent_since,
-            )
-            .exists()
-        )
+        alive = _claimer_alive(silent_since)
         expired = (
             await self.conn.execute(
                 select(executions.c.id, executions.c.attempts, cues.c.retry_max_attempts)

@@ -11,10 +11,10 @@ import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 10):
-    from typing import TypeAlias as _TypeAlias
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing_extensions import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -306,3 +306,203 @@ class RecordOutcomeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reason) -> _WhichOneofReturnType__reason | None: ...
 
 Global___RecordOutcomeResponse: _TypeAlias = RecordOutcomeResponse  # noqa: Y015
+
+@_typing.final
+class VerifyOutcomeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    VALID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    valid: _builtins.bool
+    """True (the default) verifies; false rejects."""
+    reason: _builtins.str
+    """Why; a rejection appends it to the outcome's summary."""
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        valid: _builtins.bool | None = ...,
+        reason: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reason", b"_reason", "_valid", b"_valid", "reason", b"reason", "valid", b"valid"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reason", b"_reason", "_valid", b"_valid", "execution_id", b"execution_id", "reason", b"reason", "valid", b"valid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__reason: _TypeAlias = _typing.Literal["reason"]  # noqa: Y015
+    _WhichOneofArgType__reason: _TypeAlias = _typing.Literal["_reason", b"_reason"]  # noqa: Y015
+    _WhichOneofReturnType__valid: _TypeAlias = _typing.Literal["valid"]  # noqa: Y015
+    _WhichOneofArgType__valid: _TypeAlias = _typing.Literal["_valid", b"_valid"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reason) -> _WhichOneofReturnType__reason | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__valid) -> _WhichOneofReturnType__valid | None: ...
+
+Global___VerifyOutcomeRequest: _TypeAlias = VerifyOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class VerifyOutcomeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_STATE_FIELD_NUMBER: _builtins.int
+    VALID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    outcome_state: Global___OutcomeState.ValueType
+    valid: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        outcome_state: Global___OutcomeState.ValueType = ...,
+        valid: _builtins.bool = ...,
+        reason: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reason", b"_reason", "reason", b"reason"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reason", b"_reason", "execution_id", b"execution_id", "outcome_state", b"outcome_state", "reason", b"reason", "valid", b"valid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__reason: _TypeAlias = _typing.Literal["reason"]  # noqa: Y015
+    _WhichOneofArgType__reason: _TypeAlias = _typing.Literal["_reason", b"_reason"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reason) -> _WhichOneofReturnType__reason | None: ...
+
+Global___VerifyOutcomeResponse: _TypeAlias = VerifyOutcomeResponse  # noqa: Y015
+
+@_typing.final
+class MarkVerificationPendingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkVerificationPendingRequest: _TypeAlias = MarkVerificationPendingRequest  # noqa: Y015
+
+@_typing.final
+class MarkVerificationPendingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_STATE_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    outcome_state: Global___OutcomeState.ValueType
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        outcome_state: Global___OutcomeState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id", "outcome_state", b"outcome_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkVerificationPendingResponse: _TypeAlias = MarkVerificationPendingResponse  # noqa: Y015
+
+@_typing.final
+class UpdateEvidenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    EXTERNAL_ID_FIELD_NUMBER: _builtins.int
+    RESULT_URL_FIELD_NUMBER: _builtins.int
+    RESULT_REF_FIELD_NUMBER: _builtins.int
+    RESULT_TYPE_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    external_id: _builtins.str
+    result_url: _builtins.str
+    result_ref: _builtins.str
+    result_type: _builtins.str
+    summary: _builtins.str
+    """Truncated to 500 characters."""
+    artifacts: _builtins.str
+    """A JSON array."""
+    metadata: _builtins.str
+    """A JSON object of at most 10,240 bytes, stored as outcome.evidence_metadata."""
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        external_id: _builtins.str | None = ...,
+        result_url: _builtins.str | None = ...,
+        result_ref: _builtins.str | None = ...,
+        result_type: _builtins.str | None = ...,
+        summary: _builtins.str | None = ...,
+        artifacts: _builtins.str | None = ...,
+        metadata: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts", "_external_id", b"_external_id", "_metadata", b"_metadata", "_result_ref", b"_result_ref", "_result_type", b"_result_type", "_result_url", b"_result_url", "_summary", b"_summary", "artifacts", b"artifacts", "external_id", b"external_id", "metadata", b"metadata", "result_ref", b"result_ref", "result_type", b"result_type", "result_url", b"result_url", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts", "_external_id", b"_external_id", "_metadata", b"_metadata", "_result_ref", b"_result_ref", "_result_type", b"_result_type", "_result_url", b"_result_url", "_summary", b"_summary", "artifacts", b"artifacts", "execution_id", b"execution_id", "external_id", b"external_id", "metadata", b"metadata", "result_ref", b"result_ref", "result_type", b"result_type", "result_url", b"result_url", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__artifacts: _TypeAlias = _typing.Literal["artifacts"]  # noqa: Y015
+    _WhichOneofArgType__artifacts: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts"]  # noqa: Y015
+    _WhichOneofReturnType__external_id: _TypeAlias = _typing.Literal["external_id"]  # noqa: Y015
+    _WhichOneofArgType__external_id: _TypeAlias = _typing.Literal["_external_id", b"_external_id"]  # noqa: Y015
+    _WhichOneofReturnType__metadata: _TypeAlias = _typing.Literal["metadata"]  # noqa: Y015
+    _WhichOneofArgType__metadata: _TypeAlias = _typing.Literal["_metadata", b"_metadata"]  # noqa: Y015
+    _WhichOneofReturnType__result_ref: _TypeAlias = _typing.Literal["result_ref"]  # noqa: Y015
+    _WhichOneofArgType__result_ref: _TypeAlias = _typing.Literal["_result_ref", b"_result_ref"]  # noqa: Y015
+    _WhichOneofReturnType__result_type: _TypeAlias = _typing.Literal["result_type"]  # noqa: Y015
+    _WhichOneofArgType__result_type: _TypeAlias = _typing.Literal["_result_type", b"_result_type"]  # noqa: Y015
+    _WhichOneofReturnType__result_url: _TypeAlias = _typing.Literal["result_url"]  # noqa: Y015
+    _WhichOneofArgType__result_url: _TypeAlias = _typing.Literal["_result_url", b"_result_url"]  # noqa: Y015
+    _WhichOneofReturnType__summary: _TypeAlias = _typing.Literal["summary"]  # noqa: Y015
+    _WhichOneofArgType__summary: _TypeAlias = _typing.Literal["_summary", b"_summary"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__artifacts) -> _WhichOneofReturnType__artifacts | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__external_id) -> _WhichOneofReturnType__external_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__metadata) -> _WhichOneofReturnType__metadata | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__result_ref) -> _WhichOneofReturnType__result_ref | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__result_type) -> _WhichOneofReturnType__result_type | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__result_url) -> _WhichOneofReturnType__result_url | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__summary) -> _WhichOneofReturnType__summary | None: ...
+
+Global___UpdateEvidenceRequest: _TypeAlias = UpdateEvidenceRequest  # noqa: Y015
+
+@_typing.final
+class UpdateEvidenceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_STATE_FIELD_NUMBER: _builtins.int
+    EVIDENCE_UPDATED_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    outcome_state: Global___OutcomeState.ValueType
+    evidence_updated: _builtins.bool
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        outcome_state: Global___OutcomeState.ValueType = ...,
+        evidence_updated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence_updated", b"evidence_updated", "execution_id", b"execution_id", "outcome_state", b"outcome_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateEvidenceResponse: _TypeAlias = UpdateEvidenceResponse  # noqa: Y015

@@ -41,6 +41,21 @@ class OutcomeServiceStub:
                 request_serializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeRequest.SerializeToString,
                 response_deserializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeResponse.FromString,
                 _registered_method=True)
+        self.VerifyOutcome = channel.unary_unary(
+                '/cueline.v1.OutcomeService/VerifyOutcome',
+                request_serializer=cueline_dot_v1_dot_outcomes__pb2.VerifyOutcomeRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_outcomes__pb2.VerifyOutcomeResponse.FromString,
+                _registered_method=True)
+        self.MarkVerificationPending = channel.unary_unary(
+                '/cueline.v1.OutcomeService/MarkVerificationPending',
+                request_serializer=cueline_dot_v1_dot_outcomes__pb2.MarkVerificationPendingRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_outcomes__pb2.MarkVerificationPendingResponse.FromString,
+                _registered_method=True)
+        self.UpdateEvidence = channel.unary_unary(
+                '/cueline.v1.OutcomeService/UpdateEvidence',
+                request_serializer=cueline_dot_v1_dot_outcomes__pb2.UpdateEvidenceRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_outcomes__pb2.UpdateEvidenceResponse.FromString,
+                _registered_method=True)
 
 
 class OutcomeServiceServicer:
@@ -56,6 +71,31 @@ class OutcomeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyOutcome(self, request, context):
+        """Marks a reported outcome verified (valid, the default) or rejected.
+        FAILED_PRECONDITION (REST 409 invalid_state) from any state but
+        reported_success, reported_failure and verification_pending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkVerificationPending(self, request, context):
+        """Puts a reported outcome back to verification_pending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateEvidence(self, request, context):
+        """Adds or replaces evidence after the report, and re-runs a failed policy
+        verdict: evidence that now satisfies it turns verification_failed into
+        verified_success.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OutcomeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +103,21 @@ def add_OutcomeServiceServicer_to_server(servicer, server):
                     servicer.RecordOutcome,
                     request_deserializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeRequest.FromString,
                     response_serializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeResponse.SerializeToString,
+            ),
+            'VerifyOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyOutcome,
+                    request_deserializer=cueline_dot_v1_dot_outcomes__pb2.VerifyOutcomeRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_outcomes__pb2.VerifyOutcomeResponse.SerializeToString,
+            ),
+            'MarkVerificationPending': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkVerificationPending,
+                    request_deserializer=cueline_dot_v1_dot_outcomes__pb2.MarkVerificationPendingRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_outcomes__pb2.MarkVerificationPendingResponse.SerializeToString,
+            ),
+            'UpdateEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateEvidence,
+                    request_deserializer=cueline_dot_v1_dot_outcomes__pb2.UpdateEvidenceRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_outcomes__pb2.UpdateEvidenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -94,6 +149,87 @@ class OutcomeService:
             '/cueline.v1.OutcomeService/RecordOutcome',
             cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeRequest.SerializeToString,
             cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.OutcomeService/VerifyOutcome',
+            cueline_dot_v1_dot_outcomes__pb2.VerifyOutcomeRequest.SerializeToString,
+            cueline_dot_v1_dot_outcomes__pb2.VerifyOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkVerificationPending(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.OutcomeService/MarkVerificationPending',
+            cueline_dot_v1_dot_outcomes__pb2.MarkVerificationPendingRequest.SerializeToString,
+            cueline_dot_v1_dot_outcomes__pb2.MarkVerificationPendingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.OutcomeService/UpdateEvidence',
+            cueline_dot_v1_dot_outcomes__pb2.UpdateEvidenceRequest.SerializeToString,
+            cueline_dot_v1_dot_outcomes__pb2.UpdateEvidenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

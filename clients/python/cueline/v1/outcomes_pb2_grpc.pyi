@@ -39,6 +39,18 @@ class OutcomeServiceStub:
     """Records the outcome of an execution. Write-once: a second report is
     refused with ALREADY_EXISTS (REST 409 outcome_already_recorded).
     """
+    VerifyOutcome: _grpc.UnaryUnaryMultiCallable[_outcomes_pb2.VerifyOutcomeRequest, _outcomes_pb2.VerifyOutcomeResponse]
+    """Marks a reported outcome verified (valid, the default) or rejected.
+    FAILED_PRECONDITION (REST 409 invalid_state) from any state but
+    reported_success, reported_failure and verification_pending.
+    """
+    MarkVerificationPending: _grpc.UnaryUnaryMultiCallable[_outcomes_pb2.MarkVerificationPendingRequest, _outcomes_pb2.MarkVerificationPendingResponse]
+    """Puts a reported outcome back to verification_pending."""
+    UpdateEvidence: _grpc.UnaryUnaryMultiCallable[_outcomes_pb2.UpdateEvidenceRequest, _outcomes_pb2.UpdateEvidenceResponse]
+    """Adds or replaces evidence after the report, and re-runs a failed policy
+    verdict: evidence that now satisfies it turns verification_failed into
+    verified_success.
+    """
 
 @_typing.type_check_only
 class OutcomeServiceAsyncStub(OutcomeServiceStub):
@@ -50,6 +62,18 @@ class OutcomeServiceAsyncStub(OutcomeServiceStub):
     RecordOutcome: _aio.UnaryUnaryMultiCallable[_outcomes_pb2.RecordOutcomeRequest, _outcomes_pb2.RecordOutcomeResponse]  # type: ignore[assignment]
     """Records the outcome of an execution. Write-once: a second report is
     refused with ALREADY_EXISTS (REST 409 outcome_already_recorded).
+    """
+    VerifyOutcome: _aio.UnaryUnaryMultiCallable[_outcomes_pb2.VerifyOutcomeRequest, _outcomes_pb2.VerifyOutcomeResponse]  # type: ignore[assignment]
+    """Marks a reported outcome verified (valid, the default) or rejected.
+    FAILED_PRECONDITION (REST 409 invalid_state) from any state but
+    reported_success, reported_failure and verification_pending.
+    """
+    MarkVerificationPending: _aio.UnaryUnaryMultiCallable[_outcomes_pb2.MarkVerificationPendingRequest, _outcomes_pb2.MarkVerificationPendingResponse]  # type: ignore[assignment]
+    """Puts a reported outcome back to verification_pending."""
+    UpdateEvidence: _aio.UnaryUnaryMultiCallable[_outcomes_pb2.UpdateEvidenceRequest, _outcomes_pb2.UpdateEvidenceResponse]  # type: ignore[assignment]
+    """Adds or replaces evidence after the report, and re-runs a failed policy
+    verdict: evidence that now satisfies it turns verification_failed into
+    verified_success.
     """
 
 class OutcomeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -65,6 +89,36 @@ class OutcomeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_outcomes_pb2.RecordOutcomeResponse, _abc.Awaitable[_outcomes_pb2.RecordOutcomeResponse]]:
         """Records the outcome of an execution. Write-once: a second report is
         refused with ALREADY_EXISTS (REST 409 outcome_already_recorded).
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyOutcome(
+        self,
+        request: _outcomes_pb2.VerifyOutcomeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_outcomes_pb2.VerifyOutcomeResponse, _abc.Awaitable[_outcomes_pb2.VerifyOutcomeResponse]]:
+        """Marks a reported outcome verified (valid, the default) or rejected.
+        FAILED_PRECONDITION (REST 409 invalid_state) from any state but
+        reported_success, reported_failure and verification_pending.
+        """
+
+    @_abc_1.abstractmethod
+    def MarkVerificationPending(
+        self,
+        request: _outcomes_pb2.MarkVerificationPendingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_outcomes_pb2.MarkVerificationPendingResponse, _abc.Awaitable[_outcomes_pb2.MarkVerificationPendingResponse]]:
+        """Puts a reported outcome back to verification_pending."""
+
+    @_abc_1.abstractmethod
+    def UpdateEvidence(
+        self,
+        request: _outcomes_pb2.UpdateEvidenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_outcomes_pb2.UpdateEvidenceResponse, _abc.Awaitable[_outcomes_pb2.UpdateEvidenceResponse]]:
+        """Adds or replaces evidence after the report, and re-runs a failed policy
+        verdict: evidence that now satisfies it turns verification_failed into
+        verified_success.
         """
 
 def add_OutcomeServiceServicer_to_server(servicer: OutcomeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
