@@ -279,3 +279,38 @@ def test_concurrent_first_uses_of_a_fire_key_create_one_execution(server: Server
     assert len(ids) == 8 and len(set(ids)) == 1
     with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
         assert client.get(f"/v1/executions?cue_id={cue['id']}").json()["total"] == 1
+
+
+def test_execution_list_filters(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = worker_cue(client)
+        done, failed, waiting = (fire(client, cue["id"]) for _ in range(3))
+        client.post(f"/v1/executions/{done}/claim", json={"worker_id": "box-1"})
+        client.post(
+            f"/v1/executions/{done}/outcome",
+            json={"success": True, "external_id": "e", "result_type": "report"},
+        )
+        client.post(f"/v1/executions/{failed}/outcome", json={"success": False})
+
+        def ids(query: str) -> set[str]:
+            response = client.get(f"/v1/executions?{query}")
+            assert response.status_code == 200, response.text
+            return {e["id"] for e in response.json()["executions"]}
+
+        assert ids("status__in=success,failed") == {done, failed}
+        assert ids("status=pending") == {waiting}
+        assert ids("worker_id=box-1") == {done}
+        assert ids("outcome_state=reported_failure") == {failed}
+        assert ids("triggered_by=manual_fire") == {done, failed, waiting}
+        assert ids("has_evidence=true") == {done} and ids("has_evidence=false") == {failed, waiting}
+        assert ids("result_type=report") == {done}
+        for query, status, code in [
+            ("status=pending&status__in=failed", 400, "conflicting_filters"),
+            ("status__in=failed,asleep", 400, "invalid_status_in"),
+            ("status__in=", 400, "invalid_status_in"),
+            ("outcome_state=great", 422, "validation_error"),
+            ("triggered_by=magic", 422, "validation_error"),
+        ]:
+            response = client.get(f"/v1/executions?{query}")
+            assert response.status_code == status and response.json()["error"]["code"] == code, query

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from cueline.v1 import executions_pb2
+from typing import Any
+
+from cueline.v1 import executions_pb2, outcomes_pb2
 from cueline_server.api.pipeline import Call
 from cueline_server.servicers.convert import from_enum, put_time
 from cueline_server.servicers.resources import execution_message
@@ -17,12 +19,21 @@ class ExecutionServicer:
     async def ListExecutions(
         self, request: executions_pb2.ListExecutionsRequest, call: Call
     ) -> executions_pb2.ListExecutionsResponse:
+        def given(name: str) -> Any:
+            return getattr(request, name) if request.HasField(name) else None  # type: ignore[arg-type]
+
         page = await self._executions.page(
             call.account,
-            cue_id=request.cue_id if request.HasField("cue_id") else None,
             status=from_enum(executions_pb2.ExecutionStatus, request.status),
-            limit=request.limit if request.HasField("limit") else None,
-            offset=request.offset if request.HasField("offset") else None,
+            status_in=given("status_in"),
+            limit=given("limit"),
+            offset=given("offset"),
+            cue_id=given("cue_id"),
+            worker_id=given("worker_id"),
+            outcome_state=from_enum(outcomes_pb2.OutcomeState, request.outcome_state),
+            triggered_by=from_enum(executions_pb2.TriggeredBy, request.triggered_by),
+            has_evidence=given("has_evidence"),
+            result_type=given("result_type"),
         )
         response = executions_pb2.ListExecutionsResponse(
             total=page.total, limit=page.limit, offset=page.offset, has_more=page.has_more

@@ -237,16 +237,34 @@ class ExecutionRepository(_Repository):
         account_id: uuid.UUID,
         *,
         cue_id: str | None = None,
-        status: str | None = None,
+        statuses: Sequence[str] | None = None,
+        worker_id: str | None = None,
+        outcome_state: str | None = None,
+        triggered_by: str | None = None,
+        has_evidence: bool | None = None,
+        result_type: str | None = None,
         limit: int,
         offset: int,
     ) -> tuple[Sequence[AnyRow], int, dt.datetime | None]:
         """A page newest first, the total, and the earliest claimed_at of the filtered set."""
-        condition: ColumnElement[bool] = executions.c.account_id == account_id
+        t = executions
+        conditions: list[ColumnElement[bool]] = [t.c.account_id == account_id]
         if cue_id is not None:
-            condition = and_(condition, executions.c.cue_id == cue_id)
-        if status is not None:
-            condition = and_(condition, executions.c.status == status)
+            conditions.append(t.c.cue_id == cue_id)
+        if statuses is not None:
+            conditions.append(t.c.status.in_(statuses))
+        if worker_id is not None:
+            conditions.append(t.c.claimed_by_worker == worker_id)
+        if outcome_state is not None:
+            conditions.append(t.c.outcome_state == outcome_state)
+        if triggered_by is not None:
+            conditions.append(t.c.triggered_by == triggered_by)
+        if has_evidence is not None:
+            produced = t.c.evidence_produced_at.is_not(None)
+            conditions.append(produced if has_evidence else ~produced)
+        if result_type is not None:
+            conditions.append(t.c.result_type == result_type)
+        condition = and_(*conditions)
         rows = await self.conn.execute(
             select(executions)
             .where(condition)

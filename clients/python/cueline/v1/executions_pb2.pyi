@@ -209,6 +209,12 @@ class ListExecutionsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    STATUS_IN_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_STATE_FIELD_NUMBER: _builtins.int
+    TRIGGERED_BY_FIELD_NUMBER: _builtins.int
+    HAS_EVIDENCE_FIELD_NUMBER: _builtins.int
+    RESULT_TYPE_FIELD_NUMBER: _builtins.int
     cue_id: _builtins.str
     """Only executions of this cue."""
     status: Global___ExecutionStatus.ValueType
@@ -216,6 +222,17 @@ class ListExecutionsRequest(_message.Message):
     limit: _builtins.int
     """Page size, 1-100 (default 20)."""
     offset: _builtins.int
+    status_in: _builtins.str
+    """Comma-separated statuses (REST query `status__in`); not together with status."""
+    worker_id: _builtins.str
+    """Only executions claimed by this worker."""
+    outcome_state: _outcomes_pb2.OutcomeState.ValueType
+    """Only executions in this outcome state."""
+    triggered_by: Global___TriggeredBy.ValueType
+    has_evidence: _builtins.bool
+    """true: at least one of external_id, result_url, artifacts was recorded; false: none was."""
+    result_type: _builtins.str
+    """Only outcomes of this result_type."""
     def __init__(
         self,
         *,
@@ -223,23 +240,45 @@ class ListExecutionsRequest(_message.Message):
         status: Global___ExecutionStatus.ValueType = ...,
         limit: _builtins.int | None = ...,
         offset: _builtins.int | None = ...,
+        status_in: _builtins.str | None = ...,
+        worker_id: _builtins.str | None = ...,
+        outcome_state: _outcomes_pb2.OutcomeState.ValueType = ...,
+        triggered_by: Global___TriggeredBy.ValueType = ...,
+        has_evidence: _builtins.bool | None = ...,
+        result_type: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cue_id", b"_cue_id", "_limit", b"_limit", "_offset", b"_offset", "cue_id", b"cue_id", "limit", b"limit", "offset", b"offset"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cue_id", b"_cue_id", "_has_evidence", b"_has_evidence", "_limit", b"_limit", "_offset", b"_offset", "_result_type", b"_result_type", "_status_in", b"_status_in", "_worker_id", b"_worker_id", "cue_id", b"cue_id", "has_evidence", b"has_evidence", "limit", b"limit", "offset", b"offset", "result_type", b"result_type", "status_in", b"status_in", "worker_id", b"worker_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cue_id", b"_cue_id", "_limit", b"_limit", "_offset", b"_offset", "cue_id", b"cue_id", "limit", b"limit", "offset", b"offset", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cue_id", b"_cue_id", "_has_evidence", b"_has_evidence", "_limit", b"_limit", "_offset", b"_offset", "_result_type", b"_result_type", "_status_in", b"_status_in", "_worker_id", b"_worker_id", "cue_id", b"cue_id", "has_evidence", b"has_evidence", "limit", b"limit", "offset", b"offset", "outcome_state", b"outcome_state", "result_type", b"result_type", "status", b"status", "status_in", b"status_in", "triggered_by", b"triggered_by", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cue_id: _TypeAlias = _typing.Literal["cue_id"]  # noqa: Y015
     _WhichOneofArgType__cue_id: _TypeAlias = _typing.Literal["_cue_id", b"_cue_id"]  # noqa: Y015
+    _WhichOneofReturnType__has_evidence: _TypeAlias = _typing.Literal["has_evidence"]  # noqa: Y015
+    _WhichOneofArgType__has_evidence: _TypeAlias = _typing.Literal["_has_evidence", b"_has_evidence"]  # noqa: Y015
     _WhichOneofReturnType__limit: _TypeAlias = _typing.Literal["limit"]  # noqa: Y015
     _WhichOneofArgType__limit: _TypeAlias = _typing.Literal["_limit", b"_limit"]  # noqa: Y015
     _WhichOneofReturnType__offset: _TypeAlias = _typing.Literal["offset"]  # noqa: Y015
     _WhichOneofArgType__offset: _TypeAlias = _typing.Literal["_offset", b"_offset"]  # noqa: Y015
+    _WhichOneofReturnType__result_type: _TypeAlias = _typing.Literal["result_type"]  # noqa: Y015
+    _WhichOneofArgType__result_type: _TypeAlias = _typing.Literal["_result_type", b"_result_type"]  # noqa: Y015
+    _WhichOneofReturnType__status_in: _TypeAlias = _typing.Literal["status_in"]  # noqa: Y015
+    _WhichOneofArgType__status_in: _TypeAlias = _typing.Literal["_status_in", b"_status_in"]  # noqa: Y015
+    _WhichOneofReturnType__worker_id: _TypeAlias = _typing.Literal["worker_id"]  # noqa: Y015
+    _WhichOneofArgType__worker_id: _TypeAlias = _typing.Literal["_worker_id", b"_worker_id"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cue_id) -> _WhichOneofReturnType__cue_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__has_evidence) -> _WhichOneofReturnType__has_evidence | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__limit) -> _WhichOneofReturnType__limit | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__offset) -> _WhichOneofReturnType__offset | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__result_type) -> _WhichOneofReturnType__result_type | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__status_in) -> _WhichOneofReturnType__status_in | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__worker_id) -> _WhichOneofReturnType__worker_id | None: ...
 
 Global___ListExecutionsRequest: _TypeAlias = ListExecutionsRequest  # noqa: Y015
 
