@@ -82,3 +82,7 @@ def internal_error() -> ApiError:
 
 def service_unavailable() -> ApiError:
     return ApiError("service_unavailable", "The database is unreachable", 503)
+
+
+def idempotency_key_conflict() -> ApiError:
+    return ApiError("idempotency_key_conflict", "Idempotency key already used with a different request", 409)

@@ -150,3 +150,32 @@ def test_a_missed_deadline_makes_the_outcome_unknown_and_a_late_report_is_flagge
         assert late.status_code == 200 and late.json()["late"] is True
         assert late.json()["outcome_state"] == "reported_success"
         assert client.post(f"/v1/executions/{execution}/outcome", json={"success": True}).status_code == 409
+
+
+def test_an_idempotent_repeat_gets_the_original_response(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = client.post(
+            "/v1/cues",
+            json={
+                "name": "idem",
+                "transport": "worker",
+                "verification": {"mode": "require_result_url"},
+                "schedule": {"type": "recurring", "cron": "0 0 1 1 *"},
+            },
+        ).json()
+        execution = client.post(f"/v1/cues/{cue['id']}/fire").json()["id"]
+        path = f"/v1/executions/{execution}/outcome"
+        report = {"success": True, "metadata": {"n": 1}}
+        first = client.post(path, json=report, headers={"Idempotency-Key": "attempt-1"})
+        assert first.status_code == 200 and first.json()["reason"] == "require_result_url: result_url missing"
+        client.patch(f"/v1/executions/{execution}/evidence", json={"result_url": "https://r.example/1"})
+        repeat = client.post(path, json=report, headers={"Idempotency-Key": "attempt-1"})
+        assert repeat.status_code == 200 and repeat.json() == first.json()  # the original, not today's state
+        changed = client.post(path, json={"success": False}, headers={"Idempotency-Key": "attempt-1"})
+        assert changed.status_code == 409 and changed.json()["error"]["code"] == "idempotency_key_conflict"
+        other_key = client.post(path, json=report, headers={"Idempotency-Key": "attempt-2"})
+        assert (
+            other_key.status_code == 409 and other_key.json()["error"]["code"] == "outcome_already_recorded"
+        )
+        assert client.post(path, json=report).status_code == 409

@@ -31,6 +31,7 @@ class OutcomeServicer:
             request.execution_id,
             OutcomeReport(success=request.success, **given),
             request.fencing_token if request.HasField("fencing_token") else None,
+            request.request_id if request.HasField("request_id") else None,
         )
         response = outcomes_pb2.RecordOutcomeResponse(
             execution_id=recorded.execution_id,

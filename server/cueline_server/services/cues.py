@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cueline_server.config import Settings
-from cueline_server.errors import ApiError, cue_not_found, field_error
+from cueline_server.errors import ApiError, cue_not_found, field_error, idempotency_key_conflict
 from cueline_server.services.accounts import Caller, now
 from cueline_server.services.callbacks import CallbackPolicy
 from cueline_server.services.identifiers import is_cue_id, new_cue_id
@@ -412,7 +412,7 @@ class CueService:
                 )
             except DuplicateError:
                 continue
-        raise _key_conflict()
+        raise idempotency_key_conflict()
 
     async def _fire_once(
         self,
@@ -433,7 +433,7 @@ class CueService:
                 earlier = await uow.fire_keys.get(cue_id, key)
                 if earlier is not None and moment - earlier.created_at < FIRE_KEY_TTL:
                     if earlier.request_hash != request_hash:
-                        raise _key_conflict()
+                        raise idempotency_key_conflict()
                     return Fired(str(earlier.execution_id), cue_id, earlier.scheduled_for)
                 if earlier is not None:
                     await uow.fire_keys.forget(cue_id, key)
@@ -487,10 +487,6 @@ def new_execution(
         "created_at": moment,
         "updated_at": moment,
     }
-
-
-def _key_conflict() -> ApiError:
-    return ApiError("idempotency_key_conflict", "Idempotency key already used with a different request", 409)
 
 
 def _duplicate_name(name: str) -> ApiError:

@@ -10,14 +10,16 @@ every mode and the statement picks the one for the cue's mode.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cueline_server.errors import ApiError, execution_not_found, field_error
+from cueline_server.errors import ApiError, execution_not_found, field_error, idempotency_key_conflict
 from cueline_server.services.accounts import Caller, now
 from cueline_server.services.identifiers import parse_uuid
 from cueline_server.store.database import Database
@@ -44,6 +46,14 @@ class OutcomeReport:
     summary: str | None = None
     artifacts: str | None = None  # JSON array text
 
+    def digest(self) -> str:
+        """SHA-256 of the report's canonical JSON: what an idempotent repeat must match."""
+        canonical = {
+            name: json.loads(value) if name in ("metadata", "artifacts") and value is not None else value
+            for name, value in dataclasses.asdict(self).items()
+        }
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
     def evidence(self) -> set[str]:
         present = set()
         if self.external_id:
@@ -68,6 +78,13 @@ class RecordedOutcome:
     outcome_state: str
     reason: str | None
     late: bool
+
+
+def reported_reason(mode: str | None, state: str) -> str | None:
+    """The reason a report's response carried, from its mode and resulting state."""
+    if state == "verification_failed" and mode in _REQUIREMENT:
+        return f"{mode}: {_REQUIREMENT[mode]} missing"
+    return None
 
 
 def outcome_already_recorded() -> ApiError:
@@ -130,7 +147,12 @@ class OutcomeService:
         self._failed = failed
 
     async def record(
-        self, caller: Caller, execution_id: str, report: OutcomeReport, fencing_token: int | None = None
+        self,
+        caller: Caller,
+        execution_id: str,
+        report: OutcomeReport,
+        fencing_token: int | None = None,
+        request_id: str | None = None,
     ) -> RecordedOutcome:
         parsed = parse_uuid(execution_id)
         if parsed is None:
@@ -151,6 +173,8 @@ class OutcomeService:
             "summary": report.summary,
             "artifacts": report.artifacts,
             "evidence_produced_at": moment if evidence else None,
+            "outcome_request_key": request_id,
+            "outcome_request_hash": report.digest() if request_id is not None else None,
         }
         async with self._db.single_statement() as repos:
             row = await repos.executions.record_outcome(
@@ -167,7 +191,14 @@ class OutcomeService:
                     raise execution_not_found()
                 if found.outcome_recorded_at is None:
                     raise stale_claim()
-                raise outcome_already_recorded()
+                if request_id is None or request_id != found.outcome_request_key:
+                    raise outcome_already_recorded()
+                if report.digest() != found.outcome_request_hash:
+                    raise idempotency_key_conflict()
+                original = reported_reason(found.outcome_verification_mode, found.outcome_reported_state)
+                return RecordedOutcome(
+                    str(found.id), found.outcome_reported_state, original, bool(found.outcome_late)
+                )
         if row.transport == "worker" and row.status == "failed":
             self._failed([row.id])
         reason = verdicts[row.outcome_verification_mode].reason

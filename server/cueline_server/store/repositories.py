@@ -224,11 +224,19 @@ class ExecutionRepository(_Repository):
         return result.first()
 
     async def write_once_state(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
-        """Why a write-once UPDATE did not apply: the row's recorded time and attempts, or None."""
+        """Why a write-once UPDATE did not apply (the recorded report, its key and
+        the claim count), or None when there is no such execution."""
         result = await self.conn.execute(
-            select(executions.c.outcome_recorded_at, executions.c.attempts).where(
-                executions.c.account_id == account_id, executions.c.id == execution_id
-            )
+            select(
+                executions.c.id,
+                executions.c.outcome_recorded_at,
+                executions.c.attempts,
+                executions.c.outcome_request_key,
+                executions.c.outcome_request_hash,
+                executions.c.outcome_reported_state,
+                executions.c.outcome_late,
+                executions.c.outcome_verification_mode,
+            ).where(executions.c.account_id == account_id, executions.c.id == execution_id)
         )
         return result.first()
 
@@ -390,6 +398,8 @@ _OUTCOME_COLUMNS = (
     "summary",
     "artifacts",
     "evidence_produced_at",
+    "outcome_request_key",
+    "outcome_request_hash",
 )
 
 
@@ -455,6 +465,7 @@ def _record_outcome_statement() -> Any:
         outcome_late=and_(t.c.outcome_deadline_at.is_not(None), t.c.outcome_deadline_at < now),
         outcome_verification_mode=mode,
         outcome_state=by_mode("state"),
+        outcome_reported_state=by_mode("state"),
         validation_state=by_mode("validation"),
         # Worker transport: the report completes the execution.
         status=case((worker, case((success, "success"), else_="failed")), else_=t.c.status),

@@ -162,6 +162,11 @@ executions = Table(
     Column("outcome_metadata", Text, nullable=True, comment="JSON object"),
     Column("outcome_late", Boolean, nullable=True),
     Column("outcome_verification_mode", String(32), nullable=True, comment="the cue's mode at report time"),
+    Column(
+        "outcome_reported_state", String(32), nullable=True, comment="outcome_state right after the report"
+    ),
+    Column("outcome_request_key", String(255), nullable=True, comment="the report's idempotency key"),
+    Column("outcome_request_hash", String(64), nullable=True, comment="SHA-256 of the canonical report"),
     Column("external_id", String(500), nullable=True),
     Column("result_url", String(2048), nullable=True),
     Column("result_ref", String(500), nullable=True),

@@ -186,6 +186,7 @@ class RecordOutcomeRequest(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     ARTIFACTS_FIELD_NUMBER: _builtins.int
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     success: _builtins.bool
     """Whether the work succeeded."""
@@ -206,6 +207,12 @@ class RecordOutcomeRequest(_message.Message):
     """A worker's claim (Claim.fencing_token): when given, the report is refused
     (FAILED_PRECONDITION, reason stale_claim) if the execution was claimed again since.
     """
+    request_id: _builtins.str
+    """Makes a retried report safe: repeating the recorded report with the same
+    id returns the original response instead of ALREADY_EXISTS; a different
+    report with it is refused (idempotency_key_conflict). REST: the
+    Idempotency-Key header.
+    """
     def __init__(
         self,
         *,
@@ -221,10 +228,11 @@ class RecordOutcomeRequest(_message.Message):
         summary: _builtins.str | None = ...,
         artifacts: _builtins.str | None = ...,
         fencing_token: _builtins.int | None = ...,
+        request_id: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts", "_error", b"_error", "_external_id", b"_external_id", "_fencing_token", b"_fencing_token", "_metadata", b"_metadata", "_result", b"_result", "_result_ref", b"_result_ref", "_result_type", b"_result_type", "_result_url", b"_result_url", "_success", b"_success", "_summary", b"_summary", "artifacts", b"artifacts", "error", b"error", "external_id", b"external_id", "fencing_token", b"fencing_token", "metadata", b"metadata", "result", b"result", "result_ref", b"result_ref", "result_type", b"result_type", "result_url", b"result_url", "success", b"success", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts", "_error", b"_error", "_external_id", b"_external_id", "_fencing_token", b"_fencing_token", "_metadata", b"_metadata", "_request_id", b"_request_id", "_result", b"_result", "_result_ref", b"_result_ref", "_result_type", b"_result_type", "_result_url", b"_result_url", "_success", b"_success", "_summary", b"_summary", "artifacts", b"artifacts", "error", b"error", "external_id", b"external_id", "fencing_token", b"fencing_token", "metadata", b"metadata", "request_id", b"request_id", "result", b"result", "result_ref", b"result_ref", "result_type", b"result_type", "result_url", b"result_url", "success", b"success", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts", "_error", b"_error", "_external_id", b"_external_id", "_fencing_token", b"_fencing_token", "_metadata", b"_metadata", "_result", b"_result", "_result_ref", b"_result_ref", "_result_type", b"_result_type", "_result_url", b"_result_url", "_success", b"_success", "_summary", b"_summary", "artifacts", b"artifacts", "error", b"error", "execution_id", b"execution_id", "external_id", b"external_id", "fencing_token", b"fencing_token", "metadata", b"metadata", "result", b"result", "result_ref", b"result_ref", "result_type", b"result_type", "result_url", b"result_url", "success", b"success", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts", "_error", b"_error", "_external_id", b"_external_id", "_fencing_token", b"_fencing_token", "_metadata", b"_metadata", "_request_id", b"_request_id", "_result", b"_result", "_result_ref", b"_result_ref", "_result_type", b"_result_type", "_result_url", b"_result_url", "_success", b"_success", "_summary", b"_summary", "artifacts", b"artifacts", "error", b"error", "execution_id", b"execution_id", "external_id", b"external_id", "fencing_token", b"fencing_token", "metadata", b"metadata", "request_id", b"request_id", "result", b"result", "result_ref", b"result_ref", "result_type", b"result_type", "result_url", b"result_url", "success", b"success", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__artifacts: _TypeAlias = _typing.Literal["artifacts"]  # noqa: Y015
     _WhichOneofArgType__artifacts: _TypeAlias = _typing.Literal["_artifacts", b"_artifacts"]  # noqa: Y015
@@ -236,6 +244,8 @@ class RecordOutcomeRequest(_message.Message):
     _WhichOneofArgType__fencing_token: _TypeAlias = _typing.Literal["_fencing_token", b"_fencing_token"]  # noqa: Y015
     _WhichOneofReturnType__metadata: _TypeAlias = _typing.Literal["metadata"]  # noqa: Y015
     _WhichOneofArgType__metadata: _TypeAlias = _typing.Literal["_metadata", b"_metadata"]  # noqa: Y015
+    _WhichOneofReturnType__request_id: _TypeAlias = _typing.Literal["request_id"]  # noqa: Y015
+    _WhichOneofArgType__request_id: _TypeAlias = _typing.Literal["_request_id", b"_request_id"]  # noqa: Y015
     _WhichOneofReturnType__result: _TypeAlias = _typing.Literal["result"]  # noqa: Y015
     _WhichOneofArgType__result: _TypeAlias = _typing.Literal["_result", b"_result"]  # noqa: Y015
     _WhichOneofReturnType__result_ref: _TypeAlias = _typing.Literal["result_ref"]  # noqa: Y015
@@ -258,6 +268,8 @@ class RecordOutcomeRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fencing_token) -> _WhichOneofReturnType__fencing_token | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__metadata) -> _WhichOneofReturnType__metadata | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__request_id) -> _WhichOneofReturnType__request_id | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__result) -> _WhichOneofReturnType__result | None: ...
     @_typing.overload
