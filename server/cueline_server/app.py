@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +29,14 @@ from cueline_server.config import Settings
 from cueline_server.dispatch import Dispatcher
 from cueline_server.scheduler import Scheduler
 from cueline_server.servicers.accounts import AccountServicer
+from cueline_server.servicers.alerts import AlertServicer
 from cueline_server.servicers.cues import CueServicer
 from cueline_server.servicers.executions import ExecutionServicer
 from cueline_server.servicers.outcomes import OutcomeServicer
 from cueline_server.servicers.probes import ProbeServicer
 from cueline_server.servicers.workers import WorkerServicer
 from cueline_server.services.accounts import AccountService, Authenticator
+from cueline_server.services.alerts import AlertService
 from cueline_server.services.claims import ClaimService
 from cueline_server.services.cues import CueService
 from cueline_server.services.executions import ExecutionService
@@ -63,15 +67,23 @@ def assemble(db: Database, settings: Settings) -> Components:
     """Build the services and servicers. Every RPC must have a handler; an RPC
     without one is a start-up error, not a runtime surprise."""
     authenticator = Authenticator(db, settings.auth_cache_seconds)
-    outcomes = OutcomeService(db, failed=lambda ids: dispatcher.notify_failed(ids))
-    dispatcher = Dispatcher(db, settings, outcomes)
+    alerts = AlertService(db)
+
+    def failed(execution_ids: Sequence[uuid.UUID]) -> None:
+        """Executions failed for good: on_failure notices, then the failure-streak alert."""
+        dispatcher.notify_failed(execution_ids)
+        alerts.failures(execution_ids)
+
+    outcomes = OutcomeService(db, failed=failed, alerts=alerts)
+    dispatcher = Dispatcher(db, settings, outcomes, on_failed=failed)
+    alerts.deliver = dispatcher.deliver_alert
 
     def work_created() -> None:
         """New executions may be due: webhooks to send, claims to hand out."""
         dispatcher.wake()
         claims.work_arrived()
 
-    claims = ClaimService(db, settings, work_created=work_created, failed=dispatcher.notify_failed)
+    claims = ClaimService(db, settings, work_created=work_created, failed=failed)
     scheduler = Scheduler(
         db,
         settings,
@@ -91,6 +103,7 @@ def assemble(db: Database, settings: Settings) -> Components:
         CueServicer(cues),
         ExecutionServicer(ExecutionService(db), claims),
         OutcomeServicer(outcomes),
+        AlertServicer(alerts),
         ProbeServicer(ProbeService(db, lambda: scheduler.last_pass, settings.webhook_stale_after_seconds)),
         WorkerServicer(WorkerService(db, settings.worker_heartbeat_timeout_seconds)),
     ]

@@ -20,16 +20,17 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from cueline_server.api.jsoncodec import format_timestamp
+from cueline_server.api.jsoncodec import format_timestamp, render
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError
+from cueline_server.servicers.alerts import alert_message
 from cueline_server.services.accounts import Caller, now
 from cueline_server.services.callbacks import BlockedTarget, CallbackPolicy
 from cueline_server.services.outcomes import OutcomeReport, OutcomeService
@@ -146,9 +147,16 @@ def _signed_headers(secret: str, body: bytes, extra: Mapping[str, str]) -> dict[
 
 
 class Dispatcher:
-    def __init__(self, db: Database, settings: Settings, outcomes: OutcomeService) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        outcomes: OutcomeService,
+        on_failed: Callable[[Sequence[uuid.UUID]], None] | None = None,
+    ) -> None:
         self._db = db
         self._outcomes = outcomes
+        self._on_failed = on_failed or self.notify_failed
         self._policy = CallbackPolicy(settings.allow_private_callbacks, settings.allow_http_callbacks)
         self._sender: Sender | None = None
         self._poll = settings.scheduler_poll_seconds
@@ -190,6 +198,18 @@ class Dispatcher:
             task = asyncio.create_task(notify_cue_failed(self._db, self.sender, execution_id))
             self._notices.add(task)
             task.add_done_callback(self._notices.discard)
+
+    async def deliver_alert(self, alert: AnyRow, url: str) -> None:
+        """POST an alert to the account's alert webhook: signed, 10 s, no retries."""
+        async with self._db.unit_of_work(write=False) as uow:
+            secret = await uow.accounts.webhook_secret(alert.account_id)
+        body = json.dumps(render(alert_message(alert)), sort_keys=True).encode()
+        headers = _signed_headers(
+            secret or "", body, {"X-CueAPI-Alert-Id": str(alert.id), "X-CueAPI-Alert-Type": alert.alert_type}
+        )
+        attempt = await self.sender.send("POST", url, body, headers, NOTIFY_TIMEOUT)
+        if not attempt.succeeded:
+            log.warning("alert webhook for %s failed: %s", alert.id, attempt.error)
 
     async def drain(self, grace: float) -> None:
         """Let deliveries under way finish (shutdown), then close the client."""
@@ -260,7 +280,7 @@ class Dispatcher:
         if attempt.succeeded:
             await self._body_outcome(row, attempt.body or "")
         elif failed:
-            self.notify_failed([row.id])
+            self._on_failed([row.id])
 
     async def _body_outcome(self, row: AnyRow, text: str) -> None:
         """A 2xx body that is a JSON object with a boolean `success` is the outcome."""
@@ -297,7 +317,7 @@ class Dispatcher:
                 if await fail_attempt(uow, row, "Recovered from stale delivering state", None, moment):
                     failed.append(row.id)
             await uow.commit()
-        self.notify_failed(failed)
+        self._on_failed(failed)
 
 
 async def fail_attempt(

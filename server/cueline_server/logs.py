@@ -27,3 +27,4 @@ def configure(level: str) -> None:
     # uvicorn's own access log is replaced by cueline's (CUELINE_ACCESS_LOG).
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)

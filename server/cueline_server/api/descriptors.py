@@ -25,10 +25,19 @@ from google.protobuf.descriptor import (
 from google.protobuf.message import Message
 
 from cueline.annotations.v1 import annotations_pb2 as cueline_options
-from cueline.v1 import accounts_pb2, cues_pb2, executions_pb2, outcomes_pb2, probes_pb2, workers_pb2
+from cueline.v1 import (
+    accounts_pb2,
+    alerts_pb2,
+    cues_pb2,
+    executions_pb2,
+    outcomes_pb2,
+    probes_pb2,
+    workers_pb2,
+)
 
 API_MODULES: tuple[ModuleType, ...] = (
     accounts_pb2,
+    alerts_pb2,
     cues_pb2,
     executions_pb2,
     outcomes_pb2,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from cueline.v1 import accounts_pb2
 from cueline_server.api.pipeline import Call
+from cueline_server.servicers.convert import put_time
 from cueline_server.services.accounts import AccountService
 
 
@@ -55,3 +56,17 @@ class AccountServicer:
         return accounts_pb2.RegenerateWebhookSecretResponse(
             webhook_secret=secret, previous_secret_revoked=True
         )
+
+    async def UpdateAccount(
+        self, request: accounts_pb2.UpdateAccountRequest, call: Call
+    ) -> accounts_pb2.UpdateAccountResponse:
+        account = await self._accounts.update(
+            call.account,
+            request.email if request.HasField("email") else None,
+            request.alert_webhook_url if request.HasField("alert_webhook_url") else None,
+        )
+        response = accounts_pb2.UpdateAccountResponse(email=account.email)
+        if account.alert_webhook_url is not None:
+            response.alert_webhook_url = account.alert_webhook_url
+        put_time(response.updated_at, account.updated_at)
+        return response

@@ -6,9 +6,11 @@ import datetime as dt
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError, field_error, invalid_api_key, key_rotated
+from cueline_server.services.callbacks import CallbackPolicy
 from cueline_server.services.identifiers import (
     hash_api_key,
     looks_like_api_key,
@@ -106,6 +108,7 @@ class AccountService:
         self._db = db
         self._settings = settings
         self._authenticator = authenticator or Authenticator(db, 0)
+        self._callbacks = CallbackPolicy(settings.allow_private_callbacks, settings.allow_http_callbacks)
 
     async def register(self, email: str) -> Registration:
         if not self._settings.allow_register:
@@ -137,6 +140,30 @@ class AccountService:
                 raise _duplicate_email() from None
             await uow.commit()
         return Registration(key, email)
+
+    async def update(self, caller: Caller, email: str | None, alert_webhook_url: str | None) -> AnyRow:
+        """Change the email or the alert webhook URL ("" clears it)."""
+        if email is None and alert_webhook_url is None:
+            raise ApiError("no_fields", "Provide email or alert_webhook_url", 422)
+        values: dict[str, Any] = {"updated_at": now()}
+        if email is not None:
+            email = normalize_email(email)
+            values.update(email=email, email_key=email.lower())
+        if alert_webhook_url:
+            try:
+                await self._callbacks.check(alert_webhook_url)
+            except ApiError as error:
+                raise ApiError("invalid_alert_webhook_url", error.message, 400) from None
+        if alert_webhook_url is not None:
+            values["alert_webhook_url"] = alert_webhook_url or None
+        async with self._db.unit_of_work() as uow:
+            if email is not None and await uow.accounts.email_taken(email.lower(), besides=caller.account_id):
+                raise _duplicate_email()
+            await uow.accounts.update(caller.account_id, values)
+            account = await uow.accounts.get(caller.account_id)
+            assert account is not None
+            await uow.commit()
+        return account
 
     async def regenerate_key(self, caller: Caller, confirmed: bool) -> str:
         """A new key; the old one answers key_rotated for 24 h."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from cueline_server.errors import ApiError, execution_not_found, field_error, idempotency_key_conflict
 from cueline_server.services.accounts import Caller, now
+from cueline_server.services.alerts import AlertService
 from cueline_server.services.identifiers import parse_uuid
 from cueline_server.store.database import Database
 from cueline_server.store.repositories import VERIFICATION_MODES as MODES
@@ -141,10 +142,15 @@ def check_report(report: OutcomeReport) -> OutcomeReport:
 
 class OutcomeService:
     def __init__(
-        self, db: Database, failed: Callable[[Sequence[uuid.UUID]], None] = lambda ids: None
+        self,
+        db: Database,
+        *,
+        failed: Callable[[Sequence[uuid.UUID]], None] = lambda ids: None,
+        alerts: AlertService | None = None,
     ) -> None:
         self._db = db
         self._failed = failed
+        self._alerts = alerts
 
     async def record(
         self,
@@ -201,6 +207,11 @@ class OutcomeService:
                 )
         if row.transport == "worker" and row.status == "failed":
             self._failed([row.id])
+        if self._alerts is not None:
+            if row.outcome_state == "verification_failed":
+                self._alerts.verification_failed([row.id])
+            if not report.success and row.transport == "webhook":  # worker failures arrive through `failed`
+                self._alerts.failures([row.id])
         reason = verdicts[row.outcome_verification_mode].reason
         return RecordedOutcome(str(row.id), row.outcome_state, reason, bool(row.outcome_late))
 
@@ -274,8 +285,10 @@ class OutcomeService:
     async def apply_deadlines(self, moment: dt.datetime) -> None:
         """Housekeeping: no report by the outcome deadline makes the outcome unknown."""
         async with self._db.unit_of_work() as uow:
-            await uow.executions.expire_deadlines(moment, 500)
+            expired = await uow.executions.expire_deadlines(moment, 500)
             await uow.commit()
+        if self._alerts is not None and expired:
+            self._alerts.outcome_timeouts([row.id for row in expired])
 
 
 REVIEWABLE = ("reported_success", "reported_failure", "verification_pending")

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from cueline_server.store.repositories import (
     AccountRepository,
+    AlertRepository,
     ClaimRepository,
     CueRepository,
     DeliveryRepository,
@@ -144,6 +145,7 @@ class Repositories:
         self.claims = ClaimRepository(conn)
         self.fire_keys = FireKeyRepository(conn)
         self.deliveries = DeliveryRepository(conn)
+        self.alerts = AlertRepository(conn)
         self.workers = WorkerRepository(conn)
 
 

@@ -34,7 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cueline_server.store.tables import UTCDateTime, accounts, cues, executions, fire_keys, workers
+from cueline_server.store.tables import UTCDateTime, accounts, alerts, cues, executions, fire_keys, workers
 
 AnyRow = Row[Unpack[tuple[Any, ...]]]  # noqa: UP044 (mypy reads the Unpack form)
 """A result row of any width; its attributes are the column names."""
@@ -84,9 +84,11 @@ class AccountRepository(_Repository):
         value: str | None = result.scalar()
         return value
 
-    async def email_taken(self, email_key: str) -> bool:
-        result = await self.conn.execute(select(accounts.c.id).where(accounts.c.email_key == email_key))
-        return result.first() is not None
+    async def email_taken(self, email_key: str, *, besides: uuid.UUID | None = None) -> bool:
+        query = select(accounts.c.id).where(accounts.c.email_key == email_key)
+        if besides is not None:
+            query = query.where(accounts.c.id != besides)
+        return (await self.conn.execute(query)).first() is not None
 
 
 class CueRepository(_Repository):
@@ -846,6 +848,7 @@ class DeliveryRepository(_Repository):
                 executions.c.http_status,
                 executions.c.error_message,
                 executions.c.updated_at,
+                executions.c.created_at,
                 cues.c.name.label("cue_name"),
                 cues.c.on_failure_webhook,
             )
@@ -873,6 +876,84 @@ def _delivery_view() -> Any:
         cues.c.retry_max_attempts,
         cues.c.retry_backoff_minutes,
     ).join(cues, cues.c.id == executions.c.cue_id)
+
+
+class AlertRepository(_Repository):
+    async def recently_raised(
+        self, account_id: uuid.UUID, alert_type: str, execution_id: uuid.UUID | None, since: dt.datetime
+    ) -> bool:
+        result = await self.conn.execute(
+            select(alerts.c.id)
+            .where(
+                alerts.c.account_id == account_id,
+                alerts.c.alert_type == alert_type,
+                alerts.c.execution_id == execution_id,
+                alerts.c.created_at >= since,
+            )
+            .limit(1)
+        )
+        return result.first() is not None
+
+    async def add(self, values: Mapping[str, Any]) -> None:
+        await self.conn.execute(insert(alerts).values(**values))
+
+    async def get(self, account_id: uuid.UUID, alert_id: uuid.UUID) -> AnyRow | None:
+        result = await self.conn.execute(
+            select(alerts).where(alerts.c.account_id == account_id, alerts.c.id == alert_id)
+        )
+        return result.first()
+
+    async def acknowledge(self, account_id: uuid.UUID, alert_id: uuid.UUID) -> None:
+        await self.conn.execute(
+            update(alerts)
+            .where(alerts.c.account_id == account_id, alerts.c.id == alert_id)
+            .values(acknowledged=True)
+        )
+
+    async def page(
+        self,
+        account_id: uuid.UUID,
+        *,
+        alert_type: str | None,
+        cue_id: str | None,
+        acknowledged: bool | None,
+        since: dt.datetime | None,
+        limit: int,
+        offset: int,
+    ) -> tuple[Sequence[AnyRow], int]:
+        conditions: list[ColumnElement[bool]] = [alerts.c.account_id == account_id]
+        if alert_type is not None:
+            conditions.append(alerts.c.alert_type == alert_type)
+        if cue_id is not None:
+            conditions.append(alerts.c.cue_id == cue_id)
+        if acknowledged is not None:
+            conditions.append(alerts.c.acknowledged == acknowledged)
+        if since is not None:
+            conditions.append(alerts.c.created_at >= since)
+        condition = and_(*conditions)
+        rows = await self.conn.execute(
+            select(alerts)
+            .where(condition)
+            .order_by(alerts.c.created_at.desc(), alerts.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        total = await self.conn.execute(select(func.count()).select_from(alerts).where(condition))
+        return rows.all(), int(total.scalar_one())
+
+    async def recent_final(self, cue_id: str, until: dt.datetime, limit: int) -> Sequence[AnyRow]:
+        """The cue's executions created up to `until` that reached a final status, newest first."""
+        result = await self.conn.execute(
+            select(executions.c.status, executions.c.outcome_success)
+            .where(
+                executions.c.cue_id == cue_id,
+                executions.c.created_at <= until,
+                executions.c.status.in_(("success", "failed", "missed")),
+            )
+            .order_by(executions.c.created_at.desc())
+            .limit(limit)
+        )
+        return result.all()
 
 
 class WorkerRepository(_Repository):

@@ -216,3 +216,20 @@ fire_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     comment="idempotency keys of POST /v1/cues/{id}/fire, remembered for 24 h",
 )
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("account_id", Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("cue_id", String(16), ForeignKey("cues.id", ondelete="SET NULL"), nullable=True),
+    Column("execution_id", Uuid, ForeignKey("executions.id", ondelete="SET NULL"), nullable=True),
+    Column("alert_type", String(32), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("metadata", Text, nullable=False, comment="JSON object"),
+    Column("acknowledged", Boolean, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Index(None, "account_id", "created_at"),
+    Index(None, "account_id", "alert_type", "execution_id", "created_at"),
+)

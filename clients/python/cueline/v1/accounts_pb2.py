@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from cueline.annotations.v1 import annotations_pb2 as cueline_dot_annotations_dot_v1_dot_annotations__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ueline/v1/accounts.proto\x12\ncueline.v1\x1a(cueline/annotations/v1/annotations.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"-\n\x0fRegisterRequest\x12\x1a\n\x05\x65mail\x18\x01 \x01(\tB\x0b\xe2\x41\x01\x02\xca\xf3\x18\x03 \xff\x01\"2\n\x10RegisterResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\"\x13\n\x11GetAccountRequest\"\xa9\x02\n\x12GetAccountResponse\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63tive_cues\x18\x03 \x01(\x03\x12\x18\n\x10\x61\x63tive_cue_limit\x18\x04 \x01(\x03\x12\x1d\n\x15\x65xecutions_this_month\x18\x05 \x01(\x03\x12\x1f\n\x17monthly_execution_limit\x18\x06 \x01(\x03\x12\x1d\n\x15rate_limit_per_minute\x18\x07 \x01(\x03\x12\x1a\n\x12has_webhook_secret\x18\x08 \x01(\x08\x12\x16\n\x0e\x61pi_key_prefix\x18\t \x01(\t\x12\x1e\n\x11\x61lert_webhook_url\x18\n \x01(\tH\x00\x88\x01\x01\x42\x14\n\x12_alert_webhook_url\"G\n\x17RegenerateApiKeyRequest\x12,\n\x07\x63onfirm\x18\x01 \x01(\x08\x42\x1b\xca\xf3\x18\x17\x12\x15X-Confirm-Destructive\"I\n\x18RegenerateApiKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x1c\n\x14previous_key_revoked\x18\x02 \x01(\x08\"\x19\n\x17GetWebhookSecretRequest\"2\n\x18GetWebhookSecretResponse\x12\x16\n\x0ewebhook_secret\x18\x01 \x01(\t\"N\n\x1eRegenerateWebhookSecretRequest\x12,\n\x07\x63onfirm\x18\x01 \x01(\x08\x42\x1b\xca\xf3\x18\x17\x12\x15X-Confirm-Destructive\"Z\n\x1fRegenerateWebhookSecretResponse\x12\x16\n\x0ewebhook_secret\x18\x01 \x01(\t\x12\x1f\n\x17previous_secret_revoked\x18\x02 \x01(\x08\x32\x87\x05\n\x0e\x41\x63\x63ountService\x12l\n\x08Register\x12\x1b.cueline.v1.RegisterRequest\x1a\x1c.cueline.v1.RegisterResponse\"%\xca\xf3\x18\x05\x08\xc9\x01\x18\x01\x82\xd3\xe4\x93\x02\x16\"\x11/v1/auth/register:\x01*\x12`\n\nGetAccount\x12\x1d.cueline.v1.GetAccountRequest\x1a\x1e.cueline.v1.GetAccountResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/auth/me\x12~\n\x10RegenerateApiKey\x12#.cueline.v1.RegenerateApiKeyRequest\x1a$.cueline.v1.RegenerateApiKeyResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x17/v1/auth/key/regenerate\x12~\n\x10GetWebhookSecret\x12#.cueline.v1.GetWebhookSecretRequest\x1a$.cueline.v1.GetWebhookSecretResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/auth/webhook-secret\x12\x9e\x01\n\x17RegenerateWebhookSecret\x12*.cueline.v1.RegenerateWebhookSecretRequest\x1a+.cueline.v1.RegenerateWebhookSecretResponse\"*\x82\xd3\xe4\x93\x02$\"\"/v1/auth/webhook-secret/regenerate\x1a\x04\xc8\xf3\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ueline/v1/accounts.proto\x12\ncueline.v1\x1a(cueline/annotations/v1/annotations.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"-\n\x0fRegisterRequest\x12\x1a\n\x05\x65mail\x18\x01 \x01(\tB\x0b\xe2\x41\x01\x02\xca\xf3\x18\x03 \xff\x01\"2\n\x10RegisterResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\"\x13\n\x11GetAccountRequest\"\xa9\x02\n\x12GetAccountResponse\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04plan\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63tive_cues\x18\x03 \x01(\x03\x12\x18\n\x10\x61\x63tive_cue_limit\x18\x04 \x01(\x03\x12\x1d\n\x15\x65xecutions_this_month\x18\x05 \x01(\x03\x12\x1f\n\x17monthly_execution_limit\x18\x06 \x01(\x03\x12\x1d\n\x15rate_limit_per_minute\x18\x07 \x01(\x03\x12\x1a\n\x12has_webhook_secret\x18\x08 \x01(\x08\x12\x16\n\x0e\x61pi_key_prefix\x18\t \x01(\t\x12\x1e\n\x11\x61lert_webhook_url\x18\n \x01(\tH\x00\x88\x01\x01\x42\x14\n\x12_alert_webhook_url\"G\n\x17RegenerateApiKeyRequest\x12,\n\x07\x63onfirm\x18\x01 \x01(\x08\x42\x1b\xca\xf3\x18\x17\x12\x15X-Confirm-Destructive\"I\n\x18RegenerateApiKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x1c\n\x14previous_key_revoked\x18\x02 \x01(\x08\"\x19\n\x17GetWebhookSecretRequest\"2\n\x18GetWebhookSecretResponse\x12\x16\n\x0ewebhook_secret\x18\x01 \x01(\t\"N\n\x1eRegenerateWebhookSecretRequest\x12,\n\x07\x63onfirm\x18\x01 \x01(\x08\x42\x1b\xca\xf3\x18\x17\x12\x15X-Confirm-Destructive\"Z\n\x1fRegenerateWebhookSecretResponse\x12\x16\n\x0ewebhook_secret\x18\x01 \x01(\t\x12\x1f\n\x17previous_secret_revoked\x18\x02 \x01(\x08\"|\n\x14UpdateAccountRequest\x12\x1b\n\x05\x65mail\x18\x01 \x01(\tB\x07\xca\xf3\x18\x03 \xff\x01H\x00\x88\x01\x01\x12\'\n\x11\x61lert_webhook_url\x18\x02 \x01(\tB\x07\xca\xf3\x18\x03 \x80\x10H\x01\x88\x01\x01\x42\x08\n\x06_emailB\x14\n\x12_alert_webhook_url\"\x8c\x01\n\x15UpdateAccountResponse\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x1e\n\x11\x61lert_webhook_url\x18\x02 \x01(\tH\x00\x88\x01\x01\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x14\n\x12_alert_webhook_url2\xf5\x05\n\x0e\x41\x63\x63ountService\x12l\n\x08Register\x12\x1b.cueline.v1.RegisterRequest\x1a\x1c.cueline.v1.RegisterResponse\"%\xca\xf3\x18\x05\x08\xc9\x01\x18\x01\x82\xd3\xe4\x93\x02\x16\"\x11/v1/auth/register:\x01*\x12`\n\nGetAccount\x12\x1d.cueline.v1.GetAccountRequest\x1a\x1e.cueline.v1.GetAccountResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/auth/me\x12l\n\rUpdateAccount\x12 .cueline.v1.UpdateAccountRequest\x1a!.cueline.v1.UpdateAccountResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x32\x0b/v1/auth/me:\x01*\x12~\n\x10RegenerateApiKey\x12#.cueline.v1.RegenerateApiKeyRequest\x1a$.cueline.v1.RegenerateApiKeyResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x17/v1/auth/key/regenerate\x12~\n\x10GetWebhookSecret\x12#.cueline.v1.GetWebhookSecretRequest\x1a$.cueline.v1.GetWebhookSecretResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/auth/webhook-secret\x12\x9e\x01\n\x17RegenerateWebhookSecret\x12*.cueline.v1.RegenerateWebhookSecretRequest\x1a+.cueline.v1.RegenerateWebhookSecretResponse\"*\x82\xd3\xe4\x93\x02$\"\"/v1/auth/webhook-secret/regenerate\x1a\x04\xc8\xf3\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,38 +41,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGENERATEAPIKEYREQUEST'].fields_by_name['confirm']._serialized_options = b'\312\363\030\027\022\025X-Confirm-Destructive'
   _globals['_REGENERATEWEBHOOKSECRETREQUEST'].fields_by_name['confirm']._loaded_options = None
   _globals['_REGENERATEWEBHOOKSECRETREQUEST'].fields_by_name['confirm']._serialized_options = b'\312\363\030\027\022\025X-Confirm-Destructive'
+  _globals['_UPDATEACCOUNTREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_UPDATEACCOUNTREQUEST'].fields_by_name['email']._serialized_options = b'\312\363\030\003 \377\001'
+  _globals['_UPDATEACCOUNTREQUEST'].fields_by_name['alert_webhook_url']._loaded_options = None
+  _globals['_UPDATEACCOUNTREQUEST'].fields_by_name['alert_webhook_url']._serialized_options = b'\312\363\030\003 \200\020'
   _globals['_ACCOUNTSERVICE']._loaded_options = None
   _globals['_ACCOUNTSERVICE']._serialized_options = b'\310\363\030\001'
   _globals['_ACCOUNTSERVICE'].methods_by_name['Register']._loaded_options = None
   _globals['_ACCOUNTSERVICE'].methods_by_name['Register']._serialized_options = b'\312\363\030\005\010\311\001\030\001\202\323\344\223\002\026\"\021/v1/auth/register:\001*'
   _globals['_ACCOUNTSERVICE'].methods_by_name['GetAccount']._loaded_options = None
   _globals['_ACCOUNTSERVICE'].methods_by_name['GetAccount']._serialized_options = b'\202\323\344\223\002\r\022\013/v1/auth/me'
+  _globals['_ACCOUNTSERVICE'].methods_by_name['UpdateAccount']._loaded_options = None
+  _globals['_ACCOUNTSERVICE'].methods_by_name['UpdateAccount']._serialized_options = b'\202\323\344\223\002\0202\013/v1/auth/me:\001*'
   _globals['_ACCOUNTSERVICE'].methods_by_name['RegenerateApiKey']._loaded_options = None
   _globals['_ACCOUNTSERVICE'].methods_by_name['RegenerateApiKey']._serialized_options = b'\202\323\344\223\002\031\"\027/v1/auth/key/regenerate'
   _globals['_ACCOUNTSERVICE'].methods_by_name['GetWebhookSecret']._loaded_options = None
   _globals['_ACCOUNTSERVICE'].methods_by_name['GetWebhookSecret']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/auth/webhook-secret'
   _globals['_ACCOUNTSERVICE'].methods_by_name['RegenerateWebhookSecret']._loaded_options = None
   _globals['_ACCOUNTSERVICE'].methods_by_name['RegenerateWebhookSecret']._serialized_options = b'\202\323\344\223\002$\"\"/v1/auth/webhook-secret/regenerate'
-  _globals['_REGISTERREQUEST']._serialized_start=146
-  _globals['_REGISTERREQUEST']._serialized_end=191
-  _globals['_REGISTERRESPONSE']._serialized_start=193
-  _globals['_REGISTERRESPONSE']._serialized_end=243
-  _globals['_GETACCOUNTREQUEST']._serialized_start=245
-  _globals['_GETACCOUNTREQUEST']._serialized_end=264
-  _globals['_GETACCOUNTRESPONSE']._serialized_start=267
-  _globals['_GETACCOUNTRESPONSE']._serialized_end=564
-  _globals['_REGENERATEAPIKEYREQUEST']._serialized_start=566
-  _globals['_REGENERATEAPIKEYREQUEST']._serialized_end=637
-  _globals['_REGENERATEAPIKEYRESPONSE']._serialized_start=639
-  _globals['_REGENERATEAPIKEYRESPONSE']._serialized_end=712
-  _globals['_GETWEBHOOKSECRETREQUEST']._serialized_start=714
-  _globals['_GETWEBHOOKSECRETREQUEST']._serialized_end=739
-  _globals['_GETWEBHOOKSECRETRESPONSE']._serialized_start=741
-  _globals['_GETWEBHOOKSECRETRESPONSE']._serialized_end=791
-  _globals['_REGENERATEWEBHOOKSECRETREQUEST']._serialized_start=793
-  _globals['_REGENERATEWEBHOOKSECRETREQUEST']._serialized_end=871
-  _globals['_REGENERATEWEBHOOKSECRETRESPONSE']._serialized_start=873
-  _globals['_REGENERATEWEBHOOKSECRETRESPONSE']._serialized_end=963
-  _globals['_ACCOUNTSERVICE']._serialized_start=966
-  _globals['_ACCOUNTSERVICE']._serialized_end=1613
+  _globals['_REGISTERREQUEST']._serialized_start=179
+  _globals['_REGISTERREQUEST']._serialized_end=224
+  _globals['_REGISTERRESPONSE']._serialized_start=226
+  _globals['_REGISTERRESPONSE']._serialized_end=276
+  _globals['_GETACCOUNTREQUEST']._serialized_start=278
+  _globals['_GETACCOUNTREQUEST']._serialized_end=297
+  _globals['_GETACCOUNTRESPONSE']._serialized_start=300
+  _globals['_GETACCOUNTRESPONSE']._serialized_end=597
+  _globals['_REGENERATEAPIKEYREQUEST']._serialized_start=599
+  _globals['_REGENERATEAPIKEYREQUEST']._serialized_end=670
+  _globals['_REGENERATEAPIKEYRESPONSE']._serialized_start=672
+  _globals['_REGENERATEAPIKEYRESPONSE']._serialized_end=745
+  _globals['_GETWEBHOOKSECRETREQUEST']._serialized_start=747
+  _globals['_GETWEBHOOKSECRETREQUEST']._serialized_end=772
+  _globals['_GETWEBHOOKSECRETRESPONSE']._serialized_start=774
+  _globals['_GETWEBHOOKSECRETRESPONSE']._serialized_end=824
+  _globals['_REGENERATEWEBHOOKSECRETREQUEST']._serialized_start=826
+  _globals['_REGENERATEWEBHOOKSECRETREQUEST']._serialized_end=904
+  _globals['_REGENERATEWEBHOOKSECRETRESPONSE']._serialized_start=906
+  _globals['_REGENERATEWEBHOOKSECRETRESPONSE']._serialized_end=996
+  _globals['_UPDATEACCOUNTREQUEST']._serialized_start=998
+  _globals['_UPDATEACCOUNTREQUEST']._serialized_end=1122
+  _globals['_UPDATEACCOUNTRESPONSE']._serialized_start=1125
+  _globals['_UPDATEACCOUNTRESPONSE']._serialized_end=1265
+  _globals['_ACCOUNTSERVICE']._serialized_start=1268
+  _globals['_ACCOUNTSERVICE']._serialized_end=2025
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -241,3 +242,61 @@ class RegenerateWebhookSecretResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegenerateWebhookSecretResponse: _TypeAlias = RegenerateWebhookSecretResponse  # noqa: Y015
+
+@_typing.final
+class UpdateAccountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    ALERT_WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    alert_webhook_url: _builtins.str
+    """Receives every alert, signed like webhooks. "" clears it."""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str | None = ...,
+        alert_webhook_url: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alert_webhook_url", b"_alert_webhook_url", "_email", b"_email", "alert_webhook_url", b"alert_webhook_url", "email", b"email"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alert_webhook_url", b"_alert_webhook_url", "_email", b"_email", "alert_webhook_url", b"alert_webhook_url", "email", b"email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__alert_webhook_url: _TypeAlias = _typing.Literal["alert_webhook_url"]  # noqa: Y015
+    _WhichOneofArgType__alert_webhook_url: _TypeAlias = _typing.Literal["_alert_webhook_url", b"_alert_webhook_url"]  # noqa: Y015
+    _WhichOneofReturnType__email: _TypeAlias = _typing.Literal["email"]  # noqa: Y015
+    _WhichOneofArgType__email: _TypeAlias = _typing.Literal["_email", b"_email"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alert_webhook_url) -> _WhichOneofReturnType__alert_webhook_url | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__email) -> _WhichOneofReturnType__email | None: ...
+
+Global___UpdateAccountRequest: _TypeAlias = UpdateAccountRequest  # noqa: Y015
+
+@_typing.final
+class UpdateAccountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    ALERT_WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    alert_webhook_url: _builtins.str
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        alert_webhook_url: _builtins.str | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alert_webhook_url", b"_alert_webhook_url", "alert_webhook_url", b"alert_webhook_url", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alert_webhook_url", b"_alert_webhook_url", "alert_webhook_url", b"alert_webhook_url", "email", b"email", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__alert_webhook_url: _TypeAlias = _typing.Literal["alert_webhook_url"]  # noqa: Y015
+    _WhichOneofArgType__alert_webhook_url: _TypeAlias = _typing.Literal["_alert_webhook_url", b"_alert_webhook_url"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alert_webhook_url) -> _WhichOneofReturnType__alert_webhook_url | None: ...
+
+Global___UpdateAccountResponse: _TypeAlias = UpdateAccountResponse  # noqa: Y015

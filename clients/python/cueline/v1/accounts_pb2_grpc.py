@@ -45,6 +45,11 @@ class AccountServiceStub:
                 request_serializer=cueline_dot_v1_dot_accounts__pb2.GetAccountRequest.SerializeToString,
                 response_deserializer=cueline_dot_v1_dot_accounts__pb2.GetAccountResponse.FromString,
                 _registered_method=True)
+        self.UpdateAccount = channel.unary_unary(
+                '/cueline.v1.AccountService/UpdateAccount',
+                request_serializer=cueline_dot_v1_dot_accounts__pb2.UpdateAccountRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_accounts__pb2.UpdateAccountResponse.FromString,
+                _registered_method=True)
         self.RegenerateApiKey = channel.unary_unary(
                 '/cueline.v1.AccountService/RegenerateApiKey',
                 request_serializer=cueline_dot_v1_dot_accounts__pb2.RegenerateApiKeyRequest.SerializeToString,
@@ -76,6 +81,13 @@ class AccountServiceServicer:
 
     def GetAccount(self, request, context):
         """Returns the caller's account and its limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAccount(self, request, context):
+        """Changes the email or the alert webhook URL ("" clears it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +128,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.GetAccount,
                     request_deserializer=cueline_dot_v1_dot_accounts__pb2.GetAccountRequest.FromString,
                     response_serializer=cueline_dot_v1_dot_accounts__pb2.GetAccountResponse.SerializeToString,
+            ),
+            'UpdateAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAccount,
+                    request_deserializer=cueline_dot_v1_dot_accounts__pb2.UpdateAccountRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_accounts__pb2.UpdateAccountResponse.SerializeToString,
             ),
             'RegenerateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RegenerateApiKey,
@@ -188,6 +205,33 @@ class AccountService:
             '/cueline.v1.AccountService/GetAccount',
             cueline_dot_v1_dot_accounts__pb2.GetAccountRequest.SerializeToString,
             cueline_dot_v1_dot_accounts__pb2.GetAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.AccountService/UpdateAccount',
+            cueline_dot_v1_dot_accounts__pb2.UpdateAccountRequest.SerializeToString,
+            cueline_dot_v1_dot_accounts__pb2.UpdateAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,8 @@ class AccountServiceStub:
     """
     GetAccount: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetAccountRequest, _accounts_pb2.GetAccountResponse]
     """Returns the caller's account and its limits."""
+    UpdateAccount: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.UpdateAccountRequest, _accounts_pb2.UpdateAccountResponse]
+    """Changes the email or the alert webhook URL ("" clears it)."""
     RegenerateApiKey: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.RegenerateApiKeyRequest, _accounts_pb2.RegenerateApiKeyResponse]
     """Replaces the API key. The old key stops working at once and answers
     key_rotated for 24 hours. Needs confirm (REST: X-Confirm-Destructive: true).
@@ -61,6 +63,8 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """
     GetAccount: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetAccountRequest, _accounts_pb2.GetAccountResponse]  # type: ignore[assignment]
     """Returns the caller's account and its limits."""
+    UpdateAccount: _aio.UnaryUnaryMultiCallable[_accounts_pb2.UpdateAccountRequest, _accounts_pb2.UpdateAccountResponse]  # type: ignore[assignment]
+    """Changes the email or the alert webhook URL ("" clears it)."""
     RegenerateApiKey: _aio.UnaryUnaryMultiCallable[_accounts_pb2.RegenerateApiKeyRequest, _accounts_pb2.RegenerateApiKeyResponse]  # type: ignore[assignment]
     """Replaces the API key. The old key stops working at once and answers
     key_rotated for 24 hours. Needs confirm (REST: X-Confirm-Destructive: true).
@@ -92,6 +96,14 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_accounts_pb2.GetAccountResponse, _abc.Awaitable[_accounts_pb2.GetAccountResponse]]:
         """Returns the caller's account and its limits."""
+
+    @_abc_1.abstractmethod
+    def UpdateAccount(
+        self,
+        request: _accounts_pb2.UpdateAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.UpdateAccountResponse, _abc.Awaitable[_accounts_pb2.UpdateAccountResponse]]:
+        """Changes the email or the alert webhook URL ("" clears it)."""
 
     @_abc_1.abstractmethod
     def RegenerateApiKey(
