@@ -14,8 +14,10 @@ def main() -> int:
     sections = []
     ingest = outcomes.main(argv)
     sections.append(
-        "### Outcome ingest (G1, G2-style latency under load, G13, G14)\n\n"
+        "### Outcome ingest (G1, G13, G14), latency at a fixed rate (G2), write-once race (G3)\n\n"
         + outcomes.render([outcomes.Run(**r) for r in ingest["runs"]])
+        + "\n\n"
+        + outcomes.render_more(ingest)
     )
     write("outcomes", ingest, sections[-1])
     claims = delivery.main(argv)
@@ -24,13 +26,20 @@ def main() -> int:
     summary = "\n\n".join(sections)
     (RESULTS / "summary.md").write_text(summary + "\n")
     print(summary)
-    failed = sum(r["errors"] for r in ingest["runs"]) + sum(
-        r["G4"]["double_claims"]
-        + r["G5"]["double_claims"]
-        + r["G7"]["duplicates"]
-        + r["G8"]["duplicates"]
-        + r["G9"]["bad_signatures"]
-        for r in claims["results"].values()
+    race_failures = sum(
+        r["errors"] + (r["executions"] - r["exactly_one_winner"]) for r in ingest["race"].values()
+    )
+    failed = (
+        race_failures
+        + sum(r["errors"] for r in ingest["runs"])
+        + sum(
+            r["G4"]["double_claims"]
+            + r["G5"]["double_claims"]
+            + r["G7"]["duplicates"]
+            + r["G8"]["duplicates"]
+            + r["G9"]["bad_signatures"]
+            for r in claims["results"].values()
+        )
     )
     if failed:
         print(

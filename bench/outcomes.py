@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import httpx
 
-from bench.common import account_id, engine, insert_executions, markdown_table, running, write
+from bench.common import account_id, engine, insert_executions, markdown_table, percentiles, running, write
 from cueline.v1 import outcomes_pb2, outcomes_pb2_grpc
 from tests.support import Server, auth
 
@@ -134,8 +134,120 @@ async def measure(
     )
 
 
+async def fixed_rate(server: Server, key: str, rate: float, seconds: float) -> dict[str, Any]:
+    """G2, open loop: one outcome every 1/rate s whatever the answers do; each
+    latency counts from the request's scheduled send time, so queueing shows."""
+    total = int(rate * seconds)
+    pool = prepare(server, key, total)
+    md = (("authorization", f"Bearer {key}"),)
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+        stub = outcomes_pb2_grpc.OutcomeServiceStub(channel)
+
+        async def one(execution_id: str, due: float) -> None:
+            nonlocal errors
+            try:
+                await stub.RecordOutcome(
+                    outcomes_pb2.RecordOutcomeRequest(execution_id=execution_id, success=True), metadata=md
+                )
+            except grpc.aio.AioRpcError:
+                errors += 1
+            latencies.append(time.perf_counter() - due)
+
+        start = time.perf_counter()
+        tasks = []
+        for index, execution_id in enumerate(pool):
+            due = start + index / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(execution_id, due)))
+        await asyncio.gather(*tasks)
+    return {"rate": rate, "requests": total, "errors": errors, **percentiles(latencies)}
+
+
+async def race(server: Server, key: str, executions: int, writers: int = 16) -> dict[str, Any]:
+    """G3: every execution gets `writers` concurrent reports, half over gRPC and
+    half over REST; exactly one may win, every loser must get a conflict."""
+    pool = prepare(server, key, executions)
+    md = (("authorization", f"Bearer {key}"),)
+    wins: dict[str, int] = dict.fromkeys(pool, 0)
+    tally = {"conflicts": 0, "errors": 0}
+    async with (
+        grpc.aio.insecure_channel(server.grpc_target) as channel,
+        httpx.AsyncClient(base_url=server.http_url, headers=auth(key), timeout=60) as client,
+    ):
+        stub = outcomes_pb2_grpc.OutcomeServiceStub(channel)
+
+        async def over_grpc(execution_id: str, writer: int) -> str:
+            try:
+                await stub.RecordOutcome(
+                    outcomes_pb2.RecordOutcomeRequest(
+                        execution_id=execution_id, success=True, result=str(writer)
+                    ),
+                    metadata=md,
+                )
+                return "won"
+            except grpc.aio.AioRpcError as error:
+                return "conflict" if error.code() == grpc.StatusCode.ALREADY_EXISTS else "error"
+
+        async def over_rest(execution_id: str, writer: int) -> str:
+            try:
+                response = await client.post(
+                    f"/v1/executions/{execution_id}/outcome", json={"success": True, "result": str(writer)}
+                )
+            except httpx.HTTPError:
+                return "error"
+            return {200: "won", 409: "conflict"}.get(response.status_code, "error")
+
+        async def writer(index: int) -> None:
+            send = over_grpc if index % 2 == 0 else over_rest
+            for execution_id in pool:
+                result = await send(execution_id, index)
+                if result == "won":
+                    wins[execution_id] += 1
+                else:
+                    tally[result + "s" if result == "conflict" else "errors"] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(writer(i) for i in range(writers)))
+        elapsed = time.perf_counter() - started
+    attempts = executions * writers
+    return {
+        "executions": executions,
+        "writers": writers,
+        "attempts_per_second": round(attempts / elapsed, 1),
+        "exactly_one_winner": sum(1 for n in wins.values() if n == 1),
+        "conflicts": tally["conflicts"],
+        "errors": tally["errors"],
+    }
+
+
 def median_run(runs: list[Run]) -> Run:
     return sorted(runs, key=lambda r: r.per_second)[len(runs) // 2]
+
+
+def render_more(document: dict[str, Any]) -> str:
+    rows = []
+    for backend, g2 in document["fixed_rate"].items():
+        g3 = document["race"][backend]
+        rows.append(
+            (
+                backend,
+                f"G2 outcome latency at {g2['rate']:.0f}/s (open loop)",
+                f"p50 {g2['p50_ms']} ms, p99 {g2['p99_ms']} ms",
+                f"errors {g2['errors']}",
+            )
+        )
+        rows.append(
+            (
+                backend,
+                f"G3 write-once race, {g3['executions']} x {g3['writers']} writers",
+                f"{g3['attempts_per_second']:,} attempts/s",
+                f"one winner {g3['exactly_one_winner']}/{g3['executions']}, "
+                f"conflicts {g3['conflicts']}, errors {g3['errors']}",
+            )
+        )
+    return markdown_table(["database", "benchmark", "result", "checks"], rows)
 
 
 def render(runs: list[Run]) -> str:
@@ -172,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seconds, repeat, warmup = (1.0, 1, 0.3) if options.smoke else (options.seconds, options.repeat, 1.0)
     per_run = int(5000 * (seconds + warmup)) + options.concurrency
     results: list[Run] = []
+    latency: dict[str, Any] = {}
+    races: dict[str, Any] = {}
     for backend in options.backends.split(","):
         with running(backend) as server:
             key = server.register()
@@ -190,11 +304,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         )
                     )
                 results.append(median_run(runs))
-    return {"benchmark": "outcomes", "smoke": options.smoke, "runs": [asdict(r) for r in results]}
+            print(f"{backend} G2 fixed rate ...", file=sys.stderr, flush=True)
+            latency[backend] = asyncio.run(fixed_rate(server, key, 500, seconds + 1))
+            print(f"{backend} G3 write-once race ...", file=sys.stderr, flush=True)
+            races[backend] = asyncio.run(race(server, key, 50 if options.smoke else 500))
+    return {
+        "benchmark": "outcomes",
+        "smoke": options.smoke,
+        "runs": [asdict(r) for r in results],
+        "fixed_rate": latency,
+        "race": races,
+    }
 
 
 if __name__ == "__main__":
     document = main()
-    markdown = render([Run(**r) for r in document["runs"]])
+    markdown = render([Run(**r) for r in document["runs"]]) + "\n\n" + render_more(document)
     write("outcomes", document, markdown)
     print(markdown)
