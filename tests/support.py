@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import http.server
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -175,9 +177,6 @@ class Receiver:
     script of (status, body, delay) per path, then 200 with an empty object."""
 
     def __init__(self) -> None:
-        import http.server
-        import threading
-
         self.requests: list[Received] = []
         self.script: dict[str, list[tuple[int, bytes, float]]] = {}
         receiver = self

@@ -44,6 +44,7 @@ class Route:
     segments: tuple[str | None, ...]  # None marks a variable
     variables: tuple[str, ...]
     header_fields: tuple[tuple[str, str], ...]  # (header name lower-case, field)
+    status_field: str | None  # a response field that carries the HTTP status
 
     @property
     def specificity(self) -> tuple[int, ...]:
@@ -79,7 +80,9 @@ def _compile(method: MethodInfo, binding: HttpBinding) -> Route:
             segments.append(part)
     info = message_info(method.request_class.DESCRIPTOR)
     headers = tuple((f.rules.http_header.lower(), f.name) for f in info.fields if f.rules.http_header)
-    return Route(method, binding, tuple(segments), binding.path_fields, headers)
+    response = message_info(method.response_class.DESCRIPTOR)
+    status_field = next((f.name for f in response.fields if f.rules.http_status), None)
+    return Route(method, binding, tuple(segments), binding.path_fields, headers, status_field)
 
 
 class Router:
@@ -178,9 +181,8 @@ class Transcoder:
             request = self._build_request(route, variables, body, scope.get("query_string", b""), headers)
             response = await self._pipeline.invoke(route.method, request, headers, rid)
             status = route.method.success_status
-            for f in message_info(response.DESCRIPTOR).fields:
-                if f.rules.http_status and getattr(response, f.name):
-                    status = getattr(response, f.name)
+            if route.status_field is not None:
+                status = getattr(response, route.status_field) or status
             if status == 204:
                 await _respond(send, 204, b"", rid)
                 return
