@@ -70,3 +70,20 @@ class AccountServicer:
             response.alert_webhook_url = account.alert_webhook_url
         put_time(response.updated_at, account.updated_at)
         return response
+
+    async def GetUsage(
+        self, request: accounts_pb2.GetUsageRequest, call: Call
+    ) -> accounts_pb2.GetUsageResponse:
+        usage = await self._accounts.usage(call.account)
+        response = accounts_pb2.GetUsageResponse(
+            plan=usage.plan,
+            cues=accounts_pb2.CueUsage(**usage.cues),
+            executions=accounts_pb2.ExecutionUsage(**usage.executions),
+            outcomes=accounts_pb2.OutcomeUsage(**usage.outcomes),
+            rate_limit=accounts_pb2.RateLimitUsage(**usage.rate_limit),
+        )
+        for period in (response.billing_period, response.period):
+            put_time(period.start, usage.period_start)
+            put_time(period.end, usage.period_end)
+            period.days_remaining = usage.days_remaining
+        return response

@@ -95,6 +95,24 @@ class AccountSummary:
     executions_this_month: int
 
 
+@dataclass(frozen=True)
+class Usage:
+    """This UTC month against the account's limits (the contract's USAGE shape)."""
+
+    plan: str
+    period_start: dt.datetime
+    period_end: dt.datetime
+    days_remaining: int
+    cues: dict[str, Any]
+    executions: dict[str, Any]
+    outcomes: dict[str, int]
+    rate_limit: dict[str, int]
+
+
+def _percent(used: int, limit: int) -> float:
+    return round(100 * used / limit, 1) if limit else 0.0
+
+
 def normalize_email(email: str) -> str:
     value = email.strip()
     local, at, domain = value.rpartition("@")
@@ -207,9 +225,57 @@ class AccountService:
             account = await uow.accounts.get(caller.account_id)
             if account is None:
                 raise invalid_api_key()
-            active = await uow.cues.count(caller.account_id, ("active", "paused"))
+            live = await uow.cues.count(caller.account_id, ("active", "paused"))
             executions = await uow.executions.count_created_since(caller.account_id, month_start(now()))
-        return AccountSummary(account, active, executions)
+        return AccountSummary(account, live, executions)
+
+    async def usage(self, caller: Caller) -> Usage:
+        moment = now()
+        start = month_start(moment)
+        end = (start + dt.timedelta(days=32)).replace(day=1)
+        async with self._db.unit_of_work(write=False) as uow:
+            account = await uow.accounts.get(caller.account_id)
+            if account is None:
+                raise invalid_api_key()
+            live = await uow.cues.count(caller.account_id, ("active", "paused"))
+            active = await uow.cues.count(caller.account_id, ("active",))
+            used = await uow.executions.count_created_since(caller.account_id, start)
+            outcomes = await uow.executions.outcome_counts_since(caller.account_id, start)
+        cue_limit, run_limit = account.active_cue_limit, account.monthly_execution_limit
+        elapsed_days = max((moment - start).total_seconds() / 86400, 1 / 24)
+        projected = round(used / elapsed_days * (end - start).days)
+        return Usage(
+            plan=account.plan,
+            period_start=start,
+            period_end=end,
+            days_remaining=max((end - moment).days, 0),
+            cues={
+                "used": live,
+                "active": active,
+                "limit": cue_limit,
+                "remaining": max(cue_limit - live, 0),
+                "percent_used": _percent(live, cue_limit),
+            },
+            executions={
+                "used": used,
+                "limit": run_limit,
+                "remaining": max(run_limit - used, 0),
+                "percent_used": _percent(used, run_limit),
+                "percentage": _percent(used, run_limit),
+                "projected_month_end": projected,
+                "will_exceed_limit": projected > run_limit,
+            },
+            outcomes={
+                "reported": outcomes.reported,
+                "succeeded": outcomes.succeeded,
+                "failed": outcomes.failed,
+            },
+            rate_limit={
+                "limit": account.rate_limit_per_minute,
+                "requests_per_minute": account.rate_limit_per_minute,
+                "current_usage": 0,
+            },
+        )
 
 
 def _require_confirmation(confirmed: bool) -> None:

@@ -348,6 +348,29 @@ class ExecutionRepository(_Repository):
         )
         return result.one()
 
+    async def outcome_counts_since(self, account_id: uuid.UUID, since: dt.datetime) -> AnyRow:
+        """This month's outcomes: reported, succeeded, and failed (failure reports
+        plus failed or missed executions that were never reported)."""
+        t = executions
+
+        def total(condition: ColumnElement[bool]) -> Any:
+            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+        reported = t.c.outcome_recorded_at.is_not(None)
+        result = await self.conn.execute(
+            select(
+                total(reported).label("reported"),
+                total(and_(reported, t.c.outcome_success.is_(True))).label("succeeded"),
+                total(
+                    or_(
+                        and_(reported, t.c.outcome_success.is_(False)),
+                        and_(~reported, t.c.status.in_(("failed", "missed"))),
+                    )
+                ).label("failed"),
+            ).where(t.c.account_id == account_id, t.c.created_at >= since)
+        )
+        return result.one()
+
     async def count_created_since(self, account_id: uuid.UUID, since: dt.datetime) -> int:
         result = await self.conn.execute(
             select(func.count())

@@ -300,3 +300,220 @@ class UpdateAccountResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__alert_webhook_url) -> _WhichOneofReturnType__alert_webhook_url | None: ...
 
 Global___UpdateAccountResponse: _TypeAlias = UpdateAccountResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class BillingPeriod(_message.Message):
+    """The current UTC calendar month."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    DAYS_REMAINING_FIELD_NUMBER: _builtins.int
+    days_remaining: _builtins.int
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        days_remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days_remaining", b"days_remaining", "end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BillingPeriod: _TypeAlias = BillingPeriod  # noqa: Y015
+
+@_typing.final
+class CueUsage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USED_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    PERCENT_USED_FIELD_NUMBER: _builtins.int
+    used: _builtins.int
+    """Active and paused cues."""
+    active: _builtins.int
+    limit: _builtins.int
+    remaining: _builtins.int
+    percent_used: _builtins.float
+    def __init__(
+        self,
+        *,
+        used: _builtins.int = ...,
+        active: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        percent_used: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "limit", b"limit", "percent_used", b"percent_used", "remaining", b"remaining", "used", b"used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CueUsage: _TypeAlias = CueUsage  # noqa: Y015
+
+@_typing.final
+class ExecutionUsage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USED_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    PERCENT_USED_FIELD_NUMBER: _builtins.int
+    PERCENTAGE_FIELD_NUMBER: _builtins.int
+    PROJECTED_MONTH_END_FIELD_NUMBER: _builtins.int
+    WILL_EXCEED_LIMIT_FIELD_NUMBER: _builtins.int
+    used: _builtins.int
+    """Executions created this month."""
+    limit: _builtins.int
+    remaining: _builtins.int
+    percent_used: _builtins.float
+    percentage: _builtins.float
+    """The same as percent_used."""
+    projected_month_end: _builtins.int
+    will_exceed_limit: _builtins.bool
+    def __init__(
+        self,
+        *,
+        used: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        percent_used: _builtins.float = ...,
+        percentage: _builtins.float = ...,
+        projected_month_end: _builtins.int = ...,
+        will_exceed_limit: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "percent_used", b"percent_used", "percentage", b"percentage", "projected_month_end", b"projected_month_end", "remaining", b"remaining", "used", b"used", "will_exceed_limit", b"will_exceed_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecutionUsage: _TypeAlias = ExecutionUsage  # noqa: Y015
+
+@_typing.final
+class OutcomeUsage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTED_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    reported: _builtins.int
+    succeeded: _builtins.int
+    failed: _builtins.int
+    """Failure reports, plus failed or missed executions without a report."""
+    def __init__(
+        self,
+        *,
+        reported: _builtins.int = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "reported", b"reported", "succeeded", b"succeeded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutcomeUsage: _TypeAlias = OutcomeUsage  # noqa: Y015
+
+@_typing.final
+class RateLimitUsage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    CURRENT_USAGE_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    requests_per_minute: _builtins.int
+    current_usage: _builtins.int
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        requests_per_minute: _builtins.int = ...,
+        current_usage: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_usage", b"current_usage", "limit", b"limit", "requests_per_minute", b"requests_per_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimitUsage: _TypeAlias = RateLimitUsage  # noqa: Y015
+
+@_typing.final
+class GetUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    BILLING_PERIOD_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    CUES_FIELD_NUMBER: _builtins.int
+    EXECUTIONS_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    UPGRADE_URL_FIELD_NUMBER: _builtins.int
+    plan: _builtins.str
+    upgrade_url: _builtins.str
+    """Always unset: cueline has no plans to upgrade to."""
+    @_builtins.property
+    def billing_period(self) -> Global___BillingPeriod: ...
+    @_builtins.property
+    def period(self) -> Global___BillingPeriod:
+        """A copy of billing_period, kept for older clients."""
+
+    @_builtins.property
+    def cues(self) -> Global___CueUsage: ...
+    @_builtins.property
+    def executions(self) -> Global___ExecutionUsage: ...
+    @_builtins.property
+    def outcomes(self) -> Global___OutcomeUsage: ...
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimitUsage: ...
+    def __init__(
+        self,
+        *,
+        plan: _builtins.str = ...,
+        billing_period: Global___BillingPeriod | None = ...,
+        period: Global___BillingPeriod | None = ...,
+        cues: Global___CueUsage | None = ...,
+        executions: Global___ExecutionUsage | None = ...,
+        outcomes: Global___OutcomeUsage | None = ...,
+        rate_limit: Global___RateLimitUsage | None = ...,
+        upgrade_url: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_upgrade_url", b"_upgrade_url", "billing_period", b"billing_period", "cues", b"cues", "executions", b"executions", "outcomes", b"outcomes", "period", b"period", "rate_limit", b"rate_limit", "upgrade_url", b"upgrade_url"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_upgrade_url", b"_upgrade_url", "billing_period", b"billing_period", "cues", b"cues", "executions", b"executions", "outcomes", b"outcomes", "period", b"period", "plan", b"plan", "rate_limit", b"rate_limit", "upgrade_url", b"upgrade_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__upgrade_url: _TypeAlias = _typing.Literal["upgrade_url"]  # noqa: Y015
+    _WhichOneofArgType__upgrade_url: _TypeAlias = _typing.Literal["_upgrade_url", b"_upgrade_url"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__upgrade_url) -> _WhichOneofReturnType__upgrade_url | None: ...
+
+Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015

@@ -45,6 +45,11 @@ class AccountServiceStub:
                 request_serializer=cueline_dot_v1_dot_accounts__pb2.GetAccountRequest.SerializeToString,
                 response_deserializer=cueline_dot_v1_dot_accounts__pb2.GetAccountResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/cueline.v1.AccountService/GetUsage',
+                request_serializer=cueline_dot_v1_dot_accounts__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_accounts__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
         self.UpdateAccount = channel.unary_unary(
                 '/cueline.v1.AccountService/UpdateAccount',
                 request_serializer=cueline_dot_v1_dot_accounts__pb2.UpdateAccountRequest.SerializeToString,
@@ -81,6 +86,13 @@ class AccountServiceServicer:
 
     def GetAccount(self, request, context):
         """Returns the caller's account and its limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """This month's usage against the account's limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +140,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.GetAccount,
                     request_deserializer=cueline_dot_v1_dot_accounts__pb2.GetAccountRequest.FromString,
                     response_serializer=cueline_dot_v1_dot_accounts__pb2.GetAccountResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=cueline_dot_v1_dot_accounts__pb2.GetUsageRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_accounts__pb2.GetUsageResponse.SerializeToString,
             ),
             'UpdateAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateAccount,
@@ -205,6 +222,33 @@ class AccountService:
             '/cueline.v1.AccountService/GetAccount',
             cueline_dot_v1_dot_accounts__pb2.GetAccountRequest.SerializeToString,
             cueline_dot_v1_dot_accounts__pb2.GetAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.AccountService/GetUsage',
+            cueline_dot_v1_dot_accounts__pb2.GetUsageRequest.SerializeToString,
+            cueline_dot_v1_dot_accounts__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

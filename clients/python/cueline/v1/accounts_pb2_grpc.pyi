@@ -39,6 +39,8 @@ class AccountServiceStub:
     """
     GetAccount: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetAccountRequest, _accounts_pb2.GetAccountResponse]
     """Returns the caller's account and its limits."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.GetUsageRequest, _accounts_pb2.GetUsageResponse]
+    """This month's usage against the account's limits."""
     UpdateAccount: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.UpdateAccountRequest, _accounts_pb2.UpdateAccountResponse]
     """Changes the email or the alert webhook URL ("" clears it)."""
     RegenerateApiKey: _grpc.UnaryUnaryMultiCallable[_accounts_pb2.RegenerateApiKeyRequest, _accounts_pb2.RegenerateApiKeyResponse]
@@ -63,6 +65,8 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """
     GetAccount: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetAccountRequest, _accounts_pb2.GetAccountResponse]  # type: ignore[assignment]
     """Returns the caller's account and its limits."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_accounts_pb2.GetUsageRequest, _accounts_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """This month's usage against the account's limits."""
     UpdateAccount: _aio.UnaryUnaryMultiCallable[_accounts_pb2.UpdateAccountRequest, _accounts_pb2.UpdateAccountResponse]  # type: ignore[assignment]
     """Changes the email or the alert webhook URL ("" clears it)."""
     RegenerateApiKey: _aio.UnaryUnaryMultiCallable[_accounts_pb2.RegenerateApiKeyRequest, _accounts_pb2.RegenerateApiKeyResponse]  # type: ignore[assignment]
@@ -96,6 +100,14 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_accounts_pb2.GetAccountResponse, _abc.Awaitable[_accounts_pb2.GetAccountResponse]]:
         """Returns the caller's account and its limits."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _accounts_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_pb2.GetUsageResponse, _abc.Awaitable[_accounts_pb2.GetUsageResponse]]:
+        """This month's usage against the account's limits."""
 
     @_abc_1.abstractmethod
     def UpdateAccount(

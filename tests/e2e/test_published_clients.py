@@ -1,0 +1,140 @@
+"""The published CueAPI clients against a live cueline, unchanged: the `cueapi`
+CLI 0.2.0 and the `cueapi-worker` 0.3.0 daemon (contract §7).
+
+Each client gets its own virtual environment under .cache/clients (both may
+install a top-level `cueapi` package), created once and reused. HOME and
+XDG_CONFIG_HOME point at a temporary directory so no stored credentials are read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import venv
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.test_scheduler import wait_for
+from tests.support import ROOT, Server, auth
+
+CLIENTS = ROOT / ".cache" / "clients"
+PACKAGES = {"cli": ("cueapi==0.2.0", "cueapi"), "worker": ("cueapi-worker==0.3.0", "cueapi-worker")}
+
+
+def client(name: str) -> Path:
+    """The client's executable, installing it into its own venv on first use."""
+    requirement, command = PACKAGES[name]
+    home = CLIENTS / requirement.replace("==", "-")
+    executable = home / "bin" / command
+    if not executable.exists():
+        venv.create(home, with_pip=True, clear=True)
+        subprocess.run(
+            [str(home / "bin" / "python"), "-m", "pip", "install", "--quiet", requirement],
+            check=True,
+            timeout=600,
+        )
+    return executable
+
+
+@pytest.fixture(scope="session")
+def cli() -> Path:
+    return client("cli")
+
+
+@pytest.fixture(scope="session")
+def worker() -> Path:
+    return client("worker")
+
+
+def run(command: Path, *args: str, key: str, server: Server, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home),
+        "CUEAPI_API_BASE": f"{server.http_url}/v1",
+        "CUEAPI_API_KEY": key,
+    }
+    return subprocess.run([str(command), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_the_cli(server: Server, cli: Path, tmp_path: Path) -> None:
+    key = server.register()
+
+    def cue(*args: str) -> subprocess.CompletedProcess[str]:
+        return run(cli, *args, key=key, server=server, home=tmp_path)
+
+    assert "Plan:" in cue("whoami").stdout
+    created = cue(
+        "create", "--name", "nightly", "--cron", "0 3 * * *", "--worker", "--payload", '{"task": "report"}'
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+    cue_id = created.stdout.split("Created:")[1].split()[0]
+    assert cue_id in cue("list").stdout
+    assert "nightly" in cue("get", cue_id).stdout
+    assert cue("pause", cue_id).returncode == 0 and cue("resume", cue_id).returncode == 0
+    assert "renamed" in cue("update", cue_id, "--name", "renamed").stdout
+    fired = cue("fire", cue_id)
+    execution = fired.stdout.split("Execution:")[1].split()[0]
+    assert execution in cue("executions", "list").stdout
+    assert "report" in cue("executions", "list-claimable").stdout
+    assert "Lease" in cue("executions", "claim", execution, "--worker-id", "w1").stdout
+    assert cue("executions", "heartbeat", execution, "--worker-id", "w1").returncode == 0
+    reported = cue("executions", "report-outcome", execution, "--success", "--external-id", "job-1")
+    assert reported.returncode == 0, reported.stdout + reported.stderr
+    again = cue("executions", "report-outcome", execution, "--failure")
+    assert again.returncode == 1 and "Outcome already recorded (write-once)" in again.stdout + again.stderr
+    assert "No executions available" in cue("executions", "claim-next", "--worker-id", "w1").stdout
+    assert "Executions:" in cue("usage").stdout
+    stored = httpx.get(f"{server.http_url}/v1/executions/{execution}", headers=auth(key)).json()
+    assert stored["outcome"]["external_id"] == "job-1" and stored["status"] == "success"
+
+
+def test_the_worker_daemon_runs_a_once_cue_to_completion(
+    server: Server, worker: Path, tmp_path: Path
+) -> None:
+    key = server.register()
+    handler = tmp_path / "hello.sh"
+    handler.write_text(
+        "#!/bin/sh\n"
+        'echo "payload: $CUEAPI_PAYLOAD"\n'
+        'printf \'{"success": true, "external_id": "e-1", "summary": "said hi"}\' > "$CUEAPI_OUTCOME_FILE"\n'
+    )
+    handler.chmod(0o755)
+    config = tmp_path / "worker.yaml"
+    config.write_text(
+        f"api_base: {server.http_url}\napi_key: {key}\nworker_id: box-1\npoll_interval: 1\n"
+        f"handlers:\n  hello:\n    cmd: {handler}\n"
+    )
+    at = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)).isoformat()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = client.post(
+            "/v1/cues",
+            json={
+                "name": "once",
+                "transport": "worker",
+                "payload": {"task": "hello", "who": "world"},
+                "schedule": {"type": "once", "at": at},
+            },
+        ).json()
+        daemon = subprocess.Popen(
+            [str(worker), "start", "--config", str(config)],
+            cwd=tmp_path,
+            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: client.get(f"/v1/cues/{cue['id']}").json()["status"] == "completed", timeout=30)
+        finally:
+            daemon.terminate()
+            daemon.wait(10)
+        [execution] = client.get(f"/v1/executions?cue_id={cue['id']}").json()["executions"]
+        assert execution["status"] == "success" and execution["claimed_by_worker"] == "box-1"
+        outcome = execution["outcome"]
+        assert outcome["external_id"] == "e-1" and outcome["summary"] == "said hi"
+        assert outcome["result"].startswith("payload: ") and '"who": "world"' in outcome["result"]
+        workers = client.get("/v1/workers").json()["workers"]
+        assert [w["worker_id"] for w in workers] == ["box-1"] and workers[0]["handlers"] == ["hello"]
