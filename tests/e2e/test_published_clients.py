@@ -9,6 +9,7 @@ XDG_CONFIG_HOME point at a temporary directory so no stored credentials are read
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import venv
@@ -21,7 +22,12 @@ from tests.integration.test_scheduler import wait_for
 from tests.support import ROOT, Server, auth
 
 CLIENTS = ROOT / ".cache" / "clients"
-PACKAGES = {"cli": ("cueapi==0.2.0", "cueapi"), "worker": ("cueapi-worker==0.3.0", "cueapi-worker")}
+SDK_FLOW = Path(__file__).parent / "sdk_flow.py"
+PACKAGES = {
+    "cli": ("cueapi==0.2.0", "cueapi"),
+    "worker": ("cueapi-worker==0.3.0", "cueapi-worker"),
+    "sdk": ("cueapi-sdk==0.1.3", "python"),
+}
 
 
 def client(name: str) -> Path:
@@ -47,6 +53,12 @@ def cli() -> Path:
 @pytest.fixture(scope="session")
 def worker() -> Path:
     return client("worker")
+
+
+@pytest.fixture(scope="session")
+def sdk() -> Path:
+    """The SDK's interpreter: its scripts run in their own venv."""
+    return client("sdk")
 
 
 def run(command: Path, *args: str, key: str, server: Server, home: Path) -> subprocess.CompletedProcess[str]:
@@ -138,3 +150,36 @@ def test_the_worker_daemon_runs_a_once_cue_to_completion(
         assert outcome["result"].startswith("payload: ") and '"who": "world"' in outcome["result"]
         workers = client.get("/v1/workers").json()["workers"]
         assert [w["worker_id"] for w in workers] == ["box-1"] and workers[0]["handlers"] == ["hello"]
+
+
+def test_the_sdk(database_url: str, sdk: Path, tmp_path: Path) -> None:
+    from tests.integration.test_webhooks import LOCAL
+    from tests.support import Receiver
+
+    receiver = Receiver()
+    server = Server(database_url, env=LOCAL).start()
+    try:
+        key = server.register()
+        ran = subprocess.run(
+            [str(sdk), str(SDK_FLOW), "flow", server.http_url, key, receiver.url("/hook")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+        )
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        secret = json.loads(ran.stdout.strip().splitlines()[-1])["secret"]
+        [delivery] = wait_for(lambda: receiver.to("/hook"))
+        body = tmp_path / "body.json"
+        body.write_bytes(delivery.body)
+        signature, timestamp = delivery.headers["X-CueAPI-Signature"], delivery.headers["X-CueAPI-Timestamp"]
+        verified = subprocess.run(
+            [str(sdk), str(SDK_FLOW), "verify", str(body), signature, secret, timestamp],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    finally:
+        server.stop()
+        receiver.close()
