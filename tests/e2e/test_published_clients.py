@@ -183,3 +183,71 @@ def test_the_sdk(database_url: str, sdk: Path, tmp_path: Path) -> None:
     finally:
         server.stop()
         receiver.close()
+
+
+HANDLERS = {
+    # name: (shell script body, expected success, expected external_id)
+    "evidence": ('printf \'{"success": true, "external_id": "x-1"}\' > "$CUEAPI_OUTCOME_FILE"', True, "x-1"),
+    "file_says_no": ('printf \'{"success": false, "error": "quota"}\' > "$CUEAPI_OUTCOME_FILE"', False, None),
+    "exit_wins": (
+        'printf \'{"success": true, "external_id": "x-3"}\' > "$CUEAPI_OUTCOME_FILE"; exit 3',
+        False,
+        "x-3",
+    ),
+    "no_file": ("echo done", True, None),
+    "malformed": ("printf 'not json' > \"$CUEAPI_OUTCOME_FILE\"", True, None),
+}
+
+
+def test_the_worker_outcome_file_rules(server: Server, worker: Path, tmp_path: Path) -> None:
+    key = server.register()
+    lines = [
+        f"api_base: {server.http_url}",
+        f"api_key: {key}",
+        "worker_id: rules",
+        "poll_interval: 1",
+        "handlers:",
+    ]
+    for name, (body, _, _) in HANDLERS.items():
+        script = tmp_path / f"{name}.sh"
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+        lines.append(f"  {name}:\n    cmd: {script}")
+    config = tmp_path / "worker.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        executions = {}
+        for name in HANDLERS:
+            cue = client.post(
+                "/v1/cues",
+                json={
+                    "name": name,
+                    "transport": "worker",
+                    "payload": {"task": name},
+                    "schedule": {"type": "recurring", "cron": "0 0 1 1 *"},
+                },
+            ).json()
+            executions[name] = client.post(f"/v1/cues/{cue['id']}/fire").json()["id"]
+        daemon = subprocess.Popen(
+            [str(worker), "start", "--config", str(config)],
+            cwd=tmp_path,
+            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+
+            def reported() -> bool:
+                return all(client.get(f"/v1/executions/{e}").json()["outcome"] for e in executions.values())
+
+            wait_for(reported, timeout=60)
+        finally:
+            daemon.terminate()
+            daemon.wait(10)
+        for name, (_, success, external_id) in HANDLERS.items():
+            execution = client.get(f"/v1/executions/{executions[name]}").json()
+            outcome = execution["outcome"]
+            assert (outcome["success"], outcome["external_id"]) == (success, external_id), name
+            assert execution["status"] == ("success" if success else "failed"), name
+        malformed = client.get(f"/v1/executions/{executions['malformed']}").json()["outcome"]
+        assert "outcome_file_parse_error" in malformed["metadata"]["_cueapi_worker"]
