@@ -18,6 +18,7 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     String,
+    Table,
     and_,
     bindparam,
     case,
@@ -47,6 +48,20 @@ class DuplicateError(Exception):
 class _Repository:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
+
+    async def _newest_page(
+        self, table: Table, condition: ColumnElement[bool], limit: int, offset: int
+    ) -> tuple[Sequence[AnyRow], int]:
+        """A page of the table's rows, newest first (ties by id), and how many match."""
+        rows = await self.conn.execute(
+            select(table)
+            .where(condition)
+            .order_by(table.c.created_at.desc(), table.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        total = await self.conn.execute(select(func.count()).select_from(table).where(condition))
+        return rows.all(), int(total.scalar_one())
 
     async def _insert(self, statement: Any) -> None:
         try:
@@ -121,15 +136,7 @@ class CueRepository(_Repository):
         condition: ColumnElement[bool] = cues.c.account_id == account_id
         if status is not None:
             condition = and_(condition, cues.c.status == status)
-        rows = await self.conn.execute(
-            select(cues)
-            .where(condition)
-            .order_by(cues.c.created_at.desc(), cues.c.id)
-            .limit(limit)
-            .offset(offset)
-        )
-        total = await self.conn.execute(select(func.count()).select_from(cues).where(condition))
-        return rows.all(), int(total.scalar_one())
+        return await self._newest_page(cues, condition, limit, offset)
 
     async def update(self, account_id: uuid.UUID, cue_id: str, values: Mapping[str, Any]) -> AnyRow | None:
         try:
@@ -282,6 +289,7 @@ class ExecutionRepository(_Repository):
             .limit(limit)
             .offset(offset)
         )
+        # The total and the earliest claim in one statement.
         summary = await self.conn.execute(
             select(func.count(), func.min(executions.c.claimed_at)).select_from(executions).where(condition)
         )
@@ -953,16 +961,7 @@ class AlertRepository(_Repository):
             conditions.append(alerts.c.acknowledged == acknowledged)
         if since is not None:
             conditions.append(alerts.c.created_at >= since)
-        condition = and_(*conditions)
-        rows = await self.conn.execute(
-            select(alerts)
-            .where(condition)
-            .order_by(alerts.c.created_at.desc(), alerts.c.id)
-            .limit(limit)
-            .offset(offset)
-        )
-        total = await self.conn.execute(select(func.count()).select_from(alerts).where(condition))
-        return rows.all(), int(total.scalar_one())
+        return await self._newest_page(alerts, and_(*conditions), limit, offset)
 
     async def recent_final(self, cue_id: str, until: dt.datetime, limit: int) -> Sequence[AnyRow]:
         """The cue's executions created up to `until` that reached a final status, newest first."""
