@@ -251,3 +251,54 @@ def test_the_worker_outcome_file_rules(server: Server, worker: Path, tmp_path: P
             assert execution["status"] == ("success" if success else "failed"), name
         malformed = client.get(f"/v1/executions/{executions['malformed']}").json()["outcome"]
         assert "outcome_file_parse_error" in malformed["metadata"]["_cueapi_worker"]
+
+
+def test_a_handler_running_past_the_lease_keeps_its_execution(
+    database_url: str, worker: Path, tmp_path: Path
+) -> None:
+    """cueapi-worker sends no per-execution heartbeats; its worker heartbeats alone
+    must keep a claim whose lease (2 s here) runs out while the handler works (5 s)."""
+    server = Server(
+        database_url,
+        env={"CUELINE_WORKER_CLAIM_LEASE_SECONDS": "2", "CUELINE_SCHEDULER_POLL_SECONDS": "0.2"},
+    ).start()
+    try:
+        key = server.register()
+        handler = tmp_path / "slow.sh"
+        handler.write_text("#!/bin/sh\nsleep 5\necho finished\n")
+        handler.chmod(0o755)
+        config = tmp_path / "worker.yaml"
+        config.write_text(
+            f"api_base: {server.http_url}\napi_key: {key}\nworker_id: slow-box\npoll_interval: 1\n"
+            f"handlers:\n  slow:\n    cmd: {handler}\n"
+        )
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            cue = client.post(
+                "/v1/cues",
+                json={
+                    "name": "slow",
+                    "transport": "worker",
+                    "payload": {"task": "slow"},
+                    "schedule": {"type": "recurring", "cron": "0 0 1 1 *"},
+                },
+            ).json()
+            execution = client.post(f"/v1/cues/{cue['id']}/fire").json()["id"]
+            daemon = subprocess.Popen(
+                [str(worker), "start", "--config", str(config)],
+                cwd=tmp_path,
+                env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                stored = wait_for(
+                    lambda: (e := client.get(f"/v1/executions/{execution}").json())["outcome"] and e,
+                    timeout=60,
+                )
+            finally:
+                daemon.terminate()
+                daemon.wait(10)
+        assert stored["status"] == "success" and stored["attempts"] == 1  # never reclaimed
+        assert stored["outcome"]["result"].startswith("finished")
+    finally:
+        server.stop()
