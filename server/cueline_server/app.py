@@ -140,12 +140,6 @@ class _EmbeddedUvicorn(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-@dataclass
-class Bound:
-    grpc_port: int
-    http_port: int
-
-
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

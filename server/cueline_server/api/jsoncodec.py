@@ -21,6 +21,7 @@ import datetime as dt
 import json
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -31,20 +32,17 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 _INT_TYPES = {
-    # FieldDescriptor.CPPTYPE_*: int32, int64, uint32, uint64
-    1: (INT32_MIN, INT32_MAX),
-    2: (INT64_MIN, INT64_MAX),
-    3: (0, 2**32 - 1),
-    4: (0, 2**64 - 1),
+    FieldDescriptor.CPPTYPE_INT32: (INT32_MIN, INT32_MAX),
+    FieldDescriptor.CPPTYPE_INT64: (INT64_MIN, INT64_MAX),
+    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
 }
-_CPPTYPE_DOUBLE, _CPPTYPE_FLOAT, _CPPTYPE_BOOL, _CPPTYPE_ENUM, _CPPTYPE_STRING, _CPPTYPE_MESSAGE = (
-    5,
-    6,
-    7,
-    8,
-    9,
-    10,
-)
+_CPPTYPE_DOUBLE = FieldDescriptor.CPPTYPE_DOUBLE
+_CPPTYPE_FLOAT = FieldDescriptor.CPPTYPE_FLOAT
+_CPPTYPE_BOOL = FieldDescriptor.CPPTYPE_BOOL
+_CPPTYPE_ENUM = FieldDescriptor.CPPTYPE_ENUM
+_CPPTYPE_STRING = FieldDescriptor.CPPTYPE_STRING
+_CPPTYPE_MESSAGE = FieldDescriptor.CPPTYPE_MESSAGE
 
 
 def compact_json(value: Any) -> str:

@@ -14,12 +14,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from cueline_server.api.descriptors import FieldInfo, message_info
 from cueline_server.errors import Violation
 
-_NUMBER_CPPTYPES = {1, 2, 3, 4, 5, 6}
+_NUMBER_CPPTYPES = {
+    FieldDescriptor.CPPTYPE_INT32,
+    FieldDescriptor.CPPTYPE_INT64,
+    FieldDescriptor.CPPTYPE_UINT32,
+    FieldDescriptor.CPPTYPE_UINT64,
+    FieldDescriptor.CPPTYPE_DOUBLE,
+    FieldDescriptor.CPPTYPE_FLOAT,
+}
 
 
 def validate(request: Message) -> list[Violation]:
