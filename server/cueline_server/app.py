@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import uuid
@@ -33,15 +34,24 @@ from cueline_server.servicers.alerts import AlertServicer
 from cueline_server.servicers.cues import CueServicer
 from cueline_server.servicers.executions import ExecutionServicer
 from cueline_server.servicers.outcomes import OutcomeServicer
+from cueline_server.servicers.partner import (
+    ActionServicer,
+    PartnerActionServicer,
+    PartnerAuthServicer,
+    PartnerDirectoryServicer,
+)
 from cueline_server.servicers.probes import ProbeServicer
 from cueline_server.servicers.workers import WorkerServicer
 from cueline_server.services.accounts import AccountService, Authenticator
+from cueline_server.services.actions import ActionService
 from cueline_server.services.alerts import AlertService
 from cueline_server.services.claims import ClaimService
 from cueline_server.services.cues import CueService
 from cueline_server.services.executions import ExecutionService
 from cueline_server.services.outcomes import OutcomeService
+from cueline_server.services.partners import DirectoryService, TokenService
 from cueline_server.services.probes import ProbeService
+from cueline_server.services.secrets import codec_from_settings
 from cueline_server.services.workers import WorkerService
 from cueline_server.store import migrate
 from cueline_server.store.database import Database
@@ -58,6 +68,8 @@ class Components:
     """The long-lived parts of a cueline process, wired together."""
 
     authenticator: Authenticator
+    tokens: TokenService
+    actions: ActionService
     scheduler: Scheduler
     dispatcher: Dispatcher
     handlers: dict[str, Handler]
@@ -98,6 +110,12 @@ def assemble(db: Database, settings: Settings) -> Components:
         work_created=work_created,
     )
     cues = CueService(db, settings, schedule_changed=scheduler.wake, work_created=work_created)
+    try:
+        codec = codec_from_settings(settings.action_secret_keys, settings.action_secret_signing_kid)
+    except ValueError as exc:
+        raise StartupError(f"CUELINE_ACTION_SECRET_KEYS: {exc}") from None
+    actions = ActionService(db, codec, settings.public_base_url)
+    tokens = TokenService(db)
     servicers: list[Any] = [
         AccountServicer(AccountService(db, settings, authenticator)),
         CueServicer(cues),
@@ -106,6 +124,10 @@ def assemble(db: Database, settings: Settings) -> Components:
         AlertServicer(alerts),
         ProbeServicer(ProbeService(db, lambda: scheduler.last_pass, settings.webhook_stale_after_seconds)),
         WorkerServicer(WorkerService(db, settings.worker_heartbeat_timeout_seconds)),
+        ActionServicer(actions),
+        PartnerActionServicer(actions),
+        PartnerAuthServicer(tokens),
+        PartnerDirectoryServicer(DirectoryService(db)),
     ]
     found: dict[str, Handler] = {}
     for method in methods():
@@ -116,7 +138,14 @@ def assemble(db: Database, settings: Settings) -> Components:
                 break
         else:
             raise StartupError(f"no servicer implements {method.full_name}")
-    return Components(authenticator, scheduler, dispatcher, found)
+    return Components(authenticator, tokens, actions, scheduler, dispatcher, found)
+
+
+def trusted_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(item.strip()) for item in spec.split(",") if item.strip())
+    except ValueError as exc:
+        raise StartupError(f"CUELINE_TRUSTED_PROXIES: {exc}") from None
 
 
 async def prepare_schema(settings: Settings) -> None:
@@ -151,7 +180,12 @@ class Runtime:
         await prepare_schema(settings)
         db = Database(settings.resolved_database_url(), pool_size=settings.database_pool_size)
         parts = assemble(db, settings)
-        pipeline = Pipeline(parts.authenticator, parts.handlers, access_log=settings.access_log)
+        pipeline = Pipeline(
+            parts.authenticator,
+            parts.handlers,
+            partner_authenticator=parts.tokens.authenticate,
+            access_log=settings.access_log,
+        )
         health_servicer = health.aio.HealthServicer()
         grpc_server = build_server(pipeline, health_servicer, settings.max_request_bytes + 64 * 1024)
         grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
@@ -160,6 +194,7 @@ class Runtime:
             max_request_bytes=settings.max_request_bytes,
             openapi=openapi.document(),
             ready=lambda: self.serving,
+            trusted_proxies=trusted_networks(settings.trusted_proxies),
         )
         http = _EmbeddedUvicorn(
             uvicorn.Config(
@@ -187,6 +222,8 @@ class Runtime:
                 raise StartupError(f"cannot serve HTTP on {settings.host}:{settings.http_port}")
             await asyncio.sleep(0.01)
         http_port = http.servers[0].sockets[0].getsockname()[1]
+        if not settings.public_base_url:
+            parts.actions.public_base_url = f"http://{settings.host}:{http_port}"
         background = [
             asyncio.create_task(parts.scheduler.run(self.stopping)),
             asyncio.create_task(parts.dispatcher.run(self.stopping)),

@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from cueline_server import __version__, logs
+from cueline_server import __version__, admin, logs
 from cueline_server.config import Settings
 
 
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--email", required=True, help="the account's email address")
     _database_options(create)
+    admin.add_parser(commands)
     return parser
 
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     from cueline_server.errors import ApiError
     from cueline_server.store import migrate
 
+    if args.command == "admin":
+        return admin.main(args)
     try:
         if args.command == "serve":
             asyncio.run(Runtime(settings).run())

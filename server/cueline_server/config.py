@@ -61,6 +61,17 @@ class Settings:
     database_pool_size: int = 32
     log_level: str = "INFO"
     access_log: bool = False
+    # Partner actions. The start of resolution links (https://cueline.example.com);
+    # empty: http://HOST:HTTP_PORT of this process.
+    public_base_url: str = ""
+    # Action secret keys as `kid=base64url-key,kid2=...` (each key at least 32 random
+    # bytes): all verify, the signing key id signs (default: the first). Empty: a
+    # random key per process, so links die with it and differ between replicas.
+    action_secret_keys: str = ""
+    action_secret_signing_kid: str = ""
+    # Comma-separated addresses or networks of reverse proxies whose
+    # X-Forwarded-For is believed for the audit trail's remote address.
+    trusted_proxies: str = ""
 
     def resolved_database_url(self) -> str:
         if self.database_url:

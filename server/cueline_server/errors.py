@@ -20,6 +20,9 @@ class Violation:
 
     field: str
     message: str
+    # The pydantic error type (missing, string_type, dict_type, literal_error,
+    # value_error): the partner surface shows it, gRPC sends it as the reason.
+    kind: str = ""
 
 
 class ApiError(Exception):
@@ -86,3 +89,42 @@ def service_unavailable() -> ApiError:
 
 def idempotency_key_conflict() -> ApiError:
     return ApiError("idempotency_key_conflict", "Idempotency key already used with a different request", 409)
+
+
+# --- the partner surface (contract partner-v2 section 9): reasons in upper case ---------------------
+
+
+def partner_validation(violations: Sequence[Violation]) -> ApiError:
+    return ApiError("VALIDATION_FAILED", violations[0].message, 422, violations)
+
+
+def partner_unauthenticated() -> ApiError:
+    return ApiError("UNAUTHENTICATED", "Unauthorized", 401)
+
+
+def invalid_client() -> ApiError:
+    return ApiError("INVALID_CLIENT", "invalid_client", 401)
+
+
+def invalid_credentials() -> ApiError:
+    return ApiError("INVALID_CREDENTIALS", "Invalid credentials", 401)
+
+
+def invalid_secret() -> ApiError:
+    return ApiError("INVALID_SECRET", "Invalid or expired secret", 403)
+
+
+def action_not_found() -> ApiError:
+    return ApiError("ACTION_NOT_FOUND", "Not Found", 404)
+
+
+def no_attempt_in_progress() -> ApiError:
+    return ApiError("NO_ATTEMPT_IN_PROGRESS", "Not Found", 404)
+
+
+def unsupported_for_code() -> ApiError:
+    return ApiError("UNSUPPORTED_FOR_CODE", "This action cannot be resolved with this endpoint", 409)
+
+
+def concurrent_modification() -> ApiError:
+    return ApiError("CONCURRENT_MODIFICATION", "Conflict", 409)

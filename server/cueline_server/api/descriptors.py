@@ -25,6 +25,7 @@ from google.protobuf.descriptor import (
 from google.protobuf.message import Message
 
 from cueline.annotations.v1 import annotations_pb2 as cueline_options
+from cueline.partner.v1 import actions_pb2, auth_pb2, directory_pb2
 from cueline.v1 import (
     accounts_pb2,
     alerts_pb2,
@@ -43,6 +44,9 @@ API_MODULES: tuple[ModuleType, ...] = (
     outcomes_pb2,
     probes_pb2,
     workers_pb2,
+    actions_pb2,
+    auth_pb2,
+    directory_pb2,
 )
 
 REQUIRED = field_behavior_pb2.REQUIRED

@@ -22,7 +22,7 @@ from cueline_server.api.descriptors import MethodInfo, methods, services
 from cueline_server.api.pipeline import Pipeline
 from cueline_server.errors import ApiError
 
-ERROR_DOMAIN = "cueline.dev"
+ERROR_DOMAIN = "cueline"
 
 _CODE_BY_ERROR = {
     "outcome_already_recorded": code_pb2.ALREADY_EXISTS,
@@ -30,6 +30,7 @@ _CODE_BY_ERROR = {
     "duplicate_email": code_pb2.ALREADY_EXISTS,
     "claim_failed": code_pb2.ABORTED,
     "cue_limit_exceeded": code_pb2.RESOURCE_EXHAUSTED,
+    "CONCURRENT_MODIFICATION": code_pb2.ABORTED,
 }
 _CODE_BY_STATUS = {
     400: code_pb2.INVALID_ARGUMENT,
@@ -63,7 +64,9 @@ def status_proto(error: ApiError) -> status_pb2.Status:
     if error.violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.message)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.message, reason=v.kind
+                )
                 for v in error.violations
             ]
         )
@@ -81,12 +84,22 @@ def _unary(
         rid = Pipeline.new_request_id(metadata.get("x-request-id"))
         await context.send_initial_metadata((("x-request-id", rid),))
         try:
-            return await pipeline.invoke(method, request, metadata, rid)
+            return await pipeline.invoke(method, request, metadata, rid, peer=peer_address(context.peer()))
         except ApiError as error:
             await context.abort_with_status(rpc_status.to_status(status_proto(error)))
             raise  # abort_with_status raises; this line is never reached
 
     return handle
+
+
+def peer_address(peer: str) -> str:
+    """The address in a gRPC peer string (ipv4:127.0.0.1:5000, ipv6:[::1]:5000, unix:...)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
 
 
 def service_names() -> list[str]:

@@ -21,6 +21,7 @@ import datetime as dt
 import json
 from typing import Any
 
+from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -43,6 +44,26 @@ _CPPTYPE_BOOL = FieldDescriptor.CPPTYPE_BOOL
 _CPPTYPE_ENUM = FieldDescriptor.CPPTYPE_ENUM
 _CPPTYPE_STRING = FieldDescriptor.CPPTYPE_STRING
 _CPPTYPE_MESSAGE = FieldDescriptor.CPPTYPE_MESSAGE
+
+
+STRUCT = "google.protobuf.Struct"
+SAFE_INTEGER = 2**53
+
+
+def _whole_numbers(value: Any) -> Any:
+    """JSON read from a Struct, whose numbers are all doubles, with whole numbers as integers."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= SAFE_INTEGER:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
+def struct_to_json(message: Message) -> Any:
+    """A google.protobuf.Struct as plain JSON."""
+    return _whole_numbers(json_format.MessageToDict(message))
 
 
 def compact_json(value: Any) -> str:
@@ -90,6 +111,9 @@ def parse_datetime(text: str) -> dt.datetime:
 
 
 def render(message: Message) -> dict[str, Any]:
+    if message.DESCRIPTOR.full_name == STRUCT:
+        plain: dict[str, Any] = struct_to_json(message)
+        return plain
     out: dict[str, Any] = {}
     for f in message_info(message.DESCRIPTOR).fields:
         if f.input_only or f.rules.http_status:

@@ -17,11 +17,13 @@ from typing import Any
 from google.protobuf.message import Message
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from cueline.annotations.v1 import annotations_pb2 as cueline_options
 from cueline_server.api.descriptors import MethodInfo
 from cueline_server.api.validation import validate
 from cueline_server.errors import ApiError, internal_error, service_unavailable, validation_error
 from cueline_server.logs import request_id
 from cueline_server.services.accounts import Authenticator, Caller
+from cueline_server.services.partners import PartnerCaller
 
 log = logging.getLogger("cueline.calls")
 
@@ -33,21 +35,37 @@ class Call:
     caller: Caller | None
     metadata: Mapping[str, str]  # lower-case names: gRPC metadata or HTTP headers
     request_id: str
+    partner: PartnerCaller | None = None
+    # The client's address: the gRPC peer, or the HTTP client (behind a
+    # trusted proxy, the left-most X-Forwarded-For entry).
+    peer: str = ""
 
     @property
     def account(self) -> Caller:
         assert self.caller is not None, "public methods have no caller"
         return self.caller
 
+    @property
+    def partner_caller(self) -> PartnerCaller:
+        assert self.partner is not None, "only partner-token methods have a partner"
+        return self.partner
+
 
 Handler = Callable[[Any, Call], Awaitable[Message]]
+PartnerAuthenticator = Callable[[str | None], Awaitable[PartnerCaller]]
 
 
 class Pipeline:
     def __init__(
-        self, authenticator: Authenticator, handlers: Mapping[str, Handler], *, access_log: bool
+        self,
+        authenticator: Authenticator,
+        handlers: Mapping[str, Handler],
+        *,
+        partner_authenticator: PartnerAuthenticator,
+        access_log: bool,
     ) -> None:
         self._authenticator = authenticator
+        self._partner_authenticator = partner_authenticator
         self._handlers = handlers
         self._access_log = access_log
 
@@ -59,19 +77,34 @@ class Pipeline:
         return str(uuid.uuid4())
 
     async def invoke(
-        self, method: MethodInfo, request: Message, metadata: Mapping[str, str], rid: str
+        self,
+        method: MethodInfo,
+        request: Message,
+        metadata: Mapping[str, str],
+        rid: str,
+        *,
+        peer: str = "",
+        rejection: ApiError | None = None,
     ) -> Message:
+        """`rejection` is a problem the transport found reading the request;
+        it is raised after authentication, so a caller without credentials
+        learns nothing about the request's shape."""
         token = request_id.set(rid)
         started = time.perf_counter()
         outcome = "ok"
         try:
-            caller = None
-            if not method.public:
+            caller = partner = None
+            if method.rules.auth == cueline_options.AUTH_PARTNER_TOKEN:
+                partner = await self._partner_authenticator(metadata.get("authorization"))
+            elif not method.public:
                 caller = await self._authenticator.authenticate(metadata.get("authorization"))
+            if rejection is not None:
+                raise rejection
             violations = validate(request)
             if violations:
                 raise validation_error(violations)
-            return await self._handlers[method.full_name](request, Call(caller, metadata, rid))
+            call = Call(caller, metadata, rid, partner, peer)
+            return await self._handlers[method.full_name](request, call)
         except ApiError as exc:
             outcome = exc.code
             raise

@@ -7,11 +7,14 @@ message (path variables, then the body per the binding's `body`, the other
 fields from query parameters and annotated headers), run through the same
 pipeline as gRPC, and rendered by the JSON codec. For a PATCH whose request
 has an `update_mask`, the mask is the set of body paths that were present.
-Errors are rendered in the envelope of the method's surface.
+Errors are rendered in the envelope of the surface the path belongs to:
+`/api/partners/` as {"detail": ...}, `/oauth2/` as RFC 6749 section 5.2
+bodies, everything else as the CueAPI envelope.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -22,11 +25,12 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
 
 from cueline_server.api.descriptors import HttpBinding, MethodInfo, message_info, methods
 from cueline_server.api.jsoncodec import Reader, loads, render
 from cueline_server.api.pipeline import Pipeline
-from cueline_server.errors import ApiError, Violation, internal_error
+from cueline_server.errors import ApiError, Violation, internal_error, validation_error
 
 log = logging.getLogger("cueline.rest")
 
@@ -45,6 +49,7 @@ class Route:
     variables: tuple[str, ...]
     header_fields: tuple[tuple[str, str], ...]  # (header name lower-case, field)
     status_field: str | None  # a response field that carries the HTTP status
+    max_request_bytes: int  # 0: the server-wide limit
 
     @property
     def specificity(self) -> tuple[int, ...]:
@@ -82,7 +87,15 @@ def _compile(method: MethodInfo, binding: HttpBinding) -> Route:
     headers = tuple((f.rules.http_header.lower(), f.name) for f in info.fields if f.rules.http_header)
     response = message_info(method.response_class.DESCRIPTOR)
     status_field = next((f.name for f in response.fields if f.rules.http_status), None)
-    return Route(method, binding, tuple(segments), binding.path_fields, headers, status_field)
+    return Route(
+        method,
+        binding,
+        tuple(segments),
+        binding.path_fields,
+        headers,
+        status_field,
+        method.rules.max_request_bytes,
+    )
 
 
 class Router:
@@ -128,6 +141,43 @@ def envelope(error: ApiError, route: Route | None) -> dict[str, Any]:
     return {"error": body}
 
 
+# What the partner surface says for errors that did not come from a partner
+# servicer (their messages are the CueAPI wording).
+_PARTNER_DETAIL = {
+    400: "Cannot parse request body",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Request body too large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_OAUTH_ERROR = {401: "invalid_client", 500: "server_error", 503: "temporarily_unavailable"}
+
+
+def partner_body(error: ApiError) -> dict[str, Any]:
+    """{"detail": "..."} or, for validation, pydantic-style {"detail": [{type, loc, msg}]}."""
+    if error.violations:
+        return {
+            "detail": [
+                {"type": v.kind or "value_error", "loc": v.field.split("."), "msg": v.message}
+                for v in error.violations
+            ]
+        }
+    generic = error.code.islower()  # CueAPI-style codes; partner reasons are upper case
+    return {"detail": _PARTNER_DETAIL.get(error.http_status, error.message) if generic else error.message}
+
+
+def oauth_error(error: ApiError) -> tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]:
+    """RFC 6749 section 5.2: the status, the body and any extra headers."""
+    if error.http_status == 401:
+        return 401, {"error": "invalid_client"}, [(b"www-authenticate", b'Basic realm="cueline"')]
+    if error.http_status in _OAUTH_ERROR:
+        return error.http_status, {"error": _OAUTH_ERROR[error.http_status]}, []
+    unsupported = any(v.kind == "literal_error" for v in error.violations)
+    status = 400 if error.http_status in (400, 422) else error.http_status
+    return status, {"error": "unsupported_grant_type" if unsupported else "invalid_request"}, []
+
+
 def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -142,8 +192,10 @@ class Transcoder:
         max_request_bytes: int,
         openapi: bytes,
         ready: Callable[[], bool],
+        trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
     ) -> None:
         self._pipeline = pipeline
+        self._trusted_proxies = trusted_proxies
         self._router = Router(methods())
         self._max = max_request_bytes
         self._openapi = openapi
@@ -177,9 +229,13 @@ class Transcoder:
         try:
             route, variables = self._router.match(verb, path.strip("/").split("/"))
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            body = await self._read_body(headers, receive)
-            request = self._build_request(route, variables, body, scope.get("query_string", b""), headers)
-            response = await self._pipeline.invoke(route.method, request, headers, rid)
+            body = await self._read_body(headers, receive, route.max_request_bytes or self._max)
+            request, rejection = self._build_request(
+                route, variables, body, scope.get("query_string", b""), headers
+            )
+            response = await self._pipeline.invoke(
+                route.method, request, headers, rid, peer=self._peer(scope, headers), rejection=rejection
+            )
             status = route.method.success_status
             if route.status_field is not None:
                 status = getattr(response, route.status_field) or status
@@ -190,15 +246,38 @@ class Transcoder:
                 response = getattr(response, route.binding.response_body)
             await _respond(send, status, _json_bytes(render(response)), rid)
         except ApiError as error:
-            await _respond(send, error.http_status, _json_bytes(envelope(error, route)), rid)
+            await self._error(send, path, error, route, rid)
         except Exception:
             log.exception("unhandled error in REST request %s %s", verb, path)
-            await _respond(send, 500, _json_bytes(envelope(internal_error(), route)), rid)
+            await self._error(send, path, internal_error(), route, rid)
 
-    async def _read_body(self, headers: Mapping[str, str], receive: Receive) -> bytes:
+    async def _error(self, send: Send, path: str, error: ApiError, route: Route | None, rid: str) -> None:
+        if path.startswith("/oauth2/"):
+            status, body, headers = oauth_error(error)
+            await _respond(send, status, _json_bytes(body), rid, headers)
+        elif path.startswith("/api/partners/"):
+            await _respond(send, error.http_status, _json_bytes(partner_body(error)), rid)
+        else:
+            await _respond(send, error.http_status, _json_bytes(envelope(error, route)), rid)
+
+    def _peer(self, scope: Scope, headers: Mapping[str, str]) -> str:
+        """The client's address; behind a trusted proxy, the left-most X-Forwarded-For entry."""
+        client = scope.get("client")
+        peer = str(client[0]) if client else ""
+        forwarded = headers.get("x-forwarded-for")
+        if forwarded and self._trusted_proxies and peer:
+            try:
+                address = ipaddress.ip_address(peer)
+            except ValueError:
+                return peer
+            if any(address in network for network in self._trusted_proxies):
+                return forwarded.split(",")[0].strip() or peer
+        return peer
+
+    async def _read_body(self, headers: Mapping[str, str], receive: Receive, limit: int) -> bytes:
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max:
-            raise _too_large(self._max)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -207,8 +286,8 @@ class Transcoder:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self._max:
-                raise _too_large(self._max)
+            if size > limit:
+                raise _too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -216,57 +295,85 @@ class Transcoder:
 
     def _build_request(
         self, route: Route, variables: dict[str, str], body: bytes, query: bytes, headers: Mapping[str, str]
-    ) -> Message:
+    ) -> tuple[Message, ApiError | None]:
+        """The request message, and the problems found reading it (raised by the
+        pipeline after authentication). Malformed JSON fails at once."""
         method = route.method
         request = method.request_class()
         info = message_info(request.DESCRIPTOR)
         reader = Reader(reject_unknown=method.rules.reject_unknown_fields)
         body_field = route.binding.body
         if body_field and body.strip():
-            try:
-                data = loads(body)
-            except (ValueError, UnicodeDecodeError):
-                raise ApiError("invalid_json", "Request body is not valid JSON", 400) from None
-            if not isinstance(data, dict):
-                raise ApiError(
-                    "validation_error",
-                    "body: Input should be a valid dictionary",
-                    422,
-                    [Violation("body", "Input should be a valid dictionary")],
-                )
-            if body_field == "*":
+            data = self._decode_body(method, body, headers)
+            target = request if body_field == "*" else getattr(request, body_field)
+            if isinstance(target, Struct):
+                # Partner bodies: any JSON object, validated by the servicer by exact name.
+                if isinstance(data, dict):
+                    target.update(data)
+                elif data is not None:
+                    reader.violations.append(
+                        Violation("body", "Input should be a valid dictionary", "dict_type")
+                    )
+            elif not isinstance(data, dict):
+                reader.violations.append(Violation("body", "Input should be a valid dictionary", "dict_type"))
+            elif body_field == "*":
                 for name in route.variables:
                     data.pop(name, None)
                 reader.read_object(request, data, "body")
             else:
-                target = getattr(request, body_field)
                 target.SetInParent()
                 reader.read_object(target, data, "body")
             if "update_mask" in info.by_name and route.binding.verb == "PATCH":
                 request.update_mask.paths.extend(reader.present)  # type: ignore[attr-defined]
-        elif not body_field:
+        if not body_field or route.method.descriptor.input_type.fields_by_name.get(body_field) is not None:
             for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
                 field = info.by_name.get(name)
-                if field is None or field.output_only or name in route.variables or field.is_plain_message:
+                if (
+                    field is None
+                    or field.output_only
+                    or name in route.variables
+                    or field.is_plain_message
+                    or (body_field and name == body_field)
+                    or body_field == "*"
+                ):
                     continue
                 reader.read_text(request, field, value, f"query.{name}", name)
         for header, name in route.header_fields:
             if header in headers:
                 reader.read_text(request, info.by_name[name], headers[header], f"header.{header}", name)
         for name, value in variables.items():
-            reader.read_text(request, info.by_name[name], value, f"path.{name}", name)
+            target, leaf = request, name
+            while "." in leaf:
+                head, leaf = leaf.split(".", 1)
+                target = getattr(target, head)
+            reader.read_text(
+                target, message_info(target.DESCRIPTOR).by_name[leaf], value, f"path.{name}", leaf
+            )
         if reader.violations:
-            first = reader.violations[0]
-            raise ApiError("validation_error", f"{first.field}: {first.message}", 422, reader.violations)
-        return request
+            return request, validation_error(reader.violations)
+        return request, None
+
+    @staticmethod
+    def _decode_body(method: MethodInfo, body: bytes, headers: Mapping[str, str]) -> Any:
+        content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        form = content_type == "application/x-www-form-urlencoded"
+        # curl and many clients label any -d body as a form: a JSON object is still JSON.
+        if method.rules.accept_form and form and not body.lstrip().startswith(b"{"):
+            return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        try:
+            return loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError("invalid_json", "Request body is not valid JSON", 400) from None
 
 
 def _too_large(limit: int) -> ApiError:
     return ApiError("request_too_large", f"Request body must be at most {limit} bytes", 413)
 
 
-async def _respond(send: Send, status: int, body: bytes, rid: str) -> None:
-    headers = [(b"x-request-id", rid.encode())]
+async def _respond(
+    send: Send, status: int, body: bytes, rid: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [(b"x-request-id", rid.encode()), *(extra or ())]
     if status != 204:
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})

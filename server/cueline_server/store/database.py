@@ -25,6 +25,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from cueline_server.store.partner import PartnerRepository
 from cueline_server.store.repositories import (
     AccountRepository,
     AlertRepository,
@@ -147,6 +148,7 @@ class Repositories:
         self.deliveries = DeliveryRepository(conn)
         self.alerts = AlertRepository(conn)
         self.workers = WorkerRepository(conn)
+        self.partner = PartnerRepository(conn)
 
 
 class UnitOfWork(Repositories):

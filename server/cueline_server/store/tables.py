@@ -233,3 +233,153 @@ alerts = Table(
     Index(None, "account_id", "created_at"),
     Index(None, "account_id", "alert_type", "execution_id", "created_at"),
 )
+
+# --- partner actions -------------------------------------------------------------------------------
+# Actions are cues of kind "action". Their ids are UUIDs (partners address them as
+# cue_id) and they are never scheduled or delivered, so they live in their own
+# tables: `actions` is the cue, `action_attempts` its executions with write-once
+# outcomes, and `action_events` the audit trail.
+
+organizations = Table(
+    "organizations",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("account_id", Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+members = Table(
+    "members",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column(
+        "organization_id",
+        Uuid,
+        ForeignKey("organizations.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("external_ref", String(255), nullable=True),
+    Column("disabled", Boolean, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+oauth_clients = Table(
+    "oauth_clients",
+    metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column(
+        "organization_id",
+        Uuid,
+        ForeignKey("organizations.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("name", String(200), nullable=False),
+    Column("secret_hash", String(64), nullable=False, comment="SHA-256 of the client secret"),
+    Column("disabled", Boolean, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+partner_users = Table(
+    "partner_users",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column(
+        "organization_id",
+        Uuid,
+        ForeignKey("organizations.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("username", String(150), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False, comment="pbkdf2_sha256$iterations$salt$hash"),
+    Column("disabled", Boolean, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+partner_tokens = Table(
+    "partner_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True, comment="SHA-256 of the token"),
+    Column("kind", String(8), nullable=False, comment="access or refresh"),
+    Column("organization_id", Uuid, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False),
+    Column(
+        "client_id",
+        String(64),
+        ForeignKey("oauth_clients.client_id", ondelete="CASCADE"),
+        nullable=True,
+        index=True,
+    ),
+    Column("user_id", Uuid, ForeignKey("partner_users.id", ondelete="CASCADE"), nullable=True, index=True),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("used_at", UTCDateTime, nullable=True, comment="refresh tokens: set when exchanged (they rotate)"),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+actions = Table(
+    "actions",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("organization_id", Uuid, ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False),
+    Column("subject", String(256), nullable=False),
+    Column("code", String(64), nullable=False),
+    Column("title", String(200), nullable=True),
+    Column("message", Text, nullable=True),
+    Column("data", Text, nullable=True, comment="JSON object"),
+    Column("required_parameters", Text, nullable=False, comment="JSON array"),
+    Column("redirect_url_template", String(2048), nullable=True),
+    Column("request_id", Uuid, nullable=True),
+    Column("state", String(16), nullable=False, comment="pending, in_progress or completed"),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("completed_at", UTCDateTime, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("organization_id", "request_id"),
+    Index(None, "organization_id", "subject", "state"),
+)
+
+action_attempts = Table(
+    "action_attempts",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("action_id", Uuid, ForeignKey("actions.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("member_id", Uuid, nullable=False),
+    Column("secret_hash", String(64), nullable=True, comment="SHA-256 of the secret that started it"),
+    Column("parameters", Text, nullable=False, comment="JSON object"),
+    Column("state", String(16), nullable=False, comment="in_progress, succeeded, failed or abandoned"),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("closed_at", UTCDateTime, nullable=True),
+    Column("outcome_recorded_at", UTCDateTime, nullable=True, comment="set once: the write-once guard"),
+    Column("outcome_success", Boolean, nullable=True),
+    Column("outcome_payload", Text, nullable=True, comment="JSON object"),
+    # At most one open attempt per action, whatever races.
+    Index(
+        "uq_action_attempts_open",
+        "action_id",
+        unique=True,
+        postgresql_where=text("state = 'in_progress'"),
+        sqlite_where=text("state = 'in_progress'"),
+    ),
+)
+
+action_events = Table(
+    "action_events",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("action_id", Uuid, ForeignKey("actions.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt_id", Uuid, nullable=False),
+    Column("type", String(8), nullable=False, comment="start, outcome or read"),
+    Column("state", String(8), nullable=True, comment="success or fail (outcome events)"),
+    Column("member_id", Uuid, nullable=False),
+    Column("time", UTCDateTime, nullable=False),
+    Column("location", Text, nullable=True, comment="JSON"),
+    Column("client_info", Text, nullable=True, comment="JSON"),
+    Column("remote_address", String(255), nullable=False),
+    Column("user_agent", Text, nullable=False),
+    Column("parameters", Text, nullable=True, comment="JSON object"),
+    Column("payload", Text, nullable=True, comment="JSON"),
+    Column("superseded_attempt_id", Uuid, nullable=True),
+    Index(None, "action_id", "time", "id"),
+)

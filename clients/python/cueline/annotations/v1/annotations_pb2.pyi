@@ -30,6 +30,10 @@ class _SurfaceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Surface.Value
     """CueAPI v1: snake_case bodies, errors as
     {"error": {"code", "message", "status", "details"?}}.
     """
+    SURFACE_PARTNER: _Surface.ValueType  # 2
+    """The partner actions API under /api/partners/v2.0 and /oauth2: errors as
+    {"detail": ...} (RFC 6749 bodies on /oauth2/token/).
+    """
 
 class Surface(_Surface, metaclass=_SurfaceEnumTypeWrapper):
     """Options that describe what the documented REST surfaces need beyond the
@@ -46,6 +50,10 @@ SURFACE_CUEAPI: Surface.ValueType  # 1
 """CueAPI v1: snake_case bodies, errors as
 {"error": {"code", "message", "status", "details"?}}.
 """
+SURFACE_PARTNER: Surface.ValueType  # 2
+"""The partner actions API under /api/partners/v2.0 and /oauth2: errors as
+{"detail": ...} (RFC 6749 bodies on /oauth2/token/).
+"""
 Global___Surface: _TypeAlias = Surface  # noqa: Y015
 
 class _Auth:
@@ -60,6 +68,10 @@ class _AuthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Auth.ValueType],
     """
     AUTH_NONE: _Auth.ValueType  # 1
     """No credentials are needed (registration)."""
+    AUTH_PARTNER_TOKEN: _Auth.ValueType  # 2
+    """A partner OAuth2 access token (`Authorization: Bearer`), issued by
+    PartnerAuthService; it acts for its organization.
+    """
 
 class Auth(_Auth, metaclass=_AuthEnumTypeWrapper):
     """How a call is authenticated."""
@@ -70,6 +82,10 @@ AUTH_UNSPECIFIED: Auth.ValueType  # 0
 """
 AUTH_NONE: Auth.ValueType  # 1
 """No credentials are needed (registration)."""
+AUTH_PARTNER_TOKEN: Auth.ValueType  # 2
+"""A partner OAuth2 access token (`Authorization: Bearer`), issued by
+PartnerAuthService; it acts for its organization.
+"""
 Global___Auth: _TypeAlias = Auth  # noqa: Y015
 
 @_typing.final
@@ -81,6 +97,8 @@ class MethodRules(_message.Message):
     HTTP_SUCCESS_STATUS_FIELD_NUMBER: _builtins.int
     REJECT_UNKNOWN_FIELDS_FIELD_NUMBER: _builtins.int
     AUTH_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _builtins.int
+    ACCEPT_FORM_FIELD_NUMBER: _builtins.int
     http_success_status: _builtins.int
     """The HTTP status of a successful REST response; 200 when unset. A 204
     response has no body.
@@ -89,16 +107,26 @@ class MethodRules(_message.Message):
     """Reject JSON body keys that name no field (422) instead of ignoring them."""
     auth: Global___Auth.ValueType
     """Who may call the method."""
+    max_request_bytes: _builtins.int
+    """REST: the largest request body in bytes (413 above it); the server-wide
+    limit when unset.
+    """
+    accept_form: _builtins.bool
+    """REST: an application/x-www-form-urlencoded body is read as well as JSON
+    (OAuth2 token endpoints); its values are strings.
+    """
     def __init__(
         self,
         *,
         http_success_status: _builtins.int = ...,
         reject_unknown_fields: _builtins.bool = ...,
         auth: Global___Auth.ValueType = ...,
+        max_request_bytes: _builtins.int = ...,
+        accept_form: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "http_success_status", b"http_success_status", "reject_unknown_fields", b"reject_unknown_fields"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_form", b"accept_form", "auth", b"auth", "http_success_status", b"http_success_status", "max_request_bytes", b"max_request_bytes", "reject_unknown_fields", b"reject_unknown_fields"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
