@@ -206,6 +206,7 @@ class Runtime:
                 log_config=None,
                 access_log=False,
                 server_header=False,
+                proxy_headers=False,  # X-Forwarded-For is judged by CUELINE_TRUSTED_PROXIES alone
                 timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
                 backlog=4096,
             )
