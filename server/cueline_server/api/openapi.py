@@ -8,8 +8,17 @@ from typing import Any
 
 from google.protobuf.descriptor import Descriptor
 
+from cueline.annotations.v1 import annotations_pb2 as cueline_options
 from cueline_server import __version__
-from cueline_server.api.descriptors import FieldInfo, MethodInfo, enum_info, message_info, methods
+from cueline_server.api.descriptors import (
+    FieldInfo,
+    HttpBinding,
+    MethodInfo,
+    enum_info,
+    message_info,
+    methods,
+)
+from cueline_server.api.jsoncodec import STRUCT
 
 _SCALARS = {
     1: "integer",
@@ -46,13 +55,60 @@ _ERROR = {
 }
 
 
+_PARTNER_ERROR = {
+    "type": "object",
+    "required": ["detail"],
+    "properties": {
+        "detail": {
+            "oneOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "type": {"type": "string"},
+                            "loc": {"type": "array", "items": {"type": "string"}},
+                            "msg": {"type": "string"},
+                        },
+                    },
+                },
+            ]
+        }
+    },
+}
+
+_OAUTH_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "string",
+            "enum": ["invalid_request", "invalid_client", "unsupported_grant_type", "server_error"],
+        }
+    },
+}
+
+
+def _error_schema(template: str) -> str:
+    if template.startswith("/api/partners/"):
+        return "PartnerError"
+    if template.startswith("/oauth2/"):
+        return "OAuthError"
+    return "Error"
+
+
 def _ref(descriptor: Descriptor) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{descriptor.full_name}"}
 
 
 class _Builder:
     def __init__(self) -> None:
-        self.schemas: dict[str, Any] = {"Error": _ERROR}
+        self.schemas: dict[str, Any] = {
+            "Error": _ERROR,
+            "PartnerError": _PARTNER_ERROR,
+            "OAuthError": _OAUTH_ERROR,
+        }
 
     def field_schema(self, f: FieldInfo) -> dict[str, Any]:
         rules = f.rules
@@ -104,6 +160,8 @@ class _Builder:
         return props, required
 
     def message(self, descriptor: Descriptor) -> dict[str, Any]:
+        if descriptor.full_name == STRUCT:
+            return {"type": "object", "description": "any JSON object, checked by exact field name"}
         if descriptor.full_name not in self.schemas:
             self.schemas[descriptor.full_name] = {}
             props, required = self.properties(descriptor)
@@ -113,9 +171,9 @@ class _Builder:
             self.schemas[descriptor.full_name] = schema
         return _ref(descriptor)
 
-    def operation(
-        self, method: MethodInfo, body: str, response_body: str, variables: tuple[str, ...]
-    ) -> dict[str, Any]:
+    def operation(self, method: MethodInfo, binding: HttpBinding) -> dict[str, Any]:
+        body, response_body, variables = binding.body, binding.response_body, binding.path_fields
+        error = {"$ref": f"#/components/schemas/{_error_schema(binding.template)}"}
         info = message_info(method.request_class.DESCRIPTOR)
         params: list[dict[str, Any]] = [
             {"name": v, "in": "path", "required": True, "schema": {"type": "string"}} for v in variables
@@ -123,18 +181,18 @@ class _Builder:
         for f in info.fields:
             if f.rules.http_header:
                 params.append({"name": f.rules.http_header, "in": "header", "schema": self.field_schema(f)})
-            elif not body and f.name not in variables and not f.is_plain_message:
+            elif body != "*" and f.name != body and f.name not in variables and not f.is_plain_message:
                 params.append({"name": f.name, "in": "query", "schema": self.field_schema(f)})
         op: dict[str, Any] = {
             "operationId": method.name,
             "tags": [method.service.rsplit(".", 1)[-1]],
             "summary": _leading_comment(method),
             "parameters": params,
-            "responses": {
-                "default": {"description": "error", "content": _json({"$ref": "#/components/schemas/Error"})}
-            },
+            "responses": {"default": {"description": "error", "content": _json(error)}},
         }
-        if not method.public:
+        if method.rules.auth == cueline_options.AUTH_PARTNER_TOKEN:
+            op["security"] = [{"partnerToken": []}]
+        elif not method.public:
             op["security"] = [{"apiKey": []}]
         if body:
             target = method.request_class.DESCRIPTOR if body == "*" else info.by_name[body].message
@@ -164,16 +222,17 @@ def document() -> bytes:
     for method in methods():
         for binding in method.bindings:
             template = re.sub(r"\{([^}=]+)(=[^}]*)?\}", r"{\1}", binding.template)
-            paths.setdefault(template, {})[binding.verb.lower()] = builder.operation(
-                method, binding.body, binding.response_body, binding.path_fields
-            )
+            paths.setdefault(template, {})[binding.verb.lower()] = builder.operation(method, binding)
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "cueline", "version": __version__},
         "paths": paths,
         "components": {
             "schemas": builder.schemas,
-            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "an account API key"},
+                "partnerToken": {"type": "http", "scheme": "bearer", "description": "a partner access token"},
+            },
         },
     }
     return json.dumps(doc, separators=(",", ":")).encode()
