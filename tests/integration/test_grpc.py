@@ -216,7 +216,15 @@ def test_request_id_is_returned(channel: grpc.Channel) -> None:
         accounts_pb2.RegisterRequest(email=f"r-{uuid.uuid4().hex[:8]}@example.com"),
         metadata=(("x-request-id", "trace-123"),),
     )
-    assert ("x-request-id", "trace-123") in call.initial_metadata()
+    assert ("x-request-id", "trace-123") in call.trailing_metadata()
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.Register(
+            accounts_pb2.RegisterRequest(email="not-an-email"), metadata=(("x-request-id", "trace-456"),)
+        )
+    trailer: dict[str, object] = {m.key: m.value for m in failed.value.trailing_metadata()}
+    assert trailer["x-request-id"] == "trace-456"
+    status = rpc_status.from_call(failed.value)
+    assert status is not None and status.details  # the rich error details are still there
 
 
 def test_batch_claim_long_poll_and_fencing(channel: grpc.Channel) -> None:

@@ -82,12 +82,18 @@ def _unary(
     async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
         metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         rid = Pipeline.new_request_id(metadata.get("x-request-id"))
-        await context.send_initial_metadata((("x-request-id", rid),))
+        # The request id travels in trailing metadata, which goes out with the
+        # status; initial metadata would cost a separate send on every call.
+        trailer = (("x-request-id", rid),)
         try:
-            return await pipeline.invoke(method, request, metadata, rid, peer=peer_address(context.peer()))
+            peer = peer_address(context.peer())
+            response = await pipeline.invoke(method, request, metadata, rid, peer=peer)
         except ApiError as error:
-            await context.abort_with_status(rpc_status.to_status(status_proto(error)))
-            raise  # abort_with_status raises; this line is never reached
+            status = rpc_status.to_status(status_proto(error))
+            await context.abort(status.code, status.details, status.trailing_metadata + trailer)
+            raise  # abort raises; this line is never reached
+        context.set_trailing_metadata(trailer)
+        return response
 
     return handle
 

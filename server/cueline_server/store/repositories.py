@@ -8,6 +8,7 @@ names in tables.py; the service layer reads them, the servicers render them.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -22,6 +23,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
     delete,
     func,
     insert,
@@ -404,15 +406,17 @@ class ExecutionRepository(_Repository):
         the cue's mode at this moment. Returns None when it did not apply (no
         such execution, or an outcome is already there)."""
         params: dict[str, Any] = {f"p_{name}": outcome.get(name) for name in _OUTCOME_COLUMNS}
-        for mode, (state, validation) in verdicts.items():
-            params[f"p_state_{mode or 'unset'}"] = state
-            params[f"p_validation_{mode or 'unset'}"] = validation
         params.update(
-            p_execution_id=execution_id, p_account_id=account_id, p_now=now, p_fencing_token=fencing_token
+            p_states=json.dumps({mode or "unset": state for mode, (state, _) in verdicts.items()}),
+            p_validations=json.dumps({mode or "unset": v for mode, (_, v) in verdicts.items()}),
+            p_execution_id=execution_id,
+            p_account_id=account_id,
+            p_now=now,
+            p_fencing_token=fencing_token,
         )
         if self.conn.dialect.name == "postgresql":
             return (await self.conn.execute(_record_outcome_and_settle_statement(), params)).first()
-        row = (await self.conn.execute(_record_outcome_statement(), params)).first()
+        row = (await self.conn.execute(_record_outcome_statement("sqlite"), params)).first()
         if row is not None and row.transport == "worker":
             await CueRepository(self.conn).record_result(row.cue_id, row.status, now)
         return row
@@ -441,13 +445,16 @@ def _settle_cue(status: Any, now: Any) -> dict[str, Any]:
     count a success; a once cue ends (completed or failed); a recurring cue
     whose on_failure says pause is paused."""
     succeeded = status == "success"
-    ends_once = and_(cues.c.schedule_type == "once", cues.c.status.in_(("active", "paused")))
+    # Comparisons, not IN lists: an IN list is an expanding parameter, re-rendered on every call.
+    ends_once = and_(
+        cues.c.schedule_type == "once", or_(cues.c.status == "active", cues.c.status == "paused")
+    )
     pauses = and_(
         cues.c.schedule_type == "recurring", cues.c.status == "active", ~succeeded, cues.c.on_failure_pause
     )
     return {
         "run_count": cues.c.run_count + case((succeeded, 1), else_=0),
-        "last_run": case((status.in_(("success", "failed")), now), else_=cues.c.last_run),
+        "last_run": case((or_(status == "success", status == "failed"), now), else_=cues.c.last_run),
         "status": case(
             (ends_once, case((succeeded, "completed"), else_="failed")),
             (pauses, "paused"),
@@ -468,26 +475,35 @@ def _record_result_statement() -> Any:
 def _record_outcome_and_settle_statement() -> Any:
     """PostgreSQL: the write-once UPDATE and, for a worker execution, its cue's
     settlement, as one statement (a data-modifying CTE): one round trip, atomic."""
-    recorded = _record_outcome_statement().cte("recorded")
-    status = case((recorded.c.status == "success", "success"), else_="failed")
+    recorded = _record_outcome_statement("postgresql").cte("recorded")
     settle = (
         update(cues)
         .where(cues.c.id == recorded.c.cue_id, recorded.c.transport == "worker")
-        .values(**_settle_cue(status, bindparam("p_now", type_=UTCDateTime)))
+        # A worker execution's status is now success or failed.
+        .values(**_settle_cue(recorded.c.status, bindparam("p_now", type_=UTCDateTime)))
         .cte("settled")
     )
     return select(recorded).add_cte(settle)
 
 
 @cache
-def _record_outcome_statement() -> Any:
-    """Built once; every call only binds parameters (the compiled form is cached)."""
-    t = executions
-    mode = select(cues.c.verification_mode).where(cues.c.id == t.c.cue_id).scalar_subquery()
+def _record_outcome_statement(dialect: str) -> Any:
+    """Built once; every call only binds parameters (the compiled form is cached).
 
-    def by_mode(prefix: str) -> Any:
-        whens = [(mode == m, bindparam(f"p_{prefix}_{m}", type_=String)) for m in VERIFICATION_MODES]
-        return case(*whens, else_=bindparam(f"p_{prefix}_unset", type_=String))
+    The cue is joined (UPDATE ... FROM) for its verification mode. The service
+    computes the verdict for every mode; `p_states` and `p_validations` carry
+    them as JSON objects keyed by mode ("unset" for none), and the statement
+    looks up the cue's. Kept short on purpose: psycopg caches the parsing of
+    statements up to 4 KiB only."""
+    t = executions
+    mode = cues.c.verification_mode
+    key = func.coalesce(mode, "unset")
+
+    def by_mode(name: str) -> Any:
+        verdicts = bindparam(name, type_=String)
+        if dialect == "postgresql":
+            return func.jsonb_extract_path_text(cast(verdicts, postgresql.JSONB), key)
+        return func.json_extract(verdicts, "$." + key)
 
     now = bindparam("p_now", type_=UTCDateTime)
     worker = t.c.transport == "worker"
@@ -497,9 +513,9 @@ def _record_outcome_statement() -> Any:
         outcome_recorded_at=now,
         outcome_late=and_(t.c.outcome_deadline_at.is_not(None), t.c.outcome_deadline_at < now),
         outcome_verification_mode=mode,
-        outcome_state=by_mode("state"),
-        outcome_reported_state=by_mode("state"),
-        validation_state=by_mode("validation"),
+        outcome_state=by_mode("p_states"),
+        outcome_reported_state=by_mode("p_states"),
+        validation_state=by_mode("p_validations"),
         # Worker transport: the report completes the execution.
         status=case((worker, case((success, "success"), else_="failed")), else_=t.c.status),
         delivered_at=case((and_(worker, success), now), else_=t.c.delivered_at),
@@ -512,6 +528,7 @@ def _record_outcome_statement() -> Any:
             t.c.id == bindparam("p_execution_id", type_=t.c.id.type),
             t.c.account_id == bindparam("p_account_id", type_=t.c.account_id.type),
             t.c.outcome_recorded_at.is_(None),
+            cues.c.id == t.c.cue_id,
             or_(
                 bindparam("p_fencing_token", type_=BigInteger).is_(None),
                 t.c.attempts == bindparam("p_fencing_token", type_=BigInteger),
