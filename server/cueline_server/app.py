@@ -24,6 +24,7 @@ from cueline_server.api import openapi
 from cueline_server.api.descriptors import methods
 from cueline_server.api.grpc_server import build_server, service_names
 from cueline_server.api.pipeline import Handler, Pipeline
+from cueline_server.api.ratelimit import RestRateLimit, SlidingWindowLimiter
 from cueline_server.api.transcoder import Transcoder
 from cueline_server.config import Settings
 from cueline_server.dispatch import Dispatcher
@@ -58,6 +59,7 @@ class Components:
     """The long-lived parts of a cueline process, wired together."""
 
     authenticator: Authenticator
+    limiter: SlidingWindowLimiter | None  # None when rate limiting is switched off
     scheduler: Scheduler
     dispatcher: Dispatcher
     handlers: dict[str, Handler]
@@ -67,6 +69,7 @@ def assemble(db: Database, settings: Settings) -> Components:
     """Build the services and servicers. Every RPC must have a handler; an RPC
     without one is a start-up error, not a runtime surprise."""
     authenticator = Authenticator(db, settings.auth_cache_seconds)
+    limiter = SlidingWindowLimiter() if settings.rate_limit_enabled else None
     alerts = AlertService(db)
 
     def failed(execution_ids: Sequence[uuid.UUID]) -> None:
@@ -99,7 +102,9 @@ def assemble(db: Database, settings: Settings) -> Components:
     )
     cues = CueService(db, settings, schedule_changed=scheduler.wake, work_created=work_created)
     servicers: list[Any] = [
-        AccountServicer(AccountService(db, settings, authenticator)),
+        AccountServicer(
+            AccountService(db, settings, authenticator, rate_usage=limiter.account_usage if limiter else None)
+        ),
         CueServicer(cues),
         ExecutionServicer(ExecutionService(db), claims),
         OutcomeServicer(outcomes),
@@ -116,7 +121,7 @@ def assemble(db: Database, settings: Settings) -> Components:
                 break
         else:
             raise StartupError(f"no servicer implements {method.full_name}")
-    return Components(authenticator, scheduler, dispatcher, found)
+    return Components(authenticator, limiter, scheduler, dispatcher, found)
 
 
 async def prepare_schema(settings: Settings) -> None:
@@ -161,9 +166,14 @@ class Runtime:
             openapi=openapi.document(),
             ready=lambda: self.serving,
         )
+        rest: Any = transcoder
+        if parts.limiter is not None:
+            rest = RestRateLimit(
+                transcoder, parts.limiter, parts.authenticator, settings.default_rate_limit_per_minute
+            )
         http = _EmbeddedUvicorn(
             uvicorn.Config(
-                transcoder,
+                rest,
                 host=settings.host,
                 port=settings.http_port,
                 http="httptools",
