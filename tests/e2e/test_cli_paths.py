@@ -456,3 +456,41 @@ def test_a_once_cue_from_the_cli_runs_on_the_worker_daemon(
     assert dt.datetime.fromisoformat(execution["scheduled_for"]) == at
     assert execution["outcome"]["success"] is True and execution["outcome"]["external_id"] == "run-1"
     assert field(ok(cue("get", cue_id)), "Status:") == "completed"
+
+
+def test_list_claimable_filters_by_payload_agent(account: tuple[Cli, httpx.Client]) -> None:
+    """The CLI sends `?agent=` for `list-claimable --agent`; cueline filters on the payload's
+    string `agent` in the query, before the limit (contract notes)."""
+    cue, rest = account
+    payloads = {
+        "a1": {"task": "sync", "agent": "a1"},
+        "a2": {"task": "sync", "agent": "a2"},
+        "number": {"task": "sync", "agent": 1},
+        "other": {"task": "other", "agent": "a1"},
+    }
+    ids = {}
+    for name, payload in payloads.items():
+        created = cue(
+            "create", "--name", name, "--cron", "0 0 1 1 *", "--worker", "--payload", json.dumps(payload)
+        )
+        ids[name] = field(ok(cue("fire", created_id(ok(created)))), "Execution:")
+
+    def listed(*args: str) -> set[str]:
+        out = ok(cue("executions", "list-claimable", *args))
+        return {name for name, execution in ids.items() if execution in out}
+
+    assert listed() == set(payloads)
+    assert listed("--agent", "a1") == {"a1", "other"}
+    assert listed("--task", "sync", "--agent", "a1") == {"a1"}
+    assert "No claimable executions (agent=nobody)." in ok(
+        cue("executions", "list-claimable", "--agent", "nobody")
+    )
+
+    def over_rest(**params: str) -> list[str]:
+        return [
+            e["execution_id"]
+            for e in rest.get("/v1/executions/claimable", params=params).json()["executions"]
+        ]
+
+    assert over_rest(agent="1") == []  # only string values match
+    assert over_rest(agent="a2", limit="1") == [ids["a2"]]  # filtered before the limit
