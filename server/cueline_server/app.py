@@ -25,6 +25,7 @@ from cueline_server.api import openapi
 from cueline_server.api.descriptors import methods
 from cueline_server.api.grpc_server import build_server, service_names
 from cueline_server.api.pipeline import Handler, Pipeline
+from cueline_server.api.ratelimit import RestRateLimit, SlidingWindowLimiter
 from cueline_server.api.transcoder import Transcoder
 from cueline_server.config import Settings
 from cueline_server.dispatch import Dispatcher
@@ -70,6 +71,7 @@ class Components:
     authenticator: Authenticator
     tokens: TokenService
     actions: ActionService
+    limiter: SlidingWindowLimiter | None  # None when rate limiting is switched off
     scheduler: Scheduler
     dispatcher: Dispatcher
     handlers: dict[str, Handler]
@@ -79,6 +81,7 @@ def assemble(db: Database, settings: Settings) -> Components:
     """Build the services and servicers. Every RPC must have a handler; an RPC
     without one is a start-up error, not a runtime surprise."""
     authenticator = Authenticator(db, settings.auth_cache_seconds)
+    limiter = SlidingWindowLimiter() if settings.rate_limit_enabled else None
     alerts = AlertService(db)
 
     def failed(execution_ids: Sequence[uuid.UUID]) -> None:
@@ -117,7 +120,9 @@ def assemble(db: Database, settings: Settings) -> Components:
     actions = ActionService(db, codec, settings.public_base_url)
     tokens = TokenService(db)
     servicers: list[Any] = [
-        AccountServicer(AccountService(db, settings, authenticator)),
+        AccountServicer(
+            AccountService(db, settings, authenticator, rate_usage=limiter.account_usage if limiter else None)
+        ),
         CueServicer(cues),
         ExecutionServicer(ExecutionService(db), claims),
         OutcomeServicer(outcomes),
@@ -138,7 +143,7 @@ def assemble(db: Database, settings: Settings) -> Components:
                 break
         else:
             raise StartupError(f"no servicer implements {method.full_name}")
-    return Components(authenticator, tokens, actions, scheduler, dispatcher, found)
+    return Components(authenticator, tokens, actions, limiter, scheduler, dispatcher, found)
 
 
 def trusted_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -189,16 +194,26 @@ class Runtime:
         health_servicer = health.aio.HealthServicer()
         grpc_server = build_server(pipeline, health_servicer, settings.max_request_bytes + 64 * 1024)
         grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        trusted_proxies = trusted_networks(settings.trusted_proxies)
         transcoder = Transcoder(
             pipeline,
             max_request_bytes=settings.max_request_bytes,
             openapi=openapi.document(),
             ready=lambda: self.serving,
-            trusted_proxies=trusted_networks(settings.trusted_proxies),
+            trusted_proxies=trusted_proxies,
         )
+        rest: Any = transcoder
+        if parts.limiter is not None:
+            rest = RestRateLimit(
+                transcoder,
+                parts.limiter,
+                parts.authenticator,
+                settings.default_rate_limit_per_minute,
+                trusted_proxies,
+            )
         http = _EmbeddedUvicorn(
             uvicorn.Config(
-                transcoder,
+                rest,
                 host=settings.host,
                 port=settings.http_port,
                 http="httptools",

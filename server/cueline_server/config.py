@@ -37,6 +37,9 @@ class Settings:
     # A key rotated on this process stops working at once; on other replicas
     # within this many seconds. 0 checks every call.
     auth_cache_seconds: float = 5.0
+    # Per-account REST request limit (a sliding minute, per process); the
+    # default also applies per client IP to requests without a valid key.
+    rate_limit_enabled: bool = True
     default_rate_limit_per_minute: int = 60
     default_active_cue_limit: int = 10
     default_monthly_execution_limit: int = 300

@@ -91,6 +91,10 @@ def idempotency_key_conflict() -> ApiError:
     return ApiError("idempotency_key_conflict", "Idempotency key already used with a different request", 409)
 
 
+def rate_limit_exceeded(retry_after: int) -> ApiError:
+    return ApiError("rate_limit_exceeded", f"Too many requests. Retry after {retry_after} seconds.", 429)
+
+
 # --- the partner surface (contract partner-v2 section 9): reasons in upper case ---------------------
 
 

@@ -4,16 +4,19 @@
 evidence, handle(), verification calls and heartbeat; then fires a webhook cue
 to RECEIVER_URL and prints the account's webhook secret as JSON.
 `verify BODY_FILE SIGNATURE SECRET TIMESTAMP`: the SDK's own verify_webhook.
+`ratelimit BASE KEY`: lists cues until the SDK raises RateLimitError; prints
+how many calls succeeded and what the exception carried, as JSON.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 import httpx
 from cueapi import CueAPI, verify_webhook
-from cueapi.exceptions import CueNotFoundError
+from cueapi.exceptions import CueNotFoundError, RateLimitError
 
 
 def flow(base: str, key: str, receiver: str) -> None:
@@ -65,6 +68,19 @@ def verify(body_file: str, signature: str, secret: str, timestamp: str) -> None:
             raise SystemExit("signature rejected")
 
 
+def ratelimit(base: str, key: str) -> None:
+    c = CueAPI(key, base_url=base)
+    for calls in range(1000):
+        try:
+            c.cues.list()
+        except RateLimitError as error:
+            seen = {"code": error.code, "status": error.status_code, "retry_after": error.retry_after}
+            print(json.dumps({"allowed": calls, **seen, "message": error.message}))
+            return
+    raise SystemExit("never rate limited")
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    flow(*args) if mode == "flow" else verify(*args)
+    modes: dict[str, Callable[..., None]] = {"flow": flow, "verify": verify, "ratelimit": ratelimit}
+    modes[mode](*args)

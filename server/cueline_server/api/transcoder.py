@@ -178,6 +178,28 @@ def oauth_error(error: ApiError) -> tuple[int, dict[str, Any], list[tuple[bytes,
     return status, {"error": "unsupported_grant_type" if unsupported else "invalid_request"}, []
 
 
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def client_address(scope: Scope, trusted_proxies: Networks) -> str:
+    """The HTTP client's address; when the peer is a trusted proxy, the
+    left-most X-Forwarded-For entry."""
+    client = scope.get("client")
+    peer = str(client[0]) if client else ""
+    if not trusted_proxies or not peer:
+        return peer
+    forwarded = next((v for k, v in scope["headers"] if k.lower() == b"x-forwarded-for"), None)
+    if forwarded is None:
+        return peer
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if any(address in network for network in trusted_proxies):
+        return forwarded.decode("latin-1").split(",")[0].strip() or peer
+    return peer
+
+
 def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -192,7 +214,7 @@ class Transcoder:
         max_request_bytes: int,
         openapi: bytes,
         ready: Callable[[], bool],
-        trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
+        trusted_proxies: Networks = (),
     ) -> None:
         self._pipeline = pipeline
         self._trusted_proxies = trusted_proxies
@@ -234,7 +256,12 @@ class Transcoder:
                 route, variables, body, scope.get("query_string", b""), headers
             )
             response = await self._pipeline.invoke(
-                route.method, request, headers, rid, peer=self._peer(scope, headers), rejection=rejection
+                route.method,
+                request,
+                headers,
+                rid,
+                peer=client_address(scope, self._trusted_proxies),
+                rejection=rejection,
             )
             status = route.method.success_status
             if route.status_field is not None:
@@ -259,20 +286,6 @@ class Transcoder:
             await _respond(send, error.http_status, _json_bytes(partner_body(error)), rid)
         else:
             await _respond(send, error.http_status, _json_bytes(envelope(error, route)), rid)
-
-    def _peer(self, scope: Scope, headers: Mapping[str, str]) -> str:
-        """The client's address; behind a trusted proxy, the left-most X-Forwarded-For entry."""
-        client = scope.get("client")
-        peer = str(client[0]) if client else ""
-        forwarded = headers.get("x-forwarded-for")
-        if forwarded and self._trusted_proxies and peer:
-            try:
-                address = ipaddress.ip_address(peer)
-            except ValueError:
-                return peer
-            if any(address in network for network in self._trusted_proxies):
-                return forwarded.split(",")[0].strip() or peer
-        return peer
 
     async def _read_body(self, headers: Mapping[str, str], receive: Receive, limit: int) -> bytes:
         declared = headers.get("content-length")

@@ -58,6 +58,7 @@ class ExecutionServicer:
             call.account,
             request.task if request.HasField("task") else None,
             request.limit if request.HasField("limit") else None,
+            agent=request.agent if request.HasField("agent") else None,
         )
         response = executions_pb2.ListClaimableExecutionsResponse()
         for row in rows:

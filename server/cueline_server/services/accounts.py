@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,10 +123,19 @@ def normalize_email(email: str) -> str:
 
 
 class AccountService:
-    def __init__(self, db: Database, settings: Settings, authenticator: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        authenticator: Authenticator | None = None,
+        *,
+        rate_usage: Callable[[uuid.UUID], int] | None = None,
+    ) -> None:
         self._db = db
         self._settings = settings
         self._authenticator = authenticator or Authenticator(db, 0)
+        # REST requests an account made in the current rate-limit window.
+        self._rate_usage = rate_usage
         self._callbacks = CallbackPolicy(settings.allow_private_callbacks, settings.allow_http_callbacks)
 
     async def register(self, email: str) -> Registration:
@@ -273,7 +283,7 @@ class AccountService:
             rate_limit={
                 "limit": account.rate_limit_per_minute,
                 "requests_per_minute": account.rate_limit_per_minute,
-                "current_usage": 0,
+                "current_usage": self._rate_usage(caller.account_id) if self._rate_usage else 0,
             },
         )
 

@@ -45,11 +45,13 @@ class ClaimService:
         self._silence = dt.timedelta(seconds=settings.worker_heartbeat_timeout_seconds)
         self._unclaimed = dt.timedelta(seconds=settings.worker_unclaimed_timeout_seconds)
 
-    async def claimable(self, caller: Caller, task: str | None, limit: int | None) -> Sequence[AnyRow]:
+    async def claimable(
+        self, caller: Caller, task: str | None, limit: int | None, *, agent: str | None = None
+    ) -> Sequence[AnyRow]:
         moment = now()
         async with self._db.unit_of_work(write=False) as uow:
             return await uow.claims.claimable_page(
-                caller.account_id, moment, moment - self._silence, task, 50 if limit is None else limit
+                caller.account_id, moment, moment - self._silence, task, 50 if limit is None else limit, agent
             )
 
     def work_arrived(self) -> None:

@@ -593,7 +593,13 @@ class ClaimRepository(_Repository):
         )
 
     async def claimable_page(
-        self, account_id: uuid.UUID, now: dt.datetime, silent_since: dt.datetime, task: str | None, limit: int
+        self,
+        account_id: uuid.UUID,
+        now: dt.datetime,
+        silent_since: dt.datetime,
+        task: str | None,
+        limit: int,
+        agent: str | None = None,
     ) -> Sequence[AnyRow]:
         query = (
             select(executions, cues.c.name.label("cue_name"))
@@ -604,7 +610,18 @@ class ClaimRepository(_Repository):
         )
         if task is not None:
             query = query.where(executions.c.task == task)
+        if agent is not None:
+            query = query.where(self._payload_string("agent") == agent)
         return (await self.conn.execute(query)).all()
+
+    def _payload_string(self, key: str) -> ColumnElement[Any]:
+        """The payload snapshot's top-level `key` when it is a string, else NULL."""
+        if self.conn.dialect.name == "postgresql":
+            value = cast(executions.c.payload, postgresql.JSONB)[key]
+            return case((func.jsonb_typeof(value) == "string", value.astext))
+        path = f'$."{key}"'
+        payload = executions.c.payload
+        return case((func.json_type(payload, path) == "text", func.json_extract(payload, path)))
 
     async def claim(
         self,
