@@ -5,12 +5,13 @@ from __future__ import annotations
 from psycopg import _queries
 from sqlalchemy.dialects import postgresql
 
-from cueline_server.store.repositories import _record_outcome_and_settle_statement
+from cueline_server.store.repositories import _BATCH_PARAMETERS, _RECORD_OUTCOMES
 
 
-def test_the_write_once_statement_fits_psycopgs_parse_cache() -> None:
-    """psycopg caches the parsing of statements up to a size; a longer one is
-    re-parsed in Python on every call, which the outcome path cannot afford."""
-    text = str(_record_outcome_and_settle_statement().compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
-    assert len(text.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
-    assert "IN (" not in text  # no expanding parameters, which are re-rendered per call
+def test_the_batch_write_once_statement_fits_psycopgs_parse_cache() -> None:
+    """psycopg caches the parsing of statements up to a size and a number of
+    parameters; beyond, a statement is re-parsed in Python on every call."""
+    compiled = str(_RECORD_OUTCOMES.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
+    assert len(compiled.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
+    assert len(_BATCH_PARAMETERS) <= _queries.MAX_CACHED_STATEMENT_PARAMS
+    assert set(_RECORD_OUTCOMES.compile().params) == set(_BATCH_PARAMETERS)

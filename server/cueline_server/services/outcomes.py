@@ -1,8 +1,10 @@
 """Outcomes: the write-once report of whether the work succeeded.
 
-The report is one conditional UPDATE (see ExecutionRepository.record_outcome):
+The report is a conditional UPDATE (see ExecutionRepository.record_outcomes):
 it applies only while no outcome is recorded, so among any number of racing
-writers exactly one wins, whatever the transport. The outcome state depends
+writers exactly one wins, whatever the transport. Concurrent reports are
+written together, one statement (PostgreSQL) or one transaction (SQLite) per
+batch. The outcome state depends
 on the cue's verification mode *at report time*; rather than read the mode
 first (a second round trip and a race), the service computes the verdict for
 every mode and the statement picks the one for the cue's mode.
@@ -23,8 +25,10 @@ from cueline_server.errors import ApiError, execution_not_found, field_error, id
 from cueline_server.services.accounts import Caller, now
 from cueline_server.services.alerts import AlertService
 from cueline_server.services.identifiers import parse_uuid
+from cueline_server.store.batching import Coalescer
 from cueline_server.store.database import Database
 from cueline_server.store.repositories import VERIFICATION_MODES as MODES
+from cueline_server.store.repositories import AnyRow, OutcomeWrite
 
 MAX_METADATA_BYTES = 10_240
 _REQUIREMENT = {
@@ -151,6 +155,12 @@ class OutcomeService:
         self._db = db
         self._failed = failed
         self._alerts = alerts
+        # Concurrent reports share one statement (group commit).
+        self._writes: Coalescer[OutcomeWrite, AnyRow | None] = Coalescer(self._write_batch)
+
+    async def _write_batch(self, writes: Sequence[OutcomeWrite]) -> Sequence[AnyRow | None]:
+        async with self._db.single_statement() as repos:
+            return await repos.executions.record_outcomes(writes)
 
     async def record(
         self,
@@ -182,17 +192,18 @@ class OutcomeService:
             "outcome_request_key": request_id,
             "outcome_request_hash": report.digest() if request_id is not None else None,
         }
-        async with self._db.single_statement() as repos:
-            row = await repos.executions.record_outcome(
-                caller.account_id,
-                parsed,
-                moment,
-                outcome,
-                {m: (v.outcome_state, v.validation_state) for m, v in verdicts.items()},
-                fencing_token,
-            )
-            if row is None:
-                found = await repos.executions.write_once_state(caller.account_id, parsed)
+        write = OutcomeWrite(
+            caller.account_id,
+            parsed,
+            moment,
+            outcome,
+            {m: (v.outcome_state, v.validation_state) for m, v in verdicts.items()},
+            fencing_token,
+        )
+        row = await self._writes.submit(write)
+        if row is None:
+            async with self._db.unit_of_work(write=False) as uow:
+                found = await uow.executions.write_once_state(caller.account_id, parsed)
                 if found is None:
                     raise execution_not_found()
                 if found.outcome_recorded_at is None:

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, Unpack
 
@@ -389,37 +390,83 @@ class ExecutionRepository(_Repository):
         )
         return int(result.scalar_one())
 
-    async def record_outcome(
-        self,
-        account_id: uuid.UUID,
-        execution_id: uuid.UUID,
-        now: dt.datetime,
-        outcome: Mapping[str, Any],
-        verdicts: Mapping[str | None, tuple[str, str | None]],
-        fencing_token: int | None = None,
-    ) -> AnyRow | None:
-        """The write-once guard: one conditional UPDATE that succeeds only while
-        no outcome is recorded; a worker execution's report also settles its
-        cue. `outcome` holds the outcome and evidence columns; `verdicts` maps
-        each verification mode (None: unset) to its (outcome_state,
-        validation_state), and the statement picks the one for
-        the cue's mode at this moment. Returns None when it did not apply (no
-        such execution, or an outcome is already there)."""
-        params: dict[str, Any] = {f"p_{name}": outcome.get(name) for name in _OUTCOME_COLUMNS}
-        params.update(
-            p_states=json.dumps({mode or "unset": state for mode, (state, _) in verdicts.items()}),
-            p_validations=json.dumps({mode or "unset": v for mode, (_, v) in verdicts.items()}),
-            p_execution_id=execution_id,
-            p_account_id=account_id,
-            p_now=now,
-            p_fencing_token=fencing_token,
-        )
+    async def record_outcomes(self, writes: Sequence[OutcomeWrite]) -> list[AnyRow | None]:
+        """The write-once guard for a batch of reports: each applies only while its
+        execution has no outcome (of several reports for one execution, exactly one
+        applies), and a worker execution's report also settles its cue. Returns,
+        per report, the recorded row, or None when it did not apply (no such
+        execution, an outcome is already there, or a stale fencing token)."""
         if self.conn.dialect.name == "postgresql":
-            return (await self.conn.execute(_record_outcome_and_settle_statement(), params)).first()
-        row = (await self.conn.execute(_record_outcome_statement("sqlite"), params)).first()
-        if row is not None and row.transport == "worker":
-            await CueRepository(self.conn).record_result(row.cue_id, row.status, now)
-        return row
+            columns: dict[str, list[Any]] = {name: [] for name in _BATCH_PARAMETERS}
+            for index, write in enumerate(writes):
+                for name, value in write.parameters(index).items():
+                    columns[name].append(value)
+            rows = (await self.conn.execute(_RECORD_OUTCOMES, columns)).all()
+            by_index = {row.ord: row for row in rows}
+            return [by_index.get(index) for index in range(len(writes))]
+        results: list[AnyRow | None] = []
+        for write in writes:
+            params = {f"p_{name}": write.outcome.get(name) for name in _OUTCOME_COLUMNS}
+            params.update(
+                p_states=write.states_json(),
+                p_validations=write.validations_json(),
+                p_execution_id=write.execution_id,
+                p_account_id=write.account_id,
+                p_now=write.now,
+                p_fencing_token=write.fencing_token,
+            )
+            row = (await self.conn.execute(_record_outcome_statement(), params)).first()
+            if row is not None and row.transport == "worker":
+                await CueRepository(self.conn).record_result(row.cue_id, row.status, write.now)
+            results.append(row)
+        return results
+
+
+@dataclass(frozen=True)
+class OutcomeWrite:
+    """One report for the write-once guard. `outcome` holds the outcome and
+    evidence columns; `verdicts` maps each verification mode (None: unset) to
+    its (outcome_state, validation_state), and the statement picks the one for
+    the cue's mode at that moment."""
+
+    account_id: uuid.UUID
+    execution_id: uuid.UUID
+    now: dt.datetime
+    outcome: Mapping[str, Any]
+    verdicts: Mapping[str | None, tuple[str, str | None]]
+    fencing_token: int | None = None
+
+    def states_json(self) -> str:
+        return json.dumps({mode or "unset": state for mode, (state, _) in self.verdicts.items()})
+
+    def validations_json(self) -> str:
+        return json.dumps({mode or "unset": v for mode, (_, v) in self.verdicts.items()})
+
+    def parameters(self, index: int) -> dict[str, Any]:
+        """This report's element of each array parameter of the batch statement."""
+        o = self.outcome
+        return {
+            "ord": index,
+            "ids": self.execution_id,
+            "accounts": self.account_id,
+            "fencing": self.fencing_token,
+            "now": self.now,
+            "success": o["outcome_success"],
+            "result": o.get("outcome_result"),
+            "error": o.get("outcome_error"),
+            "metadata": o.get("outcome_metadata"),
+            "external_id": o.get("external_id"),
+            "result_url": o.get("result_url"),
+            "result_ref": o.get("result_ref"),
+            "result_type": o.get("result_type"),
+            "summary": o.get("summary"),
+            "artifacts": o.get("artifacts"),
+            "evidence_at": o.get("evidence_produced_at"),
+            "request_key": o.get("outcome_request_key"),
+            "request_hash": o.get("outcome_request_hash"),
+            "states": self.states_json(),
+            "validations": self.validations_json(),
+        }
 
 
 VERIFICATION_MODES = ("none", "require_external_id", "require_result_url", "require_artifacts", "manual")
@@ -471,39 +518,114 @@ def _record_result_statement() -> Any:
     return update(cues).where(cues.c.id == bindparam("r_cue_id", type_=String)).values(**values)
 
 
-@cache
-def _record_outcome_and_settle_statement() -> Any:
-    """PostgreSQL: the write-once UPDATE and, for a worker execution, its cue's
-    settlement, as one statement (a data-modifying CTE): one round trip, atomic."""
-    recorded = _record_outcome_statement("postgresql").cte("recorded")
-    settle = (
-        update(cues)
-        .where(cues.c.id == recorded.c.cue_id, recorded.c.transport == "worker")
-        # A worker execution's status is now success or failed.
-        .values(**_settle_cue(recorded.c.status, bindparam("p_now", type_=UTCDateTime)))
-        .cte("settled")
-    )
-    return select(recorded).add_cte(settle)
+# PostgreSQL: a batch of write-once reports, and the settlement of their worker
+# executions' cues, in one statement (data-modifying CTEs): one round trip,
+# atomic. The reports arrive as arrays, so the text is the same whatever the
+# batch size, and short enough for psycopg's parse cache. Of several reports
+# for one execution the UPDATE applies one; RETURNING names it by `ord`.
+_RECORD_OUTCOMES = text(
+    """
+WITH v AS (
+  SELECT * FROM unnest(
+    CAST(:ord AS int[]), CAST(:ids AS uuid[]), CAST(:accounts AS uuid[]), CAST(:fencing AS bigint[]),
+    CAST(:now AS timestamptz[]), CAST(:success AS boolean[]), CAST(:result AS text[]),
+    CAST(:error AS text[]), CAST(:metadata AS text[]), CAST(:external_id AS text[]),
+    CAST(:result_url AS text[]), CAST(:result_ref AS text[]), CAST(:result_type AS text[]),
+    CAST(:summary AS text[]), CAST(:artifacts AS text[]), CAST(:evidence_at AS timestamptz[]),
+    CAST(:request_key AS text[]), CAST(:request_hash AS text[]), CAST(:states AS text[]),
+    CAST(:validations AS text[])
+  ) AS v(ord, id, account_id, fencing, now, success, result, error, metadata, external_id,
+         result_url, result_ref, result_type, summary, artifacts, evidence_at, request_key,
+         request_hash, states, validations)
+), recorded AS (
+  UPDATE executions AS e SET
+    outcome_recorded_at = v.now, outcome_success = v.success, outcome_result = v.result,
+    outcome_error = v.error, outcome_metadata = v.metadata, external_id = v.external_id,
+    result_url = v.result_url, result_ref = v.result_ref, result_type = v.result_type,
+    summary = v.summary, artifacts = v.artifacts, evidence_produced_at = v.evidence_at,
+    outcome_request_key = v.request_key, outcome_request_hash = v.request_hash,
+    outcome_late = (e.outcome_deadline_at IS NOT NULL AND e.outcome_deadline_at < v.now),
+    outcome_verification_mode = c.verification_mode,
+    outcome_state = v.states::jsonb ->> coalesce(c.verification_mode, 'unset'),
+    outcome_reported_state = v.states::jsonb ->> coalesce(c.verification_mode, 'unset'),
+    validation_state = v.validations::jsonb ->> coalesce(c.verification_mode, 'unset'),
+    status = CASE WHEN e.transport = 'worker'
+                  THEN CASE WHEN v.success THEN 'success' ELSE 'failed' END ELSE e.status END,
+    delivered_at = CASE WHEN e.transport = 'worker' AND v.success THEN v.now ELSE e.delivered_at END,
+    error_message = CASE WHEN e.transport = 'worker' AND NOT v.success
+                         THEN v.error ELSE e.error_message END,
+    updated_at = v.now
+  FROM v, cues AS c
+  WHERE e.id = v.id AND e.account_id = v.account_id AND c.id = e.cue_id
+    AND e.outcome_recorded_at IS NULL AND (v.fencing IS NULL OR e.attempts = v.fencing)
+  RETURNING v.ord, v.now, e.id, e.cue_id, e.transport, e.status, e.outcome_state, e.outcome_late,
+            e.outcome_verification_mode
+), settled AS (
+  UPDATE cues SET
+    run_count = cues.run_count + s.successes,
+    last_run = s.last_now,
+    status = CASE
+      WHEN cues.schedule_type = 'once' AND cues.status IN ('active', 'paused')
+        THEN CASE WHEN s.first_succeeded THEN 'completed' ELSE 'failed' END
+      WHEN cues.schedule_type = 'recurring' AND cues.status = 'active' AND s.failures > 0
+           AND cues.on_failure_pause THEN 'paused'
+      ELSE cues.status END,
+    next_run = CASE
+      WHEN cues.schedule_type = 'once' AND cues.status IN ('active', 'paused') THEN NULL
+      WHEN cues.schedule_type = 'recurring' AND cues.status = 'active' AND s.failures > 0
+           AND cues.on_failure_pause THEN NULL
+      ELSE cues.next_run END,
+    updated_at = s.last_now
+  FROM (
+    SELECT cue_id, count(*) FILTER (WHERE status = 'success') AS successes,
+           count(*) FILTER (WHERE status = 'failed') AS failures,
+           (array_agg(status ORDER BY ord))[1] = 'success' AS first_succeeded, max(now) AS last_now
+    FROM recorded WHERE transport = 'worker' GROUP BY cue_id
+  ) AS s
+  WHERE cues.id = s.cue_id
+)
+SELECT ord, id, cue_id, transport, status, outcome_state, outcome_late, outcome_verification_mode
+FROM recorded
+"""
+)
+_BATCH_PARAMETERS = (
+    "ord",
+    "ids",
+    "accounts",
+    "fencing",
+    "now",
+    "success",
+    "result",
+    "error",
+    "metadata",
+    "external_id",
+    "result_url",
+    "result_ref",
+    "result_type",
+    "summary",
+    "artifacts",
+    "evidence_at",
+    "request_key",
+    "request_hash",
+    "states",
+    "validations",
+)
 
 
 @cache
-def _record_outcome_statement(dialect: str) -> Any:
-    """Built once; every call only binds parameters (the compiled form is cached).
+def _record_outcome_statement() -> Any:
+    """SQLite: one report. Built once; every call only binds parameters.
 
     The cue is joined (UPDATE ... FROM) for its verification mode. The service
     computes the verdict for every mode; `p_states` and `p_validations` carry
     them as JSON objects keyed by mode ("unset" for none), and the statement
-    looks up the cue's. Kept short on purpose: psycopg caches the parsing of
-    statements up to 4 KiB only."""
+    looks up the cue's."""
     t = executions
     mode = cues.c.verification_mode
     key = func.coalesce(mode, "unset")
 
     def by_mode(name: str) -> Any:
-        verdicts = bindparam(name, type_=String)
-        if dialect == "postgresql":
-            return func.jsonb_extract_path_text(cast(verdicts, postgresql.JSONB), key)
-        return func.json_extract(verdicts, "$." + key)
+        return func.json_extract(bindparam(name, type_=String), "$." + key)
 
     now = bindparam("p_now", type_=UTCDateTime)
     worker = t.c.transport == "worker"

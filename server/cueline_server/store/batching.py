@@ -1,0 +1,76 @@
+"""Group commit: concurrent callers' writes share one statement or transaction.
+
+`Coalescer.submit` queues an item and waits for its result. While no batch is
+being written, the queue is flushed at once, so a lone caller waits for
+nothing; while one is, callers queue and the next batch takes them all (up
+to `max_batch`). Under load the database sees one statement per batch
+instead of one per call, which is where the per-call cost of a Python server
+goes (driver, SQLAlchemy, round trip, commit).
+
+A failed batch is retried item by item, so one bad item fails only itself.
+Every queued item is written even if its caller stops waiting (a client that
+disconnects mid-call); its cancelled future is simply not answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+log = logging.getLogger("cueline.batching")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Coalescer(Generic[T, R]):
+    def __init__(
+        self, flush: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, max_batch: int = 256
+    ) -> None:
+        self._flush = flush
+        self._max_batch = max_batch
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._write(batch)
+        finally:
+            self._draining = None
+
+    async def _write(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._flush([item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], error=exc)
+                return
+            log.warning("a batch of %d writes failed (%s); writing them one by one", len(batch), exc)
+            for entry in batch:
+                await self._write([entry])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            _settle(future, result=result)
+
+
+def _settle(
+    future: asyncio.Future[R], *, result: R | None = None, error: BaseException | None = None
+) -> None:
+    if future.done():  # the caller stopped waiting
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]

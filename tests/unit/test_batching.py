@@ -1,0 +1,82 @@
+"""Group commit: how concurrent submissions are batched, and failures isolated."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from cueline_server.store.batching import Coalescer
+
+
+class Store:
+    """A flush that records its batches; it can be held open and refuses "bad"."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def flush(self, items: Sequence[str]) -> list[str]:
+        self.batches.append(list(items))
+        await self.gate.wait()
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [item.upper() for item in items]
+
+
+def test_a_lone_write_goes_at_once_and_queued_ones_share_a_batch() -> None:
+    async def scenario() -> None:
+        store = Store()
+        coalescer = Coalescer(store.flush, max_batch=4)
+        assert await coalescer.submit("a") == "A"
+        store.gate.clear()
+        first = asyncio.create_task(coalescer.submit("b"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # "b" is being written; the rest queue behind it
+        rest = [asyncio.create_task(coalescer.submit(x)) for x in "cdefgh"]
+        await asyncio.sleep(0)
+        store.gate.set()
+        assert await first == "B"
+        assert [await task for task in rest] == list("CDEFGH")
+        assert store.batches == [["a"], ["b"], ["c", "d", "e", "f"], ["g", "h"]]
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_batch_is_retried_item_by_item() -> None:
+    async def scenario() -> None:
+        store = Store()
+        coalescer = Coalescer(store.flush)
+        store.gate.clear()
+        blocker = asyncio.create_task(coalescer.submit("x"))
+        await asyncio.sleep(0)
+        tasks = [asyncio.create_task(coalescer.submit(x)) for x in ("a", "bad", "c")]
+        await asyncio.sleep(0)
+        store.gate.set()
+        assert await blocker == "X"
+        assert await tasks[0] == "A" and await tasks[2] == "C"
+        with pytest.raises(ValueError, match="bad item"):
+            await tasks[1]
+        assert store.batches[1:] == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_that_stops_waiting_still_has_its_item_written() -> None:
+    async def scenario() -> None:
+        store = Store()
+        coalescer = Coalescer(store.flush)
+        store.gate.clear()
+        blocker = asyncio.create_task(coalescer.submit("x"))
+        await asyncio.sleep(0)
+        impatient = asyncio.create_task(coalescer.submit("late"))
+        await asyncio.sleep(0)
+        impatient.cancel()
+        store.gate.set()
+        assert await blocker == "X"
+        follower = await coalescer.submit("y")
+        assert follower == "Y" and ["late"] in store.batches
+
+    asyncio.run(scenario())
