@@ -1,13 +1,19 @@
 """`python -m bench [--smoke]`: every benchmark with its ceilings, one JSON file
-each in bench/results/, and one Markdown summary (bench/results/summary.md)."""
+each in bench/results/, one Markdown summary (bench/results/summary.md) and the
+plots: in docs/bench/ after a full run, in bench/results/ after a smoke run (so
+a smoke run never changes the committed ones)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
-from bench import delivery, outcomes
-from bench.common import RESULTS, write
+from bench import delivery, outcomes, plots
+from bench.common import RESULTS, Plan, write
+from bench.progress import phase
+
+PLOTS = Path(__file__).resolve().parents[1] / "docs" / "bench"
 
 
 def failures(ingest: dict[str, Any], claims: dict[str, Any]) -> int:
@@ -29,6 +35,7 @@ def failures(ingest: dict[str, Any], claims: dict[str, Any]) -> int:
 
 def main() -> int:
     argv = sys.argv[1:]
+    plan = Plan.parse(argv, __doc__.splitlines()[0])
     ingest = outcomes.main(argv)
     ingest_md = (
         "### Outcome ingest (G1, G13, G14) with ceilings, latency at a fixed rate (G2), write-once race (G3)"
@@ -40,7 +47,10 @@ def main() -> int:
     write("delivery", claims, claims_md)
     summary = f"{ingest_md}\n\n{claims_md}"
     (RESULTS / "summary.md").write_text(summary + "\n")
+    with phase("plots"):
+        drawn = plots.draw(ingest, claims, RESULTS if plan.smoke else PLOTS)
     print(summary)
+    print("\nplots: " + ", ".join(str(p) for p in drawn))
     failed = failures(ingest, claims)
     if failed:
         print(
