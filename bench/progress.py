@@ -31,7 +31,7 @@ def phase(
     if count is not None:
         line += f", {count[0]}/{count[1]}"
     if expected is not None:
-        line += f" (about {expected:.0f} s)"
+        line += f" (about {expected:.0f} s)" if expected >= 1 else f" (about {expected:.1f} s)"
     live = stream.isatty()
     stream.write(line + (" ..." if live else "\n"))
     stream.flush()
