@@ -37,13 +37,12 @@ CEILING_LABELS = {
 
 def _save(figure: Figure, path: Path) -> Path:
     FigureCanvasAgg(figure)
-    figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path
 
 
 def throughput(outcomes: dict[str, Any], path: Path) -> Path:
-    figure = Figure(figsize=(9, 5))
+    figure = Figure(figsize=(9, 5), layout="constrained")
     axes = figure.add_subplot()
     for backend in BACKENDS:
         for transport, fill in (("grpc", None), ("rest", "none")):
@@ -100,7 +99,7 @@ def latency(outcomes: dict[str, Any], delivery: dict[str, Any], path: Path) -> P
         "G2": outcomes["fixed_rate"],
         **{goal: {b: r[goal] for b, r in delivery["results"].items()} for goal in ("G6", "G7", "G9")},
     }
-    figure = Figure(figsize=(10, 6))
+    figure = Figure(figsize=(10, 6.5), layout="constrained")
     for index, (goal, by_backend) in enumerate(sources.items()):
         axes = figure.add_subplot(2, 2, index + 1)
         backends = [b for b in BACKENDS if b in by_backend]
@@ -117,8 +116,7 @@ def latency(outcomes: dict[str, Any], delivery: dict[str, Any], path: Path) -> P
         axes.set_ylabel("ms")
         axes.set_title(LATENCY_TITLES[goal], fontsize="medium")
         axes.grid(True, axis="y", which="both", alpha=0.3)
-        if index == 0:
-            axes.legend(fontsize="small")
+    figure.legend(*axes.get_legend_handles_labels(), loc="outside lower center", ncols=4)
     return _save(figure, path)
 
 
@@ -139,7 +137,7 @@ def ceilings(outcomes: dict[str, Any], delivery: dict[str, Any], path: Path) -> 
         for name, c in compared
         if c["fraction"] is not None
     ]
-    figure = Figure(figsize=(8, 0.45 * len(bars) + 1.5))
+    figure = Figure(figsize=(8, 0.45 * len(bars) + 1.5), layout="constrained")
     axes = figure.add_subplot()
     positions = range(len(bars))
     axes.barh(positions, [100 * fraction for _, fraction in bars])
