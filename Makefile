@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+BENCH_INSTALLED := $(VENV)/.bench-installed
 
 .PHONY: run test lint format proto proto-check breaking bench bench-smoke clean
 
@@ -10,6 +11,11 @@ $(INSTALLED): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# The benchmark extra (matplotlib for the plots) on top of the dev install.
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	touch $@
 
 ## Run the service on the embedded SQLite database (gRPC :50051, REST :8080).
@@ -44,12 +50,14 @@ proto-check: $(INSTALLED)
 breaking: $(INSTALLED)
 	BUF=$(BIN)/buf .ci/buf-breaking
 
-## Every benchmark (G1-G9, G13, G14) on SQLite and PostgreSQL; writes bench/results/.
-bench: $(INSTALLED)
+## Every benchmark (G1-G9, G13, G14) with its ceilings on SQLite and PostgreSQL;
+## writes bench/results/ and the plots in docs/bench/.
+bench: $(BENCH_INSTALLED)
 	$(BIN)/python -m bench
 
-## A few seconds of the same, to keep the harness working (no speed assertions).
-bench-smoke: $(INSTALLED)
+## A short run of the same, to keep the harness working (no speed assertions);
+## its plots go to bench/results/, not docs/.
+bench-smoke: $(BENCH_INSTALLED)
 	$(BIN)/python -m bench --smoke
 
 clean:

@@ -1,36 +1,26 @@
-"""`python -m bench [--smoke]`: every benchmark, one JSON file each in
-bench/results/, and one Markdown summary (bench/results/summary.md)."""
+"""`python -m bench [--smoke]`: every benchmark with its ceilings, one JSON file
+each in bench/results/, one Markdown summary (bench/results/summary.md) and the
+plots: in docs/bench/ after a full run, in bench/results/ after a smoke run (so
+a smoke run never changes the committed ones)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Any
 
-from bench import delivery, outcomes
-from bench.common import RESULTS, write
+from bench import delivery, outcomes, plots
+from bench.common import RESULTS, Plan, write
+from bench.progress import phase
+
+PLOTS = Path(__file__).resolve().parents[1] / "docs" / "bench"
 
 
-def main() -> int:
-    argv = sys.argv[1:]
-    sections = []
-    ingest = outcomes.main(argv)
-    sections.append(
-        "### Outcome ingest (G1, G13, G14), latency at a fixed rate (G2), write-once race (G3)\n\n"
-        + outcomes.render([outcomes.Run(**r) for r in ingest["runs"]])
-        + "\n\n"
-        + outcomes.render_more(ingest)
-    )
-    write("outcomes", ingest, sections[-1])
-    claims = delivery.main(argv)
-    sections.append("### Claims, pickup, firing, webhooks (G4-G9)\n\n" + delivery.render(claims))
-    write("delivery", claims, sections[-1])
-    summary = "\n\n".join(sections)
-    (RESULTS / "summary.md").write_text(summary + "\n")
-    print(summary)
-    race_failures = sum(
-        r["errors"] + (r["executions"] - r["exactly_one_winner"]) for r in ingest["race"].values()
-    )
-    failed = (
-        race_failures
+def failures(ingest: dict[str, Any], claims: dict[str, Any]) -> int:
+    """Correctness failures: errors, races without exactly one winner, double
+    claims, duplicate executions, bad signatures."""
+    return int(
+        sum(r["errors"] + (r["executions"] - r["exactly_one_winner"]) for r in ingest["race"].values())
         + sum(r["errors"] for r in ingest["runs"])
         + sum(
             r["G4"]["double_claims"]
@@ -41,6 +31,27 @@ def main() -> int:
             for r in claims["results"].values()
         )
     )
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    plan = Plan.parse(argv, __doc__.splitlines()[0])
+    ingest = outcomes.main(argv)
+    ingest_md = (
+        "### Outcome ingest (G1, G13, G14) with ceilings, latency at a fixed rate (G2), write-once race (G3)"
+    )
+    ingest_md += "\n\n" + outcomes.render(ingest)
+    write("outcomes", ingest, ingest_md)
+    claims = delivery.main(argv)
+    claims_md = "### Claims, pickup, firing, webhooks (G4-G9)\n\n" + delivery.render(claims)
+    write("delivery", claims, claims_md)
+    summary = f"{ingest_md}\n\n{claims_md}"
+    (RESULTS / "summary.md").write_text(summary + "\n")
+    with phase("plots"):
+        drawn = plots.draw(ingest, claims, RESULTS if plan.smoke else PLOTS)
+    print(summary)
+    print("\nplots: " + ", ".join(str(p) for p in drawn))
+    failed = failures(ingest, claims)
     if failed:
         print(
             f"{failed} correctness failures (errors, double claims, duplicates or bad signatures)",

@@ -6,19 +6,23 @@ any clock starts; only the operation named by each benchmark is measured.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
 import platform
-import subprocess
+import sqlite3
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, insert, select
+from sqlalchemy import Engine, create_engine, insert, select, text
 
+from bench.progress import phase
 from cueline_server.services.cues import DEFAULTS
 from cueline_server.services.identifiers import hash_api_key, new_cue_id
 from cueline_server.store.database import sync_url
@@ -134,6 +138,86 @@ def insert_executions(
     return [str(i) for i in ids]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often to measure; `--smoke` makes every part short."""
+
+    smoke: bool
+    backends: list[str]
+    callers: list[int]
+    seconds: float
+    warmup: float
+    repeat: int
+
+    @classmethod
+    def parse(cls, argv: list[str] | None, description: str) -> Plan:
+        parser = argparse.ArgumentParser(description=description)
+        parser.add_argument(
+            "--smoke", action="store_true", help="a few seconds each, to keep the harness working"
+        )
+        parser.add_argument("--backends", default="sqlite,postgres")
+        parser.add_argument(
+            "--callers", help="concurrent callers for the gRPC ingest sweep (default 1,4,16,64; smoke 8,64)"
+        )
+        parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed run")
+        parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is kept")
+        options = parser.parse_args(argv)
+        callers = options.callers or ("8,64" if options.smoke else "1,4,16,64")
+        return cls(
+            smoke=options.smoke,
+            backends=options.backends.split(","),
+            callers=sorted(int(n) for n in callers.split(",")),
+            seconds=1.0 if options.smoke else options.seconds,
+            warmup=0.3 if options.smoke else 1.0,
+            repeat=1 if options.smoke else options.repeat,
+        )
+
+    @property
+    def timed(self) -> float:
+        """The length of one run, warm-up included."""
+        return self.seconds + self.warmup
+
+
+T = TypeVar("T", bound=Mapping[str, Any])
+
+
+def median_of(what: str, plan: Plan, measure: Callable[[], T]) -> T:
+    """`plan.repeat` runs of `measure`, each shown as a phase; the run with the
+    median `per_second` is kept."""
+    runs = []
+    for attempt in range(plan.repeat):
+        with phase(what, expected=plan.timed, count=(attempt + 1, plan.repeat)):
+            runs.append(measure())
+    return sorted(runs, key=lambda r: float(r["per_second"]))[len(runs) // 2]
+
+
+def throughput(latencies: Sequence[float], errors: int, elapsed: float) -> dict[str, Any]:
+    """A closed-loop run: completed calls, their rate and their latency percentiles."""
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        "per_second": round(len(latencies) / elapsed, 1) if elapsed > 0 else 0.0,
+        **percentiles(latencies),
+    }
+
+
+def against(measured: float, ceiling: str, ceiling_per_second: float) -> dict[str, Any]:
+    """A result as a fraction of the ceiling it is compared with."""
+    return {
+        "ceiling": ceiling,
+        "ceiling_per_second": ceiling_per_second,
+        "fraction": round(measured / ceiling_per_second, 4) if ceiling_per_second else None,
+    }
+
+
+def share(comparison: Mapping[str, Any]) -> str:
+    """`against(...)` for a table cell: "12.5% of 4,100/s"."""
+    fraction = comparison["fraction"]
+    shown = "n/a" if fraction is None else f"{fraction:.1%}"
+    return f"{shown} of {comparison['ceiling_per_second']:,.0f}/s"
+
+
 def percentiles(seconds: Sequence[float]) -> dict[str, float]:
     ordered = sorted(seconds) or [0.0]
 
@@ -143,14 +227,41 @@ def percentiles(seconds: Sequence[float]) -> dict[str, float]:
     return {"p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": round(ordered[-1] * 1000, 2)}
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
-    pg = subprocess.run(["postgres", "--version"], capture_output=True, text=True).stdout.strip()
+    """The facts a reader needs to weigh the numbers: the machine and the versions."""
     return {
         "cores": os.cpu_count(),
-        "python": platform.python_version(),
+        "cpu": _cpu_model(),
         "platform": platform.platform(),
-        "postgres": pg or None,
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        **{name: metadata.version(name) for name in ("grpcio", "SQLAlchemy", "psycopg", "httpx")},
     }
+
+
+POSTGRES_SETTINGS = ("synchronous_commit", "fsync", "shared_buffers", "max_connections", "wal_level")
+
+
+def postgres_facts(server: Server) -> dict[str, Any]:
+    """The version and durability-relevant settings of the cluster a server runs on."""
+    db = engine(server)
+    try:
+        with db.connect() as conn:
+            version = conn.execute(text("SHOW server_version")).scalar_one()
+            settings = {name: conn.execute(text(f"SHOW {name}")).scalar_one() for name in POSTGRES_SETTINGS}
+    finally:
+        db.dispose()
+    return {"version": version, **settings}
 
 
 def write(name: str, document: dict[str, Any], markdown: str) -> Path:

@@ -10,14 +10,13 @@ G9  webhook: fire -> first byte at a local receiver that takes 100 ms, 200 fires
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import http.server
 import json
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,16 +26,23 @@ import grpc
 import httpx
 from sqlalchemy import func, select
 
+from bench.ceilings import SkipLockedClaims
 from bench.common import (
+    Plan,
     account_id,
+    against,
     engine,
     insert_cues,
     insert_executions,
     markdown_table,
+    median_of,
     percentiles,
+    postgres_facts,
     running,
+    share,
     write,
 )
+from bench.progress import phase
 from cueline.v1 import (
     cues_pb2,
     cues_pb2_grpc,
@@ -49,6 +55,8 @@ from cueline_server.store.tables import executions
 from tests.support import Server, auth
 
 WORKERS = 8
+# The ceiling's pending rows per run assume no more than this many claims per second.
+MAX_CLAIM_RATE = 20000
 
 
 def _metadata(key: str) -> tuple[tuple[str, str], ...]:
@@ -276,35 +284,48 @@ async def webhooks(server: Server, key: str, secret: str, rate: float, seconds: 
     }
 
 
-def _step(backend: str, name: str) -> None:
-    print(f"{backend} {name} ...", file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--backends", default="sqlite,postgres")
-    options = parser.parse_args(argv)
-    scale = 0.1 if options.smoke else 1.0
-    results: dict[str, Any] = {}
-    for backend in options.backends.split(","):
+    plan = Plan.parse(argv, __doc__.splitlines()[0])
+    scale = 0.1 if plan.smoke else 1.0
+    document: dict[str, Any] = {"benchmark": "delivery", "smoke": plan.smoke, "results": {}, "ceilings": {}}
+    for backend in plan.backends:
         with running(backend) as server:
             key = server.register()
             secret = httpx.get(f"{server.http_url}/v1/auth/webhook-secret", headers=auth(key)).json()
-            _step(backend, "G4 batch claims")
-            g4 = asyncio.run(batch_claims(server, key, int(20000 * scale), 5 * scale + 1))
-            _step(backend, "G5 single claims")
-            g5 = asyncio.run(single_claims(server, key, int(5000 * scale), 5 * scale + 1))
-            _step(backend, "G6 pickup")
-            g6 = asyncio.run(pickup(server, key, 50, 4 * scale + 1))
-            _step(backend, "G7 fire lag")
-            g7 = fire_lag(server, key, int(1000 * scale))
-            _step(backend, "G8 burst")
-            g8 = fire_lag(server, key, int(10000 * scale))
-            _step(backend, "G9 webhooks")
-            g9 = asyncio.run(webhooks(server, key, secret["webhook_secret"], 200, 3 * scale + 1))
-            results[backend] = {"G4": g4, "G5": g5, "G6": g6, "G7": g7, "G8": g8, "G9": g9}
-    return {"benchmark": "delivery", "smoke": options.smoke, "results": results}
+            results: dict[str, Any] = {}
+            claim_seconds = 5 * scale + 1
+            with phase(f"{backend} G4 batch claim + complete, {WORKERS} workers", expected=claim_seconds):
+                results["G4"] = asyncio.run(batch_claims(server, key, int(20000 * scale), claim_seconds))
+            with phase(
+                f"{backend} G5 single claim + report over REST, {WORKERS} workers", expected=claim_seconds
+            ):
+                results["G5"] = asyncio.run(single_claims(server, key, int(5000 * scale), claim_seconds))
+            with phase(f"{backend} G6 pickup by a long-polling worker", expected=4 * scale + 1.5):
+                results["G6"] = asyncio.run(pickup(server, key, 50, 4 * scale + 1))
+            for goal, cues in (("G7", int(1000 * scale)), ("G8", int(10000 * scale))):
+                with phase(f"{backend} {goal} fire lag, {cues} cues due in one second", expected=7):
+                    results[goal] = fire_lag(server, key, cues)
+            with phase(f"{backend} G9 webhooks at 200/s, receiver takes 100 ms", expected=3 * scale + 1):
+                results["G9"] = asyncio.run(
+                    webhooks(server, key, secret["webhook_secret"], 200, 3 * scale + 1)
+                )
+            if backend == "postgres":
+                document["postgres"] = postgres_facts(server)
+                claims = SkipLockedClaims(server.database_url)
+                ceiling = median_of(
+                    f"ceiling: SKIP LOCKED claim loop, {WORKERS} connections",
+                    plan,
+                    functools.partial(
+                        claims.run, WORKERS, int(MAX_CLAIM_RATE * plan.timed), plan.seconds, plan.warmup
+                    ),
+                )
+                document["ceilings"]["postgres_claim"] = ceiling
+                for goal in ("G4", "G5"):
+                    results[goal]["of_ceiling"] = against(
+                        results[goal]["per_second"], "postgres_claim", ceiling["per_second"]
+                    )
+            document["results"][backend] = results
+    return document
 
 
 def render(document: dict[str, Any]) -> str:
@@ -317,34 +338,54 @@ def render(document: dict[str, Any]) -> str:
                 "G4 batch claim + complete",
                 f"{g4['per_second']:,}/s",
                 f"double claims {g4['double_claims']}",
+                share(g4["of_ceiling"]) if "of_ceiling" in g4 else "",
             ),
             (
                 backend,
                 "G5 single claim (REST)",
                 f"{g5['per_second']:,}/s",
                 f"double claims {g5['double_claims']}",
+                share(g5["of_ceiling"]) if "of_ceiling" in g5 else "",
             ),
-            (backend, "G6 pickup (long poll)", f"p50 {g6['p50_ms']} ms", f"p99 {g6['p99_ms']} ms"),
+            (backend, "G6 pickup (long poll)", f"p50 {g6['p50_ms']} ms", f"p99 {g6['p99_ms']} ms", ""),
             (
                 backend,
                 f"G7 fire lag, {g7['cues']} cues",
                 f"p50 {g7['p50_ms']} ms, p99 {g7['p99_ms']} ms",
                 f"max {g7['max_ms']} ms, duplicates {g7['duplicates']}",
+                "",
             ),
             (
                 backend,
                 f"G8 burst, {g8['cues']} cues",
                 f"all fired within {g8['all_fired_within_ms']} ms",
                 f"fired {g8['fired']}, duplicates {g8['duplicates']}",
+                "",
             ),
             (
                 backend,
                 "G9 webhook start (receiver 100 ms)",
                 f"p50 {g9['p50_ms']} ms, p99 {g9['p99_ms']} ms",
                 f"{g9['deliveries']}/{g9['fired']} delivered, bad signatures {g9['bad_signatures']}",
+                "",
             ),
         ]
-    return markdown_table(["database", "benchmark", "result", "checks"], rows)
+    table = markdown_table(["database", "benchmark", "result", "checks", "of ceiling"], rows)
+    claim = document["ceilings"].get("postgres_claim")
+    if claim is None:
+        return table
+    ceiling = markdown_table(
+        ["ceiling", "clients", "per second", "latency"],
+        [
+            (
+                "PostgreSQL: one row claimed per transaction with FOR UPDATE SKIP LOCKED",
+                claim["workers"],
+                f"{claim['per_second']:,.0f}",
+                f"p50 {claim['p50_ms']} ms, p99 {claim['p99_ms']} ms",
+            )
+        ],
+    )
+    return f"{table}\n\n{ceiling}"
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Outcome ingest: RecordOutcome over gRPC and POST /v1/executions/{id}/outcome
-over REST, on the embedded SQLite and on PostgreSQL with durable defaults.
+over REST, on the embedded SQLite and on PostgreSQL with durable defaults, with
+the ceilings of the same run (bench/ceilings.py).
 
 The server runs as its own `cueline serve` process; this process is the load.
-Closed loop: `--concurrency` callers each send the next request as soon as the
-previous answer arrives, for `--seconds`, `--repeat` times after a warm-up;
-the median run is reported. Every request records a distinct execution's first
-outcome, so each one is a real write-once commit.
+Closed loop: each of N callers sends the next request as soon as the previous
+answer arrives, for `--seconds`, `--repeat` times after a warm-up; the median
+run is kept. gRPC is measured at every `--callers` count (G1, G13), REST at the
+largest (G14). Every request records a distinct execution's first outcome, so
+each one is a real write-once commit.
 
 Executions are inserted straight into the database before the clock starts
 (setup, not measured).
@@ -13,34 +15,45 @@ Executions are inserted straight into the database before the clock starts
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import sys
+import functools
+import itertools
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
+from sqlalchemy.engine import make_url
 
-from bench.common import account_id, engine, insert_executions, markdown_table, percentiles, running, write
+from bench.ceilings import PgbenchInserts, echo_server, sqlite_commits
+from bench.common import (
+    Plan,
+    account_id,
+    against,
+    engine,
+    insert_executions,
+    markdown_table,
+    median_of,
+    percentiles,
+    postgres_facts,
+    running,
+    share,
+    throughput,
+    write,
+)
+from bench.progress import phase
 from cueline.v1 import outcomes_pb2, outcomes_pb2_grpc
 from tests.support import Server, auth
 
+GOALS = {("postgres", "grpc"): "G1", ("sqlite", "grpc"): "G13", ("postgres", "rest"): "G14"}
+GOAL_CALLERS = 64
+# The executions prepared per run assume no more than this many outcomes per second.
+MAX_RATE = 5000
 
-@dataclass
-class Run:
-    backend: str
-    transport: str
-    concurrency: int
-    seconds: float
-    requests: int
-    errors: int
-    per_second: float
-    p50_ms: float
-    p99_ms: float
-    max_ms: float
+Call = Callable[[str], Awaitable[bool]]
 
 
 def prepare(server: Server, key: str, count: int) -> list[str]:
@@ -61,40 +74,38 @@ def prepare(server: Server, key: str, count: int) -> list[str]:
         db.dispose()
 
 
-async def _drive(call: Any, pool: list[str], concurrency: int, seconds: float) -> tuple[list[float], int]:
+async def _drive(call: Call, ids: Iterator[str], callers: int, seconds: float) -> tuple[list[float], int]:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
 
     async def caller() -> None:
         nonlocal errors
-        while pool and time.perf_counter() < deadline:
-            execution_id = pool.pop()
+        while time.perf_counter() < deadline and (execution_id := next(ids, None)) is not None:
             started = time.perf_counter()
             ok = await call(execution_id)
             latencies.append(time.perf_counter() - started)
             errors += 0 if ok else 1
 
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    await asyncio.gather(*(caller() for _ in range(callers)))
     return latencies, errors
 
 
-async def measure(
-    server: Server, key: str, transport: str, pool: list[str], concurrency: int, seconds: float, warmup: float
-) -> Run:
+async def closed_loop(call: Call, ids: Iterator[str], callers: int, plan: Plan) -> dict[str, Any]:
+    """A warm-up, then one timed run; both take their execution ids from `ids`."""
+    await _drive(call, ids, callers, plan.warmup)
+    started = time.perf_counter()
+    latencies, errors = await _drive(call, ids, callers, plan.seconds)
+    return throughput(latencies, errors, time.perf_counter() - started)
+
+
+async def over_grpc(target: str, key: str, ids: Iterator[str], callers: int, plan: Plan) -> dict[str, Any]:
+    """The G1 load generator: RecordOutcome on one channel, `callers` at a time."""
     md = (("authorization", f"Bearer {key}"),)
-    async with (
-        grpc.aio.insecure_channel(server.grpc_target) as channel,
-        httpx.AsyncClient(
-            base_url=server.http_url,
-            headers=auth(key),
-            limits=httpx.Limits(max_connections=concurrency),
-            timeout=30,
-        ) as client,
-    ):
+    async with grpc.aio.insecure_channel(target) as channel:
         stub = outcomes_pb2_grpc.OutcomeServiceStub(channel)
 
-        async def over_grpc(execution_id: str) -> bool:
+        async def call(execution_id: str) -> bool:
             try:
                 await stub.RecordOutcome(
                     outcomes_pb2.RecordOutcomeRequest(execution_id=execution_id, success=True, result="ok"),
@@ -104,7 +115,15 @@ async def measure(
             except grpc.aio.AioRpcError:
                 return False
 
-        async def over_rest(execution_id: str) -> bool:
+        return await closed_loop(call, ids, callers, plan)
+
+
+async def over_rest(base_url: str, key: str, ids: Iterator[str], callers: int, plan: Plan) -> dict[str, Any]:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=auth(key), limits=httpx.Limits(max_connections=callers), timeout=30
+    ) as client:
+
+        async def call(execution_id: str) -> bool:
             try:
                 response = await client.post(
                     f"/v1/executions/{execution_id}/outcome", json={"success": True, "result": "ok"}
@@ -113,24 +132,63 @@ async def measure(
                 return False
             return response.status_code == 200
 
-        call = over_grpc if transport == "grpc" else over_rest
-        await _drive(call, pool, concurrency, warmup)
-        started = time.perf_counter()
-        latencies, errors = await _drive(call, pool, concurrency, seconds)
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-    ms = [x * 1000 for x in latencies] or [0.0]
-    return Run(
-        backend=server.database_url.split(":", 1)[0],
-        transport=transport,
-        concurrency=concurrency,
-        seconds=round(elapsed, 2),
-        requests=len(latencies),
-        errors=errors,
-        per_second=round(len(latencies) / elapsed, 1),
-        p50_ms=round(ms[len(ms) // 2], 2),
-        p99_ms=round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 2),
-        max_ms=round(ms[-1], 2),
+        return await closed_loop(call, ids, callers, plan)
+
+
+def ingest(
+    server: Server, key: str, backend: str, transport: str, callers: int, plan: Plan
+) -> dict[str, Any]:
+    def once() -> dict[str, Any]:
+        ids = iter(prepare(server, key, int(MAX_RATE * plan.timed) + callers))
+        if transport == "grpc":
+            return asyncio.run(over_grpc(server.grpc_target, key, ids, callers, plan))
+        return asyncio.run(over_rest(server.http_url, key, ids, callers, plan))
+
+    label = GOALS.get((backend, transport), "ingest")
+    measured = median_of(f"{backend} {label} outcomes over {transport}, {callers} callers", plan, once)
+    goal = GOALS.get((backend, transport), "") if callers == GOAL_CALLERS else ""
+    return {"goal": goal, "backend": backend, "transport": transport, "callers": callers, **measured}
+
+
+def echo_sweep(plan: Plan) -> list[dict[str, Any]]:
+    """The gRPC framework ceiling at every caller count, driven like G1."""
+
+    def once(target: str, callers: int) -> dict[str, Any]:
+        # The echo has no rows to run out of; the count is only a bound.
+        ids = itertools.repeat("echo", int(10 * MAX_RATE * plan.timed))
+        return {"callers": callers, **asyncio.run(over_grpc(target, "none", ids, callers, plan))}
+
+    with echo_server() as target:
+        return [
+            median_of(
+                f"ceiling: gRPC echo, {callers} callers", plan, functools.partial(once, target, callers)
+            )
+            for callers in plan.callers
+        ]
+
+
+def pgbench_sweep(server: Server, synchronous_commit: str, plan: Plan) -> list[dict[str, Any]]:
+    """The durable-insert ceiling on the server's own cluster, at the G1 client counts."""
+    inserts = PgbenchInserts(server.database_url, synchronous_commit)
+    with phase("ceiling: pgbench warm-up", expected=plan.warmup):
+        inserts.run(max(plan.callers), plan.warmup)
+    return [
+        median_of(
+            f"ceiling: pgbench durable insert, {clients} clients",
+            plan,
+            functools.partial(inserts.run, clients, plan.seconds),
+        )
+        for clients in plan.callers
+    ]
+
+
+def sqlite_ceiling(server: Server, plan: Plan) -> dict[str, Any]:
+    """SQLite commits in a file beside the server's own database."""
+    directory = Path(str(make_url(server.database_url).database)).parent
+    return median_of(
+        "ceiling: SQLite commits, one writer",
+        plan,
+        lambda: sqlite_commits(directory, plan.seconds, plan.warmup),
     )
 
 
@@ -222,11 +280,101 @@ async def race(server: Server, key: str, executions: int, writers: int = 16) -> 
     }
 
 
-def median_run(runs: list[Run]) -> Run:
-    return sorted(runs, key=lambda r: r.per_second)[len(runs) // 2]
+def compare(document: dict[str, Any]) -> None:
+    """Each run against its ceilings: the gRPC echo at the same caller count
+    (gRPC runs), and the database's own durable commits (pgbench at the same
+    client count on PostgreSQL; one SQLite writer)."""
+    ceilings = document["ceilings"]
+    echo = {p["callers"]: p["per_second"] for p in ceilings["grpc_echo"]}
+    inserts = {p["clients"]: p["per_second"] for p in ceilings.get("postgres_insert", [])}
+    for run in document["runs"]:
+        measured, callers = run["per_second"], run["callers"]
+        run["of_ceilings"] = {}
+        if run["transport"] == "grpc" and callers in echo:
+            run["of_ceilings"]["framework"] = against(measured, "grpc_echo", echo[callers])
+        if run["backend"] == "postgres" and callers in inserts:
+            run["of_ceilings"]["database"] = against(measured, "postgres_insert", inserts[callers])
+        if run["backend"] == "sqlite" and "sqlite_commit" in ceilings:
+            run["of_ceilings"]["database"] = against(
+                measured, "sqlite_commit", ceilings["sqlite_commit"]["per_second"]
+            )
 
 
-def render_more(document: dict[str, Any]) -> str:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    plan = Plan.parse(argv, "Outcome ingest benchmark (gRPC and REST, SQLite and PostgreSQL).")
+    document: dict[str, Any] = {
+        "benchmark": "outcomes",
+        "smoke": plan.smoke,
+        "callers": plan.callers,
+        "runs": [],
+        "fixed_rate": {},
+        "race": {},
+        "ceilings": {"grpc_echo": echo_sweep(plan)},
+    }
+    for backend in plan.backends:
+        with running(backend) as server:
+            key = server.register()
+            for callers in plan.callers:
+                document["runs"].append(ingest(server, key, backend, "grpc", callers, plan))
+            document["runs"].append(ingest(server, key, backend, "rest", max(plan.callers), plan))
+            with phase(f"{backend} G2 outcome latency at a fixed 500/s", expected=plan.seconds + 1):
+                document["fixed_rate"][backend] = asyncio.run(fixed_rate(server, key, 500, plan.seconds + 1))
+            executions = 50 if plan.smoke else 500
+            with phase(f"{backend} G3 write-once race, {executions} executions x 16 writers"):
+                document["race"][backend] = asyncio.run(race(server, key, executions))
+            if backend == "postgres":
+                document["postgres"] = postgres_facts(server)
+                document["ceilings"]["postgres_insert"] = pgbench_sweep(
+                    server, document["postgres"]["synchronous_commit"], plan
+                )
+            else:
+                document["ceilings"]["sqlite_commit"] = sqlite_ceiling(server, plan)
+    compare(document)
+    return document
+
+
+CEILING_NAMES = {
+    "grpc_echo": "gRPC echo (same server settings, same load generator)",
+    "postgres_insert": "pgbench: one durable INSERT per transaction",
+    "sqlite_commit": "SQLite: one INSERT per transaction, WAL, synchronous=FULL",
+}
+
+
+def render(document: dict[str, Any]) -> str:
+    """The ingest runs with their fractions of the ceilings, then G2 and G3."""
+    runs = markdown_table(
+        [
+            "goal",
+            "database",
+            "transport",
+            "callers",
+            "outcomes/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "errors",
+            "of gRPC echo",
+            "of database ceiling",
+        ],
+        [
+            (
+                r["goal"],
+                r["backend"],
+                r["transport"],
+                r["callers"],
+                f"{r['per_second']:,.0f}",
+                r["p50_ms"],
+                r["p99_ms"],
+                r["max_ms"],
+                r["errors"],
+                *(
+                    share(r["of_ceilings"][kind]) if kind in r["of_ceilings"] else ""
+                    for kind in ("framework", "database")
+                ),
+            )
+            for r in document["runs"]
+        ],
+    )
     rows = []
     for backend, g2 in document["fixed_rate"].items():
         g3 = document["race"][backend]
@@ -247,78 +395,44 @@ def render_more(document: dict[str, Any]) -> str:
                 f"conflicts {g3['conflicts']}, errors {g3['errors']}",
             )
         )
-    return markdown_table(["database", "benchmark", "result", "checks"], rows)
+    more = markdown_table(["database", "benchmark", "result", "checks"], rows)
+    return "\n\n".join((runs, more, render_ceilings(document["ceilings"])))
 
 
-def render(runs: list[Run]) -> str:
-    return markdown_table(
-        ["database", "transport", "callers", "outcomes/s", "p50 ms", "p99 ms", "max ms", "errors"],
-        [
+def render_ceilings(ceilings: dict[str, Any]) -> str:
+    rows = [
+        (
+            CEILING_NAMES["grpc_echo"],
+            p["callers"],
+            f"{p['per_second']:,.0f}",
+            f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms",
+        )
+        for p in ceilings["grpc_echo"]
+    ]
+    rows += [
+        (
+            CEILING_NAMES["postgres_insert"] + f", synchronous_commit={p['synchronous_commit']}",
+            p["clients"],
+            f"{p['per_second']:,.0f}",
+            f"average {p['latency_average_ms']} ms",
+        )
+        for p in ceilings.get("postgres_insert", [])
+    ]
+    if "sqlite_commit" in ceilings:
+        p = ceilings["sqlite_commit"]
+        rows.append(
             (
-                r.backend,
-                r.transport,
-                r.concurrency,
-                f"{r.per_second:,.0f}",
-                r.p50_ms,
-                r.p99_ms,
-                r.max_ms,
-                r.errors,
+                CEILING_NAMES["sqlite_commit"],
+                1,
+                f"{p['per_second']:,.0f}",
+                f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms",
             )
-            for r in runs
-        ],
-    )
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description="Outcome ingest benchmark (gRPC and REST, SQLite and PostgreSQL)."
-    )
-    parser.add_argument(
-        "--smoke", action="store_true", help="a few seconds in all, to keep the harness working"
-    )
-    parser.add_argument("--backends", default="sqlite,postgres")
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--repeat", type=int, default=3)
-    options = parser.parse_args(argv)
-    seconds, repeat, warmup = (1.0, 1, 0.3) if options.smoke else (options.seconds, options.repeat, 1.0)
-    per_run = int(5000 * (seconds + warmup)) + options.concurrency
-    results: list[Run] = []
-    latency: dict[str, Any] = {}
-    races: dict[str, Any] = {}
-    for backend in options.backends.split(","):
-        with running(backend) as server:
-            key = server.register()
-            for transport in ("grpc", "rest"):
-                runs = []
-                for attempt in range(repeat):
-                    pool = prepare(server, key, per_run)
-                    print(
-                        f"{backend} outcomes {transport} run {attempt + 1}/{repeat} ...",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    runs.append(
-                        asyncio.run(
-                            measure(server, key, transport, pool, options.concurrency, seconds, warmup)
-                        )
-                    )
-                results.append(median_run(runs))
-            print(f"{backend} G2 fixed rate ...", file=sys.stderr, flush=True)
-            latency[backend] = asyncio.run(fixed_rate(server, key, 500, seconds + 1))
-            print(f"{backend} G3 write-once race ...", file=sys.stderr, flush=True)
-            races[backend] = asyncio.run(race(server, key, 50 if options.smoke else 500))
-    return {
-        "benchmark": "outcomes",
-        "smoke": options.smoke,
-        "runs": [asdict(r) for r in results],
-        "fixed_rate": latency,
-        "race": races,
-    }
+        )
+    return markdown_table(["ceiling", "clients", "per second", "latency"], rows)
 
 
 if __name__ == "__main__":
     document = main()
-    markdown = render([Run(**r) for r in document["runs"]]) + "\n\n" + render_more(document)
+    markdown = render(document)
     write("outcomes", document, markdown)
     print(markdown)

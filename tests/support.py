@@ -33,7 +33,7 @@ def free_port() -> int:
         return port
 
 
-def _pg_binary(name: str) -> str:
+def pg_binary(name: str) -> str:
     found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
     if not found:
         raise RuntimeError(f"PostgreSQL binary {name!r} not found; set CUELINE_TEST_DATABASE_URL instead")
@@ -55,13 +55,13 @@ class PostgresCluster:
             shutil.chown(self.directory, "postgres", "postgres")
         data = self.directory / "data"
         self._run(
-            _pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"
+            pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"
         )
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=300"
         if not durable:
             options += " -c fsync=off -c full_page_writes=off"
         self._run(
-            _pg_binary("pg_ctl"),
+            pg_binary("pg_ctl"),
             "-D",
             str(data),
             "-o",
@@ -80,7 +80,7 @@ class PostgresCluster:
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
-            self._run(_pg_binary("pg_ctl"), "-D", str(self._data), "-m", "fast", "-w", "stop")
+            self._run(pg_binary("pg_ctl"), "-D", str(self._data), "-m", "fast", "-w", "stop")
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -112,15 +112,21 @@ def service_names() -> list[str]:
     return [s.full_name for s in services()]
 
 
-def build_server(
-    pipeline: Pipeline, health_servicer: health.aio.HealthServicer, max_message_bytes: int
-) -> grpc.aio.Server:
-    server = grpc.aio.server(
+def new_server(max_message_bytes: int) -> grpc.aio.Server:
+    """The bare grpc.aio server with cueline's options (also what the
+    benchmark's echo ceiling serves on, so both run with the same settings)."""
+    return grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
     )
+
+
+def build_server(
+    pipeline: Pipeline, health_servicer: health.aio.HealthServicer, max_message_bytes: int
+) -> grpc.aio.Server:
+    server = new_server(max_message_bytes)
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
     for method in methods():
         by_service.setdefault(method.service, {})[method.name] = grpc.unary_unary_rpc_method_handler(
