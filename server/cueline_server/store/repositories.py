@@ -17,10 +17,12 @@ from typing import Any, Unpack
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     ColumnElement,
     Row,
     String,
     Table,
+    Uuid,
     and_,
     bindparam,
     case,
@@ -28,7 +30,6 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    not_,
     or_,
     select,
     text,
@@ -404,22 +405,54 @@ class ExecutionRepository(_Repository):
             rows = (await self.conn.execute(_RECORD_OUTCOMES, columns)).all()
             by_index = {row.ord: row for row in rows}
             return [by_index.get(index) for index in range(len(writes))]
-        results: list[AnyRow | None] = []
-        for write in writes:
-            params = {f"p_{name}": write.outcome.get(name) for name in _OUTCOME_COLUMNS}
-            params.update(
-                p_states=write.states_json(),
-                p_validations=write.validations_json(),
-                p_execution_id=write.execution_id,
-                p_account_id=write.account_id,
-                p_now=write.now,
-                p_fencing_token=write.fencing_token,
+        return await self._record_outcomes_sqlite(writes)
+
+    async def _record_outcomes_sqlite(self, writes: Sequence[OutcomeWrite]) -> list[AnyRow | None]:
+        """SQLite: one UPDATE ... FROM json_each for the batch, then one settlement per
+        cue. SQLite's RETURNING cannot name the batch row that applied, so only the
+        first report per execution enters the statement; the others did not apply."""
+        first: dict[uuid.UUID, int] = {}
+        items = []
+        for index, write in enumerate(writes):
+            if write.execution_id in first:
+                continue
+            first[write.execution_id] = index
+            item = write.parameters(index)
+            item.update(
+                ids=write.execution_id.hex,
+                accounts=write.account_id.hex,
+                now=_sqlite_time(write.now),
+                evidence_at=_sqlite_time(item["evidence_at"]),
             )
-            row = (await self.conn.execute(_record_outcome_statement(), params)).first()
-            if row is not None and row.transport == "worker":
-                await CueRepository(self.conn).record_result(row.cue_id, row.status, write.now)
-            results.append(row)
+            items.append(item)
+        rows = (await self.conn.execute(_RECORD_OUTCOMES_SQLITE, {"batch": json.dumps(items)})).all()
+        results: list[AnyRow | None] = [None] * len(writes)
+        settle: dict[str, dict[str, Any]] = {}
+        for row in sorted(rows, key=lambda r: first[r.id]):
+            index = first[row.id]
+            results[index] = row
+            if row.transport != "worker":
+                continue
+            cue = settle.setdefault(
+                row.cue_id,
+                {
+                    "cue_id": row.cue_id,
+                    "successes": 0,
+                    "failures": 0,
+                    "first_succeeded": row.status == "success",
+                },
+            )
+            cue["successes"] += row.status == "success"
+            cue["failures"] += row.status == "failed"
+            cue["last_now"] = max(cue.get("last_now", writes[index].now), writes[index].now)
+        if settle:
+            await self.conn.execute(_SETTLE_CUES_SQLITE, list(settle.values()))
         return results
+
+
+def _sqlite_time(value: dt.datetime | None) -> str | None:
+    """A datetime as SQLAlchemy stores it in SQLite (naive UTC, microseconds)."""
+    return None if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 @dataclass(frozen=True)
@@ -470,21 +503,6 @@ class OutcomeWrite:
 
 
 VERIFICATION_MODES = ("none", "require_external_id", "require_result_url", "require_artifacts", "manual")
-_OUTCOME_COLUMNS = (
-    "outcome_success",
-    "outcome_result",
-    "outcome_error",
-    "outcome_metadata",
-    "external_id",
-    "result_url",
-    "result_ref",
-    "result_type",
-    "summary",
-    "artifacts",
-    "evidence_produced_at",
-    "outcome_request_key",
-    "outcome_request_hash",
-)
 
 
 def _settle_cue(status: Any, now: Any) -> dict[str, Any]:
@@ -518,27 +536,11 @@ def _record_result_statement() -> Any:
     return update(cues).where(cues.c.id == bindparam("r_cue_id", type_=String)).values(**values)
 
 
-# PostgreSQL: a batch of write-once reports, and the settlement of their worker
-# executions' cues, in one statement (data-modifying CTEs): one round trip,
-# atomic. The reports arrive as arrays, so the text is the same whatever the
-# batch size, and short enough for psycopg's parse cache. Of several reports
-# for one execution the UPDATE applies one; RETURNING names it by `ord`.
-_RECORD_OUTCOMES = text(
-    """
-WITH v AS (
-  SELECT * FROM unnest(
-    CAST(:ord AS int[]), CAST(:ids AS uuid[]), CAST(:accounts AS uuid[]), CAST(:fencing AS bigint[]),
-    CAST(:now AS timestamptz[]), CAST(:success AS boolean[]), CAST(:result AS text[]),
-    CAST(:error AS text[]), CAST(:metadata AS text[]), CAST(:external_id AS text[]),
-    CAST(:result_url AS text[]), CAST(:result_ref AS text[]), CAST(:result_type AS text[]),
-    CAST(:summary AS text[]), CAST(:artifacts AS text[]), CAST(:evidence_at AS timestamptz[]),
-    CAST(:request_key AS text[]), CAST(:request_hash AS text[]), CAST(:states AS text[]),
-    CAST(:validations AS text[])
-  ) AS v(ord, id, account_id, fencing, now, success, result, error, metadata, external_id,
-         result_url, result_ref, result_type, summary, artifacts, evidence_at, request_key,
-         request_hash, states, validations)
-), recorded AS (
-  UPDATE executions AS e SET
+# The write-once guard for a batch of reports. Each database gets the batch as
+# one parameter or a fixed set of them, so the statement text is the same
+# whatever the batch size. `v` is the batch (one row per report), `c` the
+# execution's cue, whose verification mode picks the report's verdict.
+_OUTCOME_SET = """
     outcome_recorded_at = v.now, outcome_success = v.success, outcome_result = v.result,
     outcome_error = v.error, outcome_metadata = v.metadata, external_id = v.external_id,
     result_url = v.result_url, result_ref = v.result_ref, result_type = v.result_type,
@@ -546,22 +548,27 @@ WITH v AS (
     outcome_request_key = v.request_key, outcome_request_hash = v.request_hash,
     outcome_late = (e.outcome_deadline_at IS NOT NULL AND e.outcome_deadline_at < v.now),
     outcome_verification_mode = c.verification_mode,
-    outcome_state = v.states::jsonb ->> coalesce(c.verification_mode, 'unset'),
-    outcome_reported_state = v.states::jsonb ->> coalesce(c.verification_mode, 'unset'),
-    validation_state = v.validations::jsonb ->> coalesce(c.verification_mode, 'unset'),
+    outcome_state = {state}, outcome_reported_state = {state}, validation_state = {validation},
     status = CASE WHEN e.transport = 'worker'
                   THEN CASE WHEN v.success THEN 'success' ELSE 'failed' END ELSE e.status END,
     delivered_at = CASE WHEN e.transport = 'worker' AND v.success THEN v.now ELSE e.delivered_at END,
     error_message = CASE WHEN e.transport = 'worker' AND NOT v.success
                          THEN v.error ELSE e.error_message END,
-    updated_at = v.now
-  FROM v, cues AS c
-  WHERE e.id = v.id AND e.account_id = v.account_id AND c.id = e.cue_id
-    AND e.outcome_recorded_at IS NULL AND (v.fencing IS NULL OR e.attempts = v.fencing)
-  RETURNING v.ord, v.now, e.id, e.cue_id, e.transport, e.status, e.outcome_state, e.outcome_late,
-            e.outcome_verification_mode
-), settled AS (
-  UPDATE cues SET
+    updated_at = v.now"""
+_OUTCOME_WHERE = """e.id = v.id AND e.account_id = v.account_id AND c.id = e.cue_id
+    AND e.outcome_recorded_at IS NULL AND (v.fencing IS NULL OR e.attempts = v.fencing)"""
+_OUTCOME_RETURNING = (
+    "id",
+    "cue_id",
+    "transport",
+    "status",
+    "outcome_state",
+    "outcome_late",
+    "outcome_verification_mode",
+)
+# A worker report settles its cue; `s` holds, per cue, the batch's successes and
+# failures, whether the first report succeeded, and the latest report time.
+_SETTLE_SET = """
     run_count = cues.run_count + s.successes,
     last_run = s.last_now,
     status = CASE
@@ -575,7 +582,38 @@ WITH v AS (
       WHEN cues.schedule_type = 'recurring' AND cues.status = 'active' AND s.failures > 0
            AND cues.on_failure_pause THEN NULL
       ELSE cues.next_run END,
-    updated_at = s.last_now
+    updated_at = s.last_now"""
+
+# PostgreSQL: the reports arrive as arrays (unnest), and the batch and its cues'
+# settlement are one statement (data-modifying CTEs): one round trip, atomic,
+# short enough for psycopg's parse cache. Of several reports for one execution
+# the UPDATE applies one; RETURNING names it by `ord`.
+_RECORD_OUTCOMES = text(
+    f"""
+WITH v AS (
+  SELECT * FROM unnest(
+    CAST(:ord AS int[]), CAST(:ids AS uuid[]), CAST(:accounts AS uuid[]), CAST(:fencing AS bigint[]),
+    CAST(:now AS timestamptz[]), CAST(:success AS boolean[]), CAST(:result AS text[]),
+    CAST(:error AS text[]), CAST(:metadata AS text[]), CAST(:external_id AS text[]),
+    CAST(:result_url AS text[]), CAST(:result_ref AS text[]), CAST(:result_type AS text[]),
+    CAST(:summary AS text[]), CAST(:artifacts AS text[]), CAST(:evidence_at AS timestamptz[]),
+    CAST(:request_key AS text[]), CAST(:request_hash AS text[]), CAST(:states AS text[]),
+    CAST(:validations AS text[])
+  ) AS v(ord, id, account_id, fencing, now, success, result, error, metadata, external_id,
+         result_url, result_ref, result_type, summary, artifacts, evidence_at, request_key,
+         request_hash, states, validations)
+), recorded AS (
+  UPDATE executions AS e SET {
+        _OUTCOME_SET.format(
+            state="v.states::jsonb ->> coalesce(c.verification_mode, 'unset')",
+            validation="v.validations::jsonb ->> coalesce(c.verification_mode, 'unset')",
+        )
+    }
+  FROM v, cues AS c
+  WHERE {_OUTCOME_WHERE}
+  RETURNING v.ord, v.now, {", ".join(f"e.{name}" for name in _OUTCOME_RETURNING)}
+), settled AS (
+  UPDATE cues SET {_SETTLE_SET}
   FROM (
     SELECT cue_id, count(*) FILTER (WHERE status = 'success') AS successes,
            count(*) FILTER (WHERE status = 'failed') AS failures,
@@ -588,6 +626,7 @@ SELECT ord, id, cue_id, transport, status, outcome_state, outcome_late, outcome_
 FROM recorded
 """
 )
+
 _BATCH_PARAMETERS = (
     "ord",
     "ids",
@@ -611,62 +650,66 @@ _BATCH_PARAMETERS = (
     "validations",
 )
 
-
-@cache
-def _record_outcome_statement() -> Any:
-    """SQLite: one report. Built once; every call only binds parameters.
-
-    The cue is joined (UPDATE ... FROM) for its verification mode. The service
-    computes the verdict for every mode; `p_states` and `p_validations` carry
-    them as JSON objects keyed by mode ("unset" for none), and the statement
-    looks up the cue's."""
-    t = executions
-    mode = cues.c.verification_mode
-    key = func.coalesce(mode, "unset")
-
-    def by_mode(name: str) -> Any:
-        return func.json_extract(bindparam(name, type_=String), "$." + key)
-
-    now = bindparam("p_now", type_=UTCDateTime)
-    worker = t.c.transport == "worker"
-    values: dict[str, Any] = {name: bindparam(f"p_{name}", type_=t.c[name].type) for name in _OUTCOME_COLUMNS}
-    success = values["outcome_success"]
-    values.update(
-        outcome_recorded_at=now,
-        outcome_late=and_(t.c.outcome_deadline_at.is_not(None), t.c.outcome_deadline_at < now),
-        outcome_verification_mode=mode,
-        outcome_state=by_mode("p_states"),
-        outcome_reported_state=by_mode("p_states"),
-        validation_state=by_mode("p_validations"),
-        # Worker transport: the report completes the execution.
-        status=case((worker, case((success, "success"), else_="failed")), else_=t.c.status),
-        delivered_at=case((and_(worker, success), now), else_=t.c.delivered_at),
-        error_message=case((and_(worker, not_(success)), values["outcome_error"]), else_=t.c.error_message),
-        updated_at=now,
-    )
-    return (
-        update(t)
-        .where(
-            t.c.id == bindparam("p_execution_id", type_=t.c.id.type),
-            t.c.account_id == bindparam("p_account_id", type_=t.c.account_id.type),
-            t.c.outcome_recorded_at.is_(None),
-            cues.c.id == t.c.cue_id,
-            or_(
-                bindparam("p_fencing_token", type_=BigInteger).is_(None),
-                t.c.attempts == bindparam("p_fencing_token", type_=BigInteger),
-            ),
+# SQLite: the batch is one JSON array of report objects (json_each), in the
+# formats SQLAlchemy stores (hex UUIDs, naive UTC datetimes, 0/1 booleans).
+_RECORD_OUTCOMES_SQLITE = text(
+    f"""
+UPDATE executions AS e SET {
+        _OUTCOME_SET.format(
+            state="json_extract(v.states, '$.' || coalesce(c.verification_mode, 'unset'))",
+            validation="json_extract(v.validations, '$.' || coalesce(c.verification_mode, 'unset'))",
         )
-        .values(**values)
-        .returning(
-            t.c.id,
-            t.c.cue_id,
-            t.c.transport,
-            t.c.status,
-            t.c.outcome_state,
-            t.c.outcome_late,
-            t.c.outcome_verification_mode,
+    }
+FROM (
+  SELECT {
+        ", ".join(
+            f"json_extract(value, '$.{name}') AS {column}"
+            for name, column in (
+                ("ids", "id"),
+                ("accounts", "account_id"),
+                ("fencing", "fencing"),
+                ("now", "now"),
+                ("success", "success"),
+                ("result", "result"),
+                ("error", "error"),
+                ("metadata", "metadata"),
+                ("external_id", "external_id"),
+                ("result_url", "result_url"),
+                ("result_ref", "result_ref"),
+                ("result_type", "result_type"),
+                ("summary", "summary"),
+                ("artifacts", "artifacts"),
+                ("evidence_at", "evidence_at"),
+                ("request_key", "request_key"),
+                ("request_hash", "request_hash"),
+                ("states", "states"),
+                ("validations", "validations"),
+            )
         )
-    )
+    }
+  FROM json_each(:batch)
+) AS v, cues AS c
+WHERE {_OUTCOME_WHERE}
+RETURNING {", ".join(_OUTCOME_RETURNING)}  -- SQLite's RETURNING takes no table alias
+"""
+).columns(
+    id=Uuid,
+    cue_id=String,
+    transport=String,
+    status=String,
+    outcome_state=String,
+    outcome_late=Boolean,
+    outcome_verification_mode=String,
+)
+
+_SETTLE_CUES_SQLITE = text(
+    f"""
+UPDATE cues SET {_SETTLE_SET}
+FROM (SELECT :cue_id AS cue_id, :successes AS successes, :failures AS failures,
+             :first_succeeded AS first_succeeded, :last_now AS last_now) AS s
+WHERE cues.id = s.cue_id
+"""
+).bindparams(bindparam("last_now", type_=UTCDateTime), bindparam("first_succeeded", type_=Boolean))
 
 
 class FireKeyRepository(_Repository):
