@@ -45,6 +45,7 @@ from bench.common import (
     write,
 )
 from bench.progress import phase
+from bench.rawhttp import Connection
 from cueline.v1 import outcomes_pb2, outcomes_pb2_grpc
 from tests.support import Server, auth
 
@@ -119,20 +120,30 @@ async def over_grpc(target: str, key: str, ids: Iterator[str], callers: int, pla
 
 
 async def over_rest(base_url: str, key: str, ids: Iterator[str], callers: int, plan: Plan) -> dict[str, Any]:
-    async with httpx.AsyncClient(
-        base_url=base_url, headers=auth(key), limits=httpx.Limits(max_connections=callers), timeout=30
-    ) as client:
+    """The G14 load generator: POST /v1/executions/{id}/outcome on `callers`
+    keep-alive connections (a lean client: see bench/rawhttp.py)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(callers):
+        pool.put_nowait(Connection(host, int(port), {"Authorization": f"Bearer {key}"}))
 
-        async def call(execution_id: str) -> bool:
-            try:
-                response = await client.post(
-                    f"/v1/executions/{execution_id}/outcome", json={"success": True, "result": "ok"}
-                )
-            except httpx.HTTPError:
-                return False
-            return response.status_code == 200
+    async def call(execution_id: str) -> bool:
+        connection = await pool.get()
+        try:
+            status, _ = await connection.request(
+                "POST", f"/v1/executions/{execution_id}/outcome", {"success": True, "result": "ok"}
+            )
+        except (OSError, asyncio.IncompleteReadError):
+            return False
+        finally:
+            pool.put_nowait(connection)
+        return status == 200
 
+    try:
         return await closed_loop(call, ids, callers, plan)
+    finally:
+        while not pool.empty():
+            await pool.get_nowait().close()
 
 
 def ingest(
