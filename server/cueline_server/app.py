@@ -183,7 +183,11 @@ class Runtime:
     async def run(self) -> None:
         settings = self.settings
         await prepare_schema(settings)
-        db = Database(settings.resolved_database_url(), pool_size=settings.database_pool_size)
+        db = Database(
+            settings.resolved_database_url(),
+            pool_size=settings.database_pool_size,
+            prepared_statements=settings.database_prepared_statements,
+        )
         parts = assemble(db, settings)
         pipeline = Pipeline(
             parts.authenticator,

@@ -85,7 +85,7 @@ def ensure_sqlite_directory(url: URL) -> None:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 20) -> None:
+    def __init__(self, url: str, *, pool_size: int = 20, prepared_statements: bool = True) -> None:
         self.url = async_url(url)
         self.backend = self.url.get_backend_name()
         ensure_sqlite_directory(self.url)
@@ -94,8 +94,9 @@ class Database:
             configure_sqlite(self.engine.sync_engine)
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
         else:
-            # Server-side prepared statements are off: they do not survive the
-            # transaction-pooling proxies (PgBouncer) that scaled deployments use.
+            # Server-side prepared statements are off except for the hot single statements
+            # (`cueline_prepare`), and can be switched off for those too: transaction-pooling
+            # proxies older than PgBouncer 1.21 do not keep them.
             # No overflow: overflow connections are closed on return, so a busy
             # server would reconnect constantly; callers queue for a connection instead.
             options: dict[str, Any] = {"connect_args": {"prepare_threshold": None}, "max_overflow": 0}
@@ -103,7 +104,11 @@ class Database:
             # A separate pool whose connections stay in autocommit mode: switching a
             # pooled connection's mode back and forth costs a reset on every checkin.
             self._autocommit_engine: AsyncEngine = create_async_engine(
-                self.url, pool_size=pool_size, isolation_level="AUTOCOMMIT", **options
+                self.url,
+                pool_size=pool_size,
+                isolation_level="AUTOCOMMIT",
+                execution_options={"cueline_prepare": prepared_statements},
+                **options,
             )
             self._write_lock = None
 
