@@ -562,7 +562,10 @@ _OUTCOME_SET = """
     error_message = CASE WHEN e.transport = 'worker' AND NOT v.success
                          THEN v.error ELSE e.error_message END,
     updated_at = v.now"""
-_OUTCOME_WHERE = """e.id = v.id AND e.account_id = v.account_id AND c.id = e.cue_id
+# The execution is found by its primary key only: `{same_account}` checks the
+# account without offering the planner the account index, which it would otherwise
+# pick with stale statistics and scan an account's executions for every report.
+_OUTCOME_WHERE = """e.id = v.id AND {same_account} AND c.id = e.cue_id
     AND e.outcome_recorded_at IS NULL AND (v.fencing IS NULL OR e.attempts = v.fencing)"""
 _OUTCOME_RETURNING = (
     "id",
@@ -617,7 +620,7 @@ WITH v AS (
         )
     }
   FROM v, cues AS c
-  WHERE {_OUTCOME_WHERE}
+  WHERE {_OUTCOME_WHERE.format(same_account="e.account_id IS NOT DISTINCT FROM v.account_id")}
   RETURNING v.ord, v.now, {", ".join(f"e.{name}" for name in _OUTCOME_RETURNING)}
 ), settled AS (
   UPDATE cues SET {_SETTLE_SET}
@@ -698,7 +701,7 @@ FROM (
     }
   FROM json_each(:batch)
 ) AS v, cues AS c
-WHERE {_OUTCOME_WHERE}
+WHERE {_OUTCOME_WHERE.format(same_account="+e.account_id = v.account_id")}
 RETURNING {", ".join(_OUTCOME_RETURNING)}  -- SQLite's RETURNING takes no table alias
 """
 ).columns(
