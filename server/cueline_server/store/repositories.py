@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -637,7 +638,13 @@ FROM recorded
 """
 )
 
-_RECORD_OUTCOMES_PSYCOPG = str(_RECORD_OUTCOMES.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
+# For psycopg directly, with every parameter sent in binary format (%(name)b): binary
+# arrays are dumped in C, text arrays element by element in Python.
+_RECORD_OUTCOMES_PSYCOPG = re.sub(
+    r"%\((\w+)\)s",
+    r"%(\1)b",
+    str(_RECORD_OUTCOMES.compile(dialect=postgresql.dialect())),  # type: ignore[no-untyped-call]
+)
 
 _BATCH_PARAMETERS = (
     "ord",
