@@ -87,6 +87,11 @@ def service_unavailable() -> ApiError:
     return ApiError("service_unavailable", "The database is unreachable", 503)
 
 
+def unreadable_body() -> ApiError:
+    """Malformed JSON, or JSON cueline cannot hold (numbers beyond a double, lone surrogates)."""
+    return ApiError("invalid_json", "Request body is not valid JSON", 400)
+
+
 def idempotency_key_conflict() -> ApiError:
     return ApiError("idempotency_key_conflict", "Idempotency key already used with a different request", 409)
 

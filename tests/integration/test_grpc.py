@@ -137,6 +137,29 @@ def test_invalid_argument_names_the_field(channel: grpc.Channel) -> None:
     assert bad is not None and [v.field for v in bad.field_violations] == ["cue.retry.max_attempts"]
 
 
+def test_json_text_fields_must_hold_json(channel: grpc.Channel) -> None:
+    """gRPC callers send free-form JSON as text; text that is not JSON is the caller's mistake."""
+    md = api_key(channel)
+    cues = cues_pb2_grpc.CueServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        cues.CreateCue(
+            cues_pb2.CreateCueRequest(
+                cue=cues_pb2.Cue(
+                    name="not-json",
+                    transport=cues_pb2.TRANSPORT_WORKER,
+                    payload='{"task": ',
+                    schedule=cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="* * * * *"),
+                )
+            ),
+            metadata=md,
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, bad = details(raised.value)
+    assert bad is not None and [(v.field, v.description) for v in bad.field_violations] == [
+        ("cue.payload", "Input should be valid JSON")
+    ]
+
+
 def test_payload_size_limit(channel: grpc.Channel) -> None:
     md = api_key(channel)
     with pytest.raises(grpc.RpcError) as raised:

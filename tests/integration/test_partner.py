@@ -503,7 +503,13 @@ def test_password_and_refresh_grants(partner_server: Server) -> None:
     for body_in, loc, kind in (
         ({"username": username, "password": "x"}, ["body", "grant_type"], "missing"),
         ({"grant_type": "client_credentials"}, ["body", "grant_type"], "literal_error"),
-        ({"grant_type": None}, ["body", "grant_type"], "missing"),
+        ({"grant_type": None}, ["body", "grant_type"], "literal_error"),
+        ({"grant_type": 7}, ["body", "grant_type"], "literal_error"),
+        (
+            {"grant_type": "password", "username": username, "password": None},
+            ["body", "password"],
+            "string_type",
+        ),
         ({"grant_type": "password", "username": username}, ["body", "password"], "missing"),
         ({"grant_type": "refresh_token"}, ["body", "refresh_token"], "missing"),
     ):
@@ -524,6 +530,10 @@ def test_password_and_refresh_grants(partner_server: Server) -> None:
         token_url, json={"grant_type": "password", "username": username, "password": "correct horse"}
     )
     assert again.status_code == 401
+    refresh = httpx.post(
+        token_url, json={"grant_type": "refresh_token", "refresh_token": rotated.json()["refresh_token"]}
+    )
+    assert refresh.status_code == 401 and refresh.json() == {"detail": "Invalid credentials"}
 
 
 def test_client_credentials_errors_and_revocation(partner_server: Server) -> None:
@@ -770,3 +780,125 @@ def test_admin_commands(partner_server: Server) -> None:
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
     env["CUELINE_API_KEY"] = ""
     assert admin("org", "create", "--name", "x").returncode == 2
+
+
+def test_hostile_input_gets_4xx_never_5xx(partner_server: Server) -> None:
+    org = new_org(partner_server)
+    action = create_action(partner_server, org)
+    url = link(partner_server, org, action["id"])
+    assert post(url, REAUTH_BODY, org.token).status_code == 200
+    state_base = state_url(url).split("?")[0]
+    # A secret that is not ASCII fails verification like any other bad secret.
+    for secret in ("new.%C3%A9.x", "%C3%A9", "new.abc.%F0%9F%98%80"):
+        assert post(f"{state_base}?secret={secret}", {"state": "success"}).status_code == 403, secret
+    unparseable = post(url, {"successUrl": "http://[", "cancelUrl": "https://x.example/"}, org.token)
+    assert unparseable.status_code == 422
+    assert unparseable.json()["detail"][0]["type"] == "value_error"
+    for raw in (
+        b'{"state": "success", "payload": {"n": 1e400}}',
+        b'{"state": "success", "payload": {"s": "\\ud800"}}',
+        b'{"state": "success", "payload": {"n": 1' + b"0" * 400 + b"}}",
+        b"[" * 30_000 + b"]" * 30_000,
+    ):
+        response = httpx.post(state_url(url), content=raw, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, raw[:40]
+        assert response.json() == {"detail": "Cannot parse request body"}, raw[:40]
+    # Nothing was half-written: the attempt is still open and reportable.
+    assert post(state_url(url), {"state": "success"}).status_code == 200
+    with grpc.insecure_channel(partner_server.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as bad_data:
+            actions_pb2_grpc.ActionServiceStub(channel).CreateAction(
+                actions_pb2.CreateActionRequest(
+                    action=actions_pb2.Action(organization_id=org.id, subject="s", code="x", data="{")
+                ),
+                metadata=metadata(org.key),
+            )
+        assert bad_data.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in _error_info(bad_data.value)[1]] == ["action.data"]
+
+
+def test_secrets_and_tokens_on_every_endpoint(partner_server: Server) -> None:
+    org = new_org(partner_server)
+    sibling = new_org(partner_server, org.key)  # another organization of the same account
+    reauth = create_action(partner_server, org)
+    info = create_action(partner_server, org, code="information", redirect_url_template=None)
+    url = link(partner_server, org, reauth["id"])
+    assert post(url, REAUTH_BODY, org.token).status_code == 200
+    codec = SecretCodec(KEYS, "new")
+    now = dt.datetime.now(dt.UTC)
+    member = uuid.UUID(org.member)
+    state_base = state_url(url).split("?")[0]
+    for secret in (
+        codec.mint(uuid.UUID(reauth["id"]), member, now - dt.timedelta(hours=2))[0],
+        codec.mint(uuid.UUID(reauth["id"]), uuid.UUID(sibling.member), now)[0],
+    ):
+        assert post(f"{state_base}?secret={secret}", {"state": "success"}).status_code == 403
+    info_url = link(partner_server, org, info["id"])
+    assert post(info_url, {}, sibling.token).status_code == 404  # another organization's Bearer
+    expired = codec.mint(uuid.UUID(info["id"]), member, now - dt.timedelta(hours=2))[0]
+    assert post(f"{info_url.split('?')[0]}?secret={expired}", {}, org.token).status_code == 403
+    assert post(info_url, {}, org.token).status_code == 200
+
+    stranger = partner_server.register()
+    with grpc.insecure_channel(partner_server.grpc_target) as channel:
+        actions = actions_pb2_grpc.ActionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as foreign_member:
+            actions.ListActions(
+                actions_pb2.ListActionsRequest(
+                    organization_id=org.id, subject=SUBJECT, member_id=sibling.member
+                ),
+                metadata=metadata(org.key),
+            )
+        assert foreign_member.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        calls = (
+            lambda: actions.ListActions(
+                actions_pb2.ListActionsRequest(organization_id=org.id, subject=SUBJECT, member_id=org.member),
+                metadata=metadata(stranger),
+            ),
+            lambda: actions.ListActionEvents(
+                actions_pb2.ListActionEventsRequest(organization_id=org.id, action_id=reauth["id"]),
+                metadata=metadata(stranger),
+            ),
+            lambda: actions.CreateAction(
+                actions_pb2.CreateActionRequest(
+                    action=actions_pb2.Action(organization_id=org.id, subject="s", code="x")
+                ),
+                metadata=metadata(stranger),
+            ),
+        )
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_partner_flow_over_native_grpc(partner_server: Server) -> None:
+    org = new_org(partner_server)
+    username = f"grpc-{uuid.uuid4().hex[:8]}"
+    action = create_action(partner_server, org)
+    secret = parse_qs(urlsplit(link(partner_server, org, action["id"])).query)["secret"][0]
+    with grpc.insecure_channel(partner_server.grpc_target) as channel:
+        directory_pb2_grpc.PartnerDirectoryServiceStub(channel).CreateUser(
+            directory_pb2.CreateUserRequest(
+                organization_id=org.id, username=username, password="long enough"
+            ),
+            metadata=metadata(org.key),
+        )
+        token_request = auth_pb2.IssueTokenRequest()
+        token_request.body.update({"grant_type": "password", "username": username, "password": "long enough"})
+        issued = auth_pb2_grpc.PartnerAuthServiceStub(channel).IssueToken(token_request)
+        assert issued.token_type == "Bearer" and issued.expires_in == 36000 and issued.refresh_token
+        partner = actions_pb2_grpc.PartnerActionServiceStub(channel)
+        resolve = actions_pb2.ResolveActionRequest(cue_id=action["id"], secret=secret)
+        resolve.body.update({"successUrl": SUCCESS_URL, "cancelUrl": CANCEL_URL, "language": "fr"})
+        started = partner.ResolveAction(resolve, metadata=metadata(issued.access_token))
+        assert "lang=fr" in str(started.result["redirect_url"])
+        report = actions_pb2.ReportActionStateRequest(cue_id=action["id"], secret=secret)
+        report.body.update({"state": "fail", "payload": {"attempts": 3}})
+        assert partner.ReportActionState(report).action_id == action["id"]
+        with pytest.raises(grpc.RpcError) as nothing_open:
+            partner.ReportActionState(report)
+        assert nothing_open.value.code() == grpc.StatusCode.NOT_FOUND
+        assert _error_info(nothing_open.value)[0] == "NO_ATTEMPT_IN_PROGRESS"
+    trail = events(partner_server, org, action["id"])
+    assert trail[1]["payload"] == {"attempts": 3} and trail[1]["state"] == "fail"

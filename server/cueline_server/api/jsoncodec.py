@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from typing import Any
 
 from google.protobuf import json_format
@@ -75,9 +76,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def loads(data: bytes | str) -> Any:
-    """Strict JSON: NaN and Infinity are refused; integers keep every digit."""
-    return json.loads(data, parse_constant=_reject_constant)
+    """Strict JSON: NaN, Infinity and numbers beyond a double are refused, and so are
+    lone UTF-16 surrogates (they cannot be stored); integers keep every digit.
+    Every failure is a ValueError."""
+    try:
+        value = json.loads(data, parse_constant=_reject_constant, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    escapes = (b"\\ud", b"\\uD") if isinstance(data, bytes) else ("\\ud", "\\uD")
+    if escapes[0] in data or escapes[1] in data:  # type: ignore[operator]
+        compact_json(value).encode("utf-8")  # UnicodeEncodeError (a ValueError) on a lone surrogate
+    return value
 
 
 # --- timestamps -----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from google.protobuf.struct_pb2 import Struct
 from cueline_server.api.descriptors import HttpBinding, MethodInfo, message_info, methods
 from cueline_server.api.jsoncodec import Reader, loads, render
 from cueline_server.api.pipeline import Pipeline
-from cueline_server.errors import ApiError, Violation, internal_error, validation_error
+from cueline_server.errors import ApiError, Violation, internal_error, unreadable_body, validation_error
 
 log = logging.getLogger("cueline.rest")
 
@@ -322,7 +322,10 @@ class Transcoder:
             if isinstance(target, Struct):
                 # Partner bodies: any JSON object, validated by the servicer by exact name.
                 if isinstance(data, dict):
-                    target.update(data)
+                    try:
+                        target.update(data)
+                    except (ValueError, TypeError, OverflowError):  # e.g. an integer beyond a double
+                        raise unreadable_body() from None
                 elif data is not None:
                     reader.violations.append(
                         Violation("body", "Input should be a valid dictionary", "dict_type")
@@ -375,8 +378,8 @@ class Transcoder:
             return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         try:
             return loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError("invalid_json", "Request body is not valid JSON", 400) from None
+        except ValueError:
+            raise unreadable_body() from None
 
 
 def _too_large(limit: int) -> ApiError:

@@ -18,6 +18,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from cueline_server.api.descriptors import FieldInfo, message_info
+from cueline_server.api.jsoncodec import loads
 from cueline_server.errors import Violation
 
 _NUMBER_CPPTYPES = {
@@ -102,7 +103,12 @@ def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation]) -> N
     items = list(enumerate(value)) if f.repeated else [(None, value)]
     for index, item in items:
         where = path if index is None else f"{path}.{index}"
-        if isinstance(item, str) and not rules.json_text:
+        if isinstance(item, str) and rules.json_text:
+            try:
+                loads(item)
+            except ValueError:
+                out.append(Violation(where, "Input should be valid JSON"))
+        elif isinstance(item, str):
             if rules.HasField("min_length") and len(item) < rules.min_length:
                 noun = "character" if rules.min_length == 1 else "characters"
                 out.append(Violation(where, f"String should have at least {rules.min_length} {noun}"))

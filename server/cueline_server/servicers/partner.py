@@ -8,7 +8,7 @@ from typing import Any
 from cueline.partner.v1 import actions_pb2, auth_pb2, directory_pb2
 from cueline_server.api.jsoncodec import loads, struct_to_json
 from cueline_server.api.pipeline import Call
-from cueline_server.errors import Violation, partner_validation
+from cueline_server.errors import Violation, partner_validation, unreadable_body
 from cueline_server.servicers.convert import put_time, to_enum
 from cueline_server.services.actions import ActionService, NewAction, Origin
 from cueline_server.services.partners import SCOPE, DirectoryService, IssuedTokens, TokenService
@@ -19,7 +19,10 @@ def body_of(message: Any) -> dict[str, Any] | None:
     """The request's JSON body object, or None when no body was sent."""
     if not message.HasField("body"):
         return None
-    plain: dict[str, Any] = struct_to_json(message.body)
+    try:
+        plain: dict[str, Any] = struct_to_json(message.body)
+    except ValueError:  # gRPC callers can send numbers JSON has no words for (NaN, Infinity)
+        raise unreadable_body() from None
     return plain
 
 
@@ -173,7 +176,7 @@ def _strings(body: dict[str, Any], names: tuple[str, ...]) -> tuple[list[str], l
     problems: list[Violation] = []
     for name in names:
         value = body.get(name)
-        if value is None:
+        if name not in body:
             problems.append(Violation(f"body.{name}", "Field required", "missing"))
         elif not isinstance(value, str):
             problems.append(Violation(f"body.{name}", "Input should be a valid string", "string_type"))
@@ -191,7 +194,7 @@ class PartnerAuthServicer:
     ) -> auth_pb2.IssueTokenResponse:
         body = body_of(request) or {}
         grant = body.get("grant_type")
-        if grant is None:
+        if "grant_type" not in body:
             raise partner_validation([Violation("body.grant_type", "Field required", "missing")])
         if grant not in ("password", "refresh_token"):
             raise partner_validation(

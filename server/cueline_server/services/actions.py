@@ -100,8 +100,11 @@ class ActionList:
 
 
 def is_web_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
 
 
 def render_template(template: str, values: Mapping[str, str]) -> str:
@@ -390,9 +393,9 @@ class ActionService:
         if problems:
             raise partner_validation(problems)
         assert secret is not None
-        moment = now()
         async with self._db.unit_of_work() as uow:
             action = await self._locked_action(uow, cue_id, partner.organization_id)
+            moment = now()  # after the lock: events are ordered by commit
             member_id = await self._member_for(uow, secret, action, moment)
             if action.code == INFORMATION:
                 raise unsupported_for_code()
@@ -443,7 +446,7 @@ class ActionService:
         if action.code == REAUTHENTICATE:
             for name in REAUTHENTICATE_PARAMETERS:
                 value = body.get(name)
-                if value is None:
+                if name not in body:
                     problems.append(_missing(f"body.{name}"))
                 elif not isinstance(value, str):
                     problems.append(
@@ -475,7 +478,7 @@ class ActionService:
         if body is None:
             problems.append(_missing("body"))
         else:
-            if "state" not in body or body["state"] is None:
+            if "state" not in body:
                 problems.append(_missing("body.state"))
             elif body["state"] not in ("success", "fail"):
                 problems.append(
@@ -486,9 +489,9 @@ class ActionService:
             raise partner_validation(problems)
         assert secret is not None and body is not None
         success = body["state"] == "success"
-        moment = now()
         async with self._db.unit_of_work() as uow:
             action = await self._locked_action(uow, cue_id, None)
+            moment = now()  # after the lock: events are ordered by commit
             member_id = await self._member_for(uow, secret, action, moment)
             attempt = await uow.partner.open_attempt(action.id)
             if attempt is None:
@@ -531,9 +534,9 @@ class ActionService:
         if problems:
             raise partner_validation(problems)
         assert secret is not None
-        moment = now()
         async with self._db.unit_of_work() as uow:
             action = await self._locked_action(uow, cue_id, partner.organization_id)
+            moment = now()  # after the lock: events are ordered by commit
             member_id = await self._member_for(uow, secret, action, moment)
             if action.code != INFORMATION:
                 raise unsupported_for_code()

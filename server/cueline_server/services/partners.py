@@ -31,7 +31,7 @@ from cueline_server.services.credentials import (
     new_token,
     token_hash,
 )
-from cueline_server.store.database import Database
+from cueline_server.store.database import Database, UnitOfWork
 from cueline_server.store.repositories import AnyRow, DuplicateError
 from cueline_server.store.tables import partner_tokens
 
@@ -216,6 +216,20 @@ class TokenService:
     async def _issue(
         self, organization_id: uuid.UUID, *, client_id: str | None = None, user_id: uuid.UUID | None = None
     ) -> IssuedTokens:
+        async with self._db.unit_of_work() as uow:
+            issued = await self._add_tokens(uow, organization_id, client_id=client_id, user_id=user_id)
+            await uow.commit()
+        return issued
+
+    @staticmethod
+    async def _add_tokens(
+        uow: UnitOfWork,
+        organization_id: uuid.UUID,
+        *,
+        client_id: str | None = None,
+        user_id: uuid.UUID | None = None,
+    ) -> IssuedTokens:
+        """A new access token, and for a user a refresh token, in the caller's transaction."""
         moment = now()
         access = new_token()
         rows = [
@@ -234,9 +248,7 @@ class TokenService:
             refresh = new_token()
             rows.append({**rows[0], "token_hash": token_hash(refresh), "kind": "refresh"})
             rows[1]["expires_at"] = moment + REFRESH_TOKEN_LIFETIME
-        async with self._db.unit_of_work() as uow:
-            await uow.partner.add_tokens(rows)
-            await uow.commit()
+        await uow.partner.add_tokens(rows)
         return IssuedTokens(access, int(ACCESS_TOKEN_LIFETIME.total_seconds()), refresh)
 
     async def password_grant(self, username: str, password: str) -> IssuedTokens:
@@ -249,13 +261,16 @@ class TokenService:
         return await self._issue(user.organization_id, user_id=user.id)
 
     async def refresh_grant(self, refresh_token: str) -> IssuedTokens:
+        """Spends the refresh token and issues the next pair in one transaction: either
+        both happen or neither (a failure leaves the old refresh token usable)."""
         async with self._db.unit_of_work() as uow:
             spent = await uow.partner.use_refresh_token(token_hash(refresh_token), now())
             user = await uow.partner.user_by_id(spent.user_id) if spent and spent.user_id else None
             if spent is None or user is None or user.disabled:
                 raise invalid_credentials()
+            issued = await self._add_tokens(uow, user.organization_id, user_id=user.id)
             await uow.commit()
-        return await self._issue(user.organization_id, user_id=user.id)
+        return issued
 
     async def client_credentials(self, authorization: str | None) -> IssuedTokens:
         credentials = basic_credentials(authorization)

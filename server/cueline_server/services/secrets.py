@@ -102,6 +102,8 @@ class SecretCodec:
     def verify(self, secret: str, action_id: uuid.UUID, now: dt.datetime) -> VerifiedSecret:
         """The member the secret speaks for; InvalidSecret names the failed check.
         The member's own checks (exists, enabled, in the organization) are the caller's."""
+        if not secret.isascii():
+            raise InvalidSecret("not ASCII")
         parts = secret.split(".")
         if len(parts) != 3:
             raise InvalidSecret("not three parts")

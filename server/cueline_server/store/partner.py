@@ -104,12 +104,23 @@ class PartnerRepository(_Repository):
         await self.conn.execute(insert(partner_tokens), list(rows))
 
     async def access_token(self, token_hash: str, now: dt.datetime) -> AnyRow | None:
+        """A live access token whose client or user is still enabled (a token issued
+        while its issuer was being disabled dies with it, whatever the timing)."""
+        t = partner_tokens
         result = await self.conn.execute(
-            select(partner_tokens.c.organization_id).where(
-                partner_tokens.c.token_hash == token_hash,
-                partner_tokens.c.kind == "access",
-                partner_tokens.c.revoked_at.is_(None),
-                partner_tokens.c.expires_at > now,
+            select(t.c.organization_id)
+            .select_from(
+                t.outerjoin(oauth_clients, oauth_clients.c.client_id == t.c.client_id).outerjoin(
+                    partner_users, partner_users.c.id == t.c.user_id
+                )
+            )
+            .where(
+                t.c.token_hash == token_hash,
+                t.c.kind == "access",
+                t.c.revoked_at.is_(None),
+                t.c.expires_at > now,
+                or_(oauth_clients.c.disabled.is_(None), oauth_clients.c.disabled.is_(False)),
+                or_(partner_users.c.disabled.is_(None), partner_users.c.disabled.is_(False)),
             )
         )
         return result.first()
