@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -92,11 +93,20 @@ def test_accounts_are_limited_apart_and_requests_without_a_valid_key_per_ip(limi
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
         # The account limits are untouched by the IP's.
         assert client.get("/v1/auth/me", headers=auth(second)).status_code == 200
-        # The partner surface has no rate limit: the spent IP still reaches it, without headers.
-        for path in ("/oauth2/token/", "/api/partners/v2.0/auth/token"):
-            partner = client.post(path, json={"grant_type": "client_credentials"})
-            assert partner.status_code in (401, 422), path
-            assert not any(h in partner.headers for h in HEADERS), path
+        # The partner surface has no rate limit, except its credential endpoints, which have
+        # a budget per IP of their own and refuse in their surface's style.
+        state = client.post(f"/api/partners/v2.0/cues/{uuid.uuid4()}/state?secret=x", json={"state": "fail"})
+        assert state.status_code == 404 and not any(h in state.headers for h in HEADERS)
+        token = "/api/partners/v2.0/auth/token"
+        answers = [client.post(token, json={"grant_type": "password"}) for _ in range(LIMIT)]
+        assert [a.status_code for a in answers] == [422] * LIMIT
+        refused = client.post(token, json={"grant_type": "password"})
+        retry_after = refused.headers["retry-after"]
+        assert refused.status_code == 429 and retry_after.isdigit()
+        assert refused.json() == {"detail": f"Too many requests. Retry after {retry_after} seconds."}
+        # Both credential endpoints share the budget; /oauth2/token/ refuses the RFC 6749 way.
+        oauth = client.post("/oauth2/token/", json={"grant_type": "client_credentials"})
+        assert oauth.status_code == 429 and oauth.json() == {"error": "slow_down"}
 
 
 def test_the_switch_turns_limiting_and_its_headers_off(database_url: str) -> None:

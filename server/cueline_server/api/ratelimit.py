@@ -17,7 +17,6 @@ docs/contract-notes.md).
 from __future__ import annotations
 
 import collections
-import json
 import math
 import threading
 import time
@@ -26,7 +25,7 @@ from collections.abc import Callable, Hashable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from cueline_server.api.transcoder import Networks, Receive, Scope, Send, client_address, envelope
+from cueline_server.api.transcoder import Networks, Receive, Scope, Send, client_address, error_response
 from cueline_server.errors import rate_limit_exceeded
 from cueline_server.services.accounts import Authenticator
 
@@ -35,6 +34,9 @@ WINDOW_SECONDS = 60
 EXEMPT_PATHS = frozenset({"/health", "/status", "/healthz", "/openapi.json"})
 # The partner surface has no rate limit in its contract; partners reach it per organization.
 UNLIMITED_PREFIXES = ("/api/partners/", "/oauth2/")
+# Except its credential endpoints: one budget per client IP for both, at the default limit, since
+# every password guess costs a PBKDF2 hash. Refusals use the surface's error style.
+CREDENTIAL_PATHS = frozenset({"/api/partners/v2.0/auth/token", "/oauth2/token"})
 
 
 @dataclass(frozen=True)
@@ -186,13 +188,18 @@ class RestRateLimit:
         self._trusted_proxies = trusted_proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _limited(_path(scope)):
+        path = _path(scope) if scope["type"] == "http" else ""
+        if path in CREDENTIAL_PATHS:
+            key: Hashable = ("credentials", client_address(scope, self._trusted_proxies))
+            limit = self._default_limit
+        elif not path or path in EXEMPT_PATHS or path.startswith(UNLIMITED_PREFIXES):
             await self._app(scope, receive, send)
             return
-        key, limit = await self._identify(scope)
+        else:
+            key, limit = await self._identify(scope)
         quota = self._limiter.hit(key, limit)
         if not quota.allowed:
-            await _refuse(send, quota)
+            await _refuse(send, quota, path)
             return
 
         async def send_with_headers(message: MutableMapping[str, Any]) -> None:
@@ -217,26 +224,21 @@ class RestRateLimit:
         return _ip_key(scope, self._trusted_proxies), self._default_limit
 
 
-def _limited(path: str) -> bool:
-    """The CueAPI surface is limited; the partner surface (/api/partners, /oauth2) is not."""
-    return path not in EXEMPT_PATHS and not path.startswith(UNLIMITED_PREFIXES)
-
-
 def _path(scope: Scope) -> str:
     raw: str = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
     path = raw.split("?", 1)[0]
     return path[:-1] if len(path) > 1 and path.endswith("/") else path
 
 
-async def _refuse(send: Send, quota: Quota) -> None:
+async def _refuse(send: Send, quota: Quota, path: str) -> None:
     assert quota.retry_after is not None
-    error = rate_limit_exceeded(quota.retry_after)
-    body = json.dumps(envelope(error, None), separators=(",", ":")).encode()
+    status, body, extra = error_response(path, rate_limit_exceeded(quota.retry_after))
     headers = [
         (b"x-request-id", str(uuid.uuid4()).encode()),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
+        *extra,
         *quota.headers(),
     ]
-    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

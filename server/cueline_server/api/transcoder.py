@@ -151,7 +151,8 @@ _PARTNER_DETAIL = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
-_OAUTH_ERROR = {401: "invalid_client", 500: "server_error", 503: "temporarily_unavailable"}
+# 429: `slow_down`, the token endpoint's "too fast" code in the OAuth error registry (RFC 8628).
+_OAUTH_ERROR = {401: "invalid_client", 429: "slow_down", 500: "server_error", 503: "temporarily_unavailable"}
 
 
 def partner_body(error: ApiError) -> dict[str, Any]:
@@ -198,6 +199,18 @@ def client_address(scope: Scope, trusted_proxies: Networks) -> str:
     if any(address in network for network in trusted_proxies):
         return forwarded.decode("latin-1").split(",")[0].strip() or peer
     return peer
+
+
+def error_response(
+    path: str, error: ApiError, route: Route | None = None
+) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """The status, body and extra headers of an error, in the style of the path's surface."""
+    if path.startswith("/oauth2/"):
+        status, body, headers = oauth_error(error)
+        return status, _json_bytes(body), headers
+    if path.startswith("/api/partners/"):
+        return error.http_status, _json_bytes(partner_body(error)), []
+    return error.http_status, _json_bytes(envelope(error, route)), []
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -279,13 +292,8 @@ class Transcoder:
             await self._error(send, path, internal_error(), route, rid)
 
     async def _error(self, send: Send, path: str, error: ApiError, route: Route | None, rid: str) -> None:
-        if path.startswith("/oauth2/"):
-            status, body, headers = oauth_error(error)
-            await _respond(send, status, _json_bytes(body), rid, headers)
-        elif path.startswith("/api/partners/"):
-            await _respond(send, error.http_status, _json_bytes(partner_body(error)), rid)
-        else:
-            await _respond(send, error.http_status, _json_bytes(envelope(error, route)), rid)
+        status, body, headers = error_response(path, error, route)
+        await _respond(send, status, body, rid, headers)
 
     async def _read_body(self, headers: Mapping[str, str], receive: Receive, limit: int) -> bytes:
         declared = headers.get("content-length")
