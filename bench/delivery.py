@@ -43,6 +43,7 @@ from bench.common import (
     write,
 )
 from bench.progress import phase
+from bench.rawhttp import Connection
 from cueline.v1 import (
     cues_pb2,
     cues_pb2_grpc,
@@ -123,20 +124,27 @@ async def single_claims(server: Server, key: str, pool: int, seconds: float) -> 
     db.dispose()
     seen: Counter[str] = Counter()
     deadline = time.perf_counter() + seconds
-    async with httpx.AsyncClient(base_url=server.http_url, headers=auth(key), timeout=30) as client:
+    host, port = server.http_url.removeprefix("http://").split(":")
 
-        async def worker(index: int) -> None:
+    async def worker(index: int) -> None:
+        """The CueAPI worker protocol on one keep-alive connection (bench/rawhttp.py)."""
+        connection = Connection(host, int(port), {"Authorization": f"Bearer {key}"})
+        try:
             while time.perf_counter() < deadline:
-                claim = await client.post("/v1/executions/claim", json={"worker_id": f"w{index}"})
-                if claim.status_code == 409:
+                status, body = await connection.request(
+                    "POST", "/v1/executions/claim", {"worker_id": f"w{index}"}
+                )
+                if status == 409:
                     return
-                execution_id = claim.json()["execution_id"]
-                await client.post(f"/v1/executions/{execution_id}/outcome", json={"success": True})
+                execution_id = json.loads(body)["execution_id"]
+                await connection.request("POST", f"/v1/executions/{execution_id}/outcome", {"success": True})
                 seen[execution_id] += 1
+        finally:
+            await connection.close()
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(WORKERS)))
-        elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(WORKERS)))
+    elapsed = time.perf_counter() - started
     return {
         "per_second": round(sum(seen.values()) / elapsed, 1),
         "completed": sum(seen.values()),
