@@ -407,11 +407,16 @@ class CueService:
         ).hexdigest()
         for _ in range(2):  # a second round only after losing a race for the key
             try:
-                return await self._fire_once(
+                fired = await self._fire_once(
                     caller, cue_id, send_at, override, replace, idempotency_key, request_hash
                 )
             except DuplicateError:
                 continue
+            if fired.scheduled_for <= now():
+                # Committed and due now: wake the dispatcher and waiting workers
+                # instead of leaving the execution to their next poll.
+                self._work_created()
+            return fired
         raise idempotency_key_conflict()
 
     async def _fire_once(
