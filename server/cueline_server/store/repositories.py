@@ -201,6 +201,14 @@ class CueRepository(_Repository):
             _record_result_statement(), {"r_cue_id": cue_id, "r_status": status, "r_now": now}
         )
 
+    async def record_results(self, results: Sequence[tuple[str, str]], now: dt.datetime) -> None:
+        """`record_result` for several (cue id, status) pairs, in order, in one call."""
+        if results:
+            await self.conn.execute(
+                _record_result_statement(),
+                [{"r_cue_id": cue_id, "r_status": status, "r_now": now} for cue_id, status in results],
+            )
+
     async def delete(self, account_id: uuid.UUID, cue_id: str) -> bool:
         result = await self.conn.execute(
             delete(cues).where(cues.c.account_id == account_id, cues.c.id == cue_id).returning(cues.c.id)
@@ -965,55 +973,39 @@ class DeliveryRepository(_Repository):
 
     async def take_due(self, now: dt.datetime, limit: int) -> Sequence[AnyRow]:
         """Due webhook executions, moved to delivering with the attempt counted,
-        with what sending them needs."""
-        due = (
-            select(executions.c.id)
-            .where(
-                executions.c.transport == "webhook",
-                executions.c.status.in_(("pending", "retry_ready")),
-                executions.c.scheduled_for <= now,
-            )
-            .order_by(executions.c.scheduled_for)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        ids = [row.id for row in await self.conn.execute(due)]
+        with what sending them needs (the account's signing secret included, read
+        now, just before they are sent). On PostgreSQL this is one statement, to
+        be run in autocommit mode: one round trip."""
+        if self.conn.dialect.name == "postgresql":
+            return (await self.conn.execute(_take_due_postgres(), {"t_now": now, "t_limit": limit})).all()
+        moved = await self.conn.execute(_take_due_sqlite(), {"t_now": now, "t_limit": limit})
+        ids = [row.id for row in moved]
         if not ids:
             return []
-        await self.conn.execute(
-            update(executions)
-            .where(executions.c.id.in_(ids))
-            .values(
-                status="delivering",
-                attempts=executions.c.attempts + 1,
-                last_attempt_at=now,
-                started_at=func.coalesce(executions.c.started_at, now),
-                next_retry=None,
-                updated_at=now,
-            )
+        view = (
+            _delivery_view(secret=True).where(executions.c.id.in_(ids)).order_by(executions.c.scheduled_for)
         )
-        return (await self.conn.execute(_delivery_view().where(executions.c.id.in_(ids)))).all()
+        return (await self.conn.execute(view)).all()
 
-    async def succeeded(self, row: AnyRow, http_status: int | None, body: str, now: dt.datetime) -> None:
+    async def succeeded_many(
+        self, delivered: Sequence[tuple[AnyRow, int | None, str]], now: dt.datetime
+    ) -> None:
+        """Deliveries that got a 2xx: (row, http status, response body) each. The
+        outcome deadline starts now unless an outcome is already there."""
+        if not delivered:
+            return
         await self.conn.execute(
-            update(executions)
-            .where(executions.c.id == row.id)
-            .values(
-                status="success",
-                http_status=http_status,
-                response_body=body,
-                delivered_at=now,
-                next_retry=None,
-                error_message=None,
-                outcome_deadline_at=case(
-                    (
-                        executions.c.outcome_recorded_at.is_(None),
-                        now + dt.timedelta(seconds=row.outcome_deadline_seconds),
-                    ),
-                    else_=None,
-                ),
-                updated_at=now,
-            )
+            _succeeded_statement(),
+            [
+                {
+                    "s_id": row.id,
+                    "s_status": status,
+                    "s_body": body,
+                    "s_now": now,
+                    "s_deadline": now + dt.timedelta(seconds=row.outcome_deadline_seconds),
+                }
+                for row, status, body in delivered
+            ],
         )
 
     async def retry_later(
@@ -1088,8 +1080,8 @@ class DeliveryRepository(_Repository):
         return result.first()
 
 
-def _delivery_view() -> Any:
-    return select(
+def _delivery_view(*, secret: bool = False) -> Any:
+    columns: list[Any] = [
         executions.c.id,
         executions.c.account_id,
         executions.c.cue_id,
@@ -1097,6 +1089,18 @@ def _delivery_view() -> Any:
         executions.c.payload,
         executions.c.scheduled_for,
         executions.c.last_attempt_at,
+        *_delivery_cue_columns(),
+    ]
+    view = select(*columns).join(cues, cues.c.id == executions.c.cue_id)
+    if secret:
+        view = view.add_columns(accounts.c.webhook_secret).join(
+            accounts, accounts.c.id == executions.c.account_id
+        )
+    return view
+
+
+def _delivery_cue_columns() -> list[Any]:
+    return [
         cues.c.name.label("cue_name"),
         cues.c.callback_url,
         cues.c.callback_method,
@@ -1105,7 +1109,96 @@ def _delivery_view() -> Any:
         cues.c.outcome_deadline_seconds,
         cues.c.retry_max_attempts,
         cues.c.retry_backoff_minutes,
-    ).join(cues, cues.c.id == executions.c.cue_id)
+    ]
+
+
+def _due_webhooks() -> Any:
+    """The ids of due webhook executions, oldest first; rows another dispatcher
+    holds are skipped (PostgreSQL), so replicas share the work."""
+    return (
+        select(executions.c.id)
+        .where(
+            executions.c.transport == "webhook",
+            executions.c.status.in_(("pending", "retry_ready")),
+            executions.c.scheduled_for <= bindparam("t_now", type_=UTCDateTime),
+        )
+        .order_by(executions.c.scheduled_for)
+        .limit(bindparam("t_limit", type_=BigInteger))
+        .with_for_update(skip_locked=True)
+    )
+
+
+def _start_attempt() -> dict[str, Any]:
+    moment = bindparam("t_now", type_=UTCDateTime)
+    return {
+        "status": "delivering",
+        "attempts": executions.c.attempts + 1,
+        "last_attempt_at": moment,
+        "started_at": func.coalesce(executions.c.started_at, moment),
+        "next_retry": None,
+        "updated_at": moment,
+    }
+
+
+@cache
+def _take_due_postgres() -> Any:
+    """Lock the due rows, start their attempt, and return them joined with their
+    cue and the account's signing secret: one statement (a data-modifying CTE)."""
+    due = _due_webhooks().cte("due")
+    moved = (
+        update(executions)
+        .where(executions.c.id == due.c.id)
+        .values(**_start_attempt())
+        .returning(
+            executions.c.id,
+            executions.c.account_id,
+            executions.c.cue_id,
+            executions.c.attempts,
+            executions.c.payload,
+            executions.c.scheduled_for,
+            executions.c.last_attempt_at,
+        )
+        .cte("moved")
+    )
+    return (
+        select(moved, *_delivery_cue_columns(), accounts.c.webhook_secret)
+        .join(cues, cues.c.id == moved.c.cue_id)
+        .join(accounts, accounts.c.id == moved.c.account_id)
+        .order_by(moved.c.scheduled_for)
+    )
+
+
+@cache
+def _take_due_sqlite() -> Any:
+    """SQLite has one writer, so no row locks: start the attempt of the due rows."""
+    return (
+        update(executions)
+        .where(executions.c.id.in_(_due_webhooks().scalar_subquery()))
+        .values(**_start_attempt())
+        .returning(executions.c.id)
+    )
+
+
+@cache
+def _succeeded_statement() -> Any:
+    moment = bindparam("s_now", type_=UTCDateTime)
+    return (
+        update(executions)
+        .where(executions.c.id == bindparam("s_id", type_=Uuid))
+        .values(
+            status="success",
+            http_status=bindparam("s_status", type_=BigInteger),
+            response_body=bindparam("s_body", type_=String),
+            delivered_at=moment,
+            next_retry=None,
+            error_message=None,
+            outcome_deadline_at=case(
+                (executions.c.outcome_recorded_at.is_(None), bindparam("s_deadline", type_=UTCDateTime)),
+                else_=None,
+            ),
+            updated_at=moment,
+        )
+    )
 
 
 class AlertRepository(_Repository):
