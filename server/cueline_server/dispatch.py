@@ -18,7 +18,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import time
@@ -26,13 +25,14 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import httpx
+import h11
 
 from cueline_server.api.jsoncodec import format_timestamp, render
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError
+from cueline_server.outbound import HttpClient, Origin
 from cueline_server.servicers.alerts import alert_message
 from cueline_server.services.accounts import Caller, now
 from cueline_server.services.callbacks import BlockedTarget, CallbackPolicy
@@ -88,10 +88,10 @@ class Sender:
 
     def __init__(self, policy: CallbackPolicy) -> None:
         self._policy = policy
-        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self._http = HttpClient()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._http.close()
 
     async def send(
         self, method: str, url: str, body: bytes, headers: Mapping[str, str], seconds: float
@@ -104,40 +104,31 @@ class Sender:
         except ConnectionError:
             return Attempt(None, None, "Could not connect to webhook endpoint")
         parts = urlsplit(url)
-        host = parts.hostname or ""
-        literal = f"[{address}]" if isinstance(address, ipaddress.IPv6Address) else str(address)
-        pinned = urlunsplit(parts._replace(netloc=literal + (f":{parts.port}" if parts.port else "")))
-        request_headers = {"Host": parts.netloc.rsplit("@", 1)[-1], **headers}
-        extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+        https = parts.scheme == "https"
         try:
-            async with (
-                asyncio.timeout(seconds),
-                self._client.stream(
-                    method,
-                    pinned,
-                    content=None if method == "GET" else body,
-                    headers=request_headers,
-                    timeout=seconds,
-                    extensions=extensions,
-                ) as response,
-            ):
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size >= READ_LIMIT:
-                        break
-                text = b"".join(chunks)[:READ_LIMIT].decode("utf-8", errors="replace")
-                if 200 <= response.status_code < 300:
-                    return Attempt(response.status_code, text, None)
-                return Attempt(response.status_code, None, failure_message(response.status_code))
-        except (httpx.TimeoutException, TimeoutError):
+            origin = Origin(
+                parts.scheme,
+                str(address),
+                parts.port or (443 if https else 80),
+                parts.netloc.rsplit("@", 1)[-1],
+                parts.hostname or "",
+            )
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            async with asyncio.timeout(seconds):
+                response = await self._http.request(
+                    origin, method, target, headers, None if method == "GET" else body, READ_LIMIT
+                )
+        except TimeoutError:
             return Attempt(None, None, "Webhook endpoint timed out")
-        except (httpx.ConnectError, httpx.RemoteProtocolError, OSError):
+        except (OSError, h11.RemoteProtocolError):
             return Attempt(None, None, "Could not connect to webhook endpoint")
         except Exception as exc:  # anything else is reported, never raised into the loop
             return Attempt(None, None, str(exc)[:500] or type(exc).__name__)
+        if not response.status:
+            return Attempt(None, None, "Could not connect to webhook endpoint")
+        if 200 <= response.status < 300:
+            return Attempt(response.status, response.body.decode("utf-8", errors="replace"), None)
+        return Attempt(response.status, None, failure_message(response.status))
 
 
 def _signed_headers(secret: str, body: bytes, extra: Mapping[str, str]) -> dict[str, str]:
