@@ -20,7 +20,7 @@ from typing import Any
 
 from cueline_server.config import Settings
 from cueline_server.services.accounts import now
-from cueline_server.services.cues import new_execution
+from cueline_server.services.cues import NewWork, WorkCreated, new_execution
 from cueline_server.services.schedules import plan_firing
 from cueline_server.store.database import Database
 
@@ -36,7 +36,7 @@ class Scheduler:
         db: Database,
         settings: Settings,
         housekeeping: Sequence[Housekeeping] = (),
-        work_created: Callable[[], None] = lambda: None,
+        work_created: WorkCreated = lambda created: None,
     ) -> None:
         self._db = db
         self._work_created = work_created
@@ -118,6 +118,7 @@ class Scheduler:
             await uow.cues.advance(steps, moment)
             await uow.commit()
         if inserted:
-            self._work_created()
+            fired_cues = set(inserted)
+            self._work_created([NewWork.of(row) for row in rows if row["cue_id"] in fired_cues])
             log.debug("fired %d executions for %d cues", len(inserted), len(due))
         return len(due)

@@ -115,9 +115,7 @@ class CueRepository(_Repository):
         await self._insert(insert(cues).values(**values))
 
     async def get(self, account_id: uuid.UUID, cue_id: str) -> AnyRow | None:
-        result = await self.conn.execute(
-            select(cues).where(cues.c.account_id == account_id, cues.c.id == cue_id)
-        )
+        result = await self.conn.execute(_cue_by_id(), {"g_account": account_id, "g_cue": cue_id})
         return result.first()
 
     async def name_taken(self, account_id: uuid.UUID, name: str, *, besides: str | None = None) -> bool:
@@ -219,6 +217,21 @@ class CueRepository(_Repository):
 class ExecutionRepository(_Repository):
     async def add(self, values: Mapping[str, Any]) -> None:
         await self._insert(insert(executions).values(**values))
+
+    async def add_fired(self, values: Mapping[str, Any], now: dt.datetime) -> None:
+        """A new execution (the keys of `new_execution`), and its cue's fired
+        count: one statement on PostgreSQL, to be run in autocommit mode. Raises
+        DuplicateError when the insert is refused (the cue is gone)."""
+        parameters = {f"x_{name}": values[name] for name in _FIRED_COLUMNS}
+        parameters["x_now"] = now
+        try:
+            if self.conn.dialect.name == "postgresql":
+                await self.conn.execute(_fire_postgres(), parameters)
+                return
+            await self.conn.execute(_fire_insert(), parameters)
+            await self.conn.execute(_count_fired(), parameters)
+        except IntegrityError as exc:
+            raise DuplicateError(str(exc.orig)) from exc
 
     async def add_scheduled(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
         """Insert scheduled executions, skipping any (cue, slot) that already has
@@ -720,6 +733,53 @@ WHERE cues.id = s.cue_id
 ).bindparams(bindparam("last_now", type_=UTCDateTime), bindparam("first_succeeded", type_=Boolean))
 
 
+@cache
+def _cue_by_id() -> Any:
+    return select(cues).where(
+        cues.c.account_id == bindparam("g_account", type_=Uuid), cues.c.id == bindparam("g_cue", type_=String)
+    )
+
+
+# The columns of a new execution (services.cues.new_execution).
+_FIRED_COLUMNS = (
+    "id",
+    "account_id",
+    "cue_id",
+    "transport",
+    "scheduled_for",
+    "status",
+    "triggered_by",
+    "payload",
+    "task",
+    "attempts",
+    "available_at",
+    "created_at",
+    "updated_at",
+)
+
+
+@cache
+def _fire_insert() -> Any:
+    return insert(executions).values(
+        {name: bindparam(f"x_{name}", type_=executions.c[name].type) for name in _FIRED_COLUMNS}
+    )
+
+
+@cache
+def _count_fired() -> Any:
+    return (
+        update(cues)
+        .where(cues.c.id == bindparam("x_cue_id", type_=String))
+        .values(fired_count=cues.c.fired_count + 1, updated_at=bindparam("x_now", type_=UTCDateTime))
+    )
+
+
+@cache
+def _fire_postgres() -> Any:
+    """The insert as a data-modifying CTE of the cue's update: one statement."""
+    return _count_fired().add_cte(_fire_insert().cte("fired"))
+
+
 class FireKeyRepository(_Repository):
     async def get(self, cue_id: str, key: str) -> AnyRow | None:
         result = await self.conn.execute(
@@ -735,7 +795,7 @@ class FireKeyRepository(_Repository):
         await self.conn.execute(delete(fire_keys).where(fire_keys.c.cue_id == cue_id, fire_keys.c.key == key))
 
 
-def _claimer_alive(silent_since: dt.datetime) -> ColumnElement[bool]:
+def _claimer_alive(silent_since: Any) -> ColumnElement[bool]:
     """The execution's claiming worker has sent a heartbeat since `silent_since`."""
     return (
         select(workers.c.worker_id)
@@ -748,13 +808,65 @@ def _claimer_alive(silent_since: dt.datetime) -> ColumnElement[bool]:
     )
 
 
+def _claimed(worker_id: Any, now: Any, lease_until: Any) -> dict[str, Any]:
+    """A claim's changes to its execution, besides the outcome deadline."""
+    return {
+        "status": "delivering",
+        "claimed_by_worker": worker_id,
+        "claimed_at": now,
+        "last_attempt_at": now,
+        "started_at": func.coalesce(executions.c.started_at, now),
+        "attempts": executions.c.attempts + 1,
+        "last_heartbeat_at": None,
+        "lease_expires_at": lease_until,
+        "outcome_state": case(
+            (executions.c.outcome_state == "unknown", None), else_=executions.c.outcome_state
+        ),
+        "updated_at": now,
+    }
+
+
+@cache
+def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
+    """Lock, claim and return the rows in one statement: UPDATE ... FROM cues
+    WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED); each row's outcome deadline
+    comes from its cue. Built once per shape; every value is a bound parameter."""
+    now = bindparam("c_now", type_=UTCDateTime)
+    candidates = (
+        select(executions.c.id)
+        .where(
+            ClaimRepository.claimable(
+                bindparam("c_account", type_=Uuid), now, bindparam("c_silent_since", type_=UTCDateTime)
+            )
+        )
+        .order_by(executions.c.scheduled_for, executions.c.created_at)
+        .limit(bindparam("c_limit", type_=BigInteger))
+        .with_for_update(skip_locked=True)
+    )
+    if by_id:
+        candidates = candidates.where(executions.c.id == bindparam("c_id", type_=Uuid))
+    if by_task:
+        candidates = candidates.where(executions.c.task == bindparam("c_task", type_=String))
+    return (
+        update(executions)
+        .where(executions.c.id.in_(candidates.scalar_subquery()), cues.c.id == executions.c.cue_id)
+        .values(
+            **_claimed(
+                bindparam("c_worker", type_=String), now, bindparam("c_lease_until", type_=UTCDateTime)
+            ),
+            outcome_deadline_at=now + func.make_interval(0, 0, 0, 0, 0, 0, cues.c.outcome_deadline_seconds),
+        )
+        .returning(executions)
+    )
+
+
 class ClaimRepository(_Repository):
     """Worker claims. The claimable predicate is one expression, shared by the
     list, claim-by-id and claim-next, so a listed execution fails a claim only
     by losing a race."""
 
     @staticmethod
-    def claimable(account_id: uuid.UUID, now: dt.datetime, silent_since: dt.datetime) -> ColumnElement[bool]:
+    def claimable(account_id: Any, now: Any, silent_since: Any) -> ColumnElement[bool]:
         alive = _claimer_alive(silent_since)
         return and_(
             executions.c.account_id == account_id,
@@ -810,7 +922,12 @@ class ClaimRepository(_Repository):
     ) -> Sequence[AnyRow]:
         """Take up to `limit` claimable executions (that one, or the oldest).
         Rows locked by a concurrent claimer are skipped, so two callers never
-        get the same one. The claim's fencing token is the new attempt count."""
+        get the same one. The claim's fencing token is the new attempt count.
+        On PostgreSQL this is one statement, to be run in autocommit mode."""
+        if self.conn.dialect.name == "postgresql":
+            return await self._claim_postgres(
+                account_id, worker_id, now, lease, silent_since, execution_id, task, limit
+            )
         query = (
             select(executions.c.id, cues.c.outcome_deadline_seconds)
             .join(cues, cues.c.id == executions.c.cue_id)
@@ -832,25 +949,41 @@ class ClaimRepository(_Repository):
                 update(executions)
                 .where(executions.c.id.in_(ids))
                 .values(
-                    status="delivering",
-                    claimed_by_worker=worker_id,
-                    claimed_at=now,
-                    last_attempt_at=now,
-                    started_at=func.coalesce(executions.c.started_at, now),
-                    attempts=executions.c.attempts + 1,
-                    last_heartbeat_at=None,
-                    lease_expires_at=now + lease,
+                    **_claimed(worker_id, now, now + lease),
                     outcome_deadline_at=now + dt.timedelta(seconds=seconds),
-                    outcome_state=case(
-                        (executions.c.outcome_state == "unknown", None), else_=executions.c.outcome_state
-                    ),
-                    updated_at=now,
                 )
                 .returning(executions)
             )
             claimed += result.all()
         claimed.sort(key=lambda r: (r.scheduled_for, r.created_at))
         return claimed
+
+    async def _claim_postgres(
+        self,
+        account_id: uuid.UUID,
+        worker_id: str,
+        now: dt.datetime,
+        lease: dt.timedelta,
+        silent_since: dt.datetime,
+        execution_id: uuid.UUID | None,
+        task: str | None,
+        limit: int,
+    ) -> Sequence[AnyRow]:
+        parameters: dict[str, Any] = {
+            "c_account": account_id,
+            "c_now": now,
+            "c_silent_since": silent_since,
+            "c_lease_until": now + lease,
+            "c_worker": worker_id,
+            "c_limit": limit,
+        }
+        if execution_id is not None:
+            parameters["c_id"] = execution_id
+        if task is not None:
+            parameters["c_task"] = task
+        statement = _claim_statement_postgres(execution_id is not None, task is not None)
+        result = await self.conn.execute(statement, parameters)
+        return sorted(result.all(), key=lambda r: (r.scheduled_for, r.created_at))
 
     async def holder(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
         """The execution's claim state and its cue's outcome deadline, locked."""
@@ -1119,7 +1252,8 @@ def _due_webhooks() -> Any:
         select(executions.c.id)
         .where(
             executions.c.transport == "webhook",
-            executions.c.status.in_(("pending", "retry_ready")),
+            # Comparisons, not an IN list: that is an expanding parameter, rendered on every call.
+            or_(executions.c.status == "pending", executions.c.status == "retry_ready"),
             executions.c.scheduled_for <= bindparam("t_now", type_=UTCDateTime),
         )
         .order_by(executions.c.scheduled_for)
