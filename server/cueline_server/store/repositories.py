@@ -160,15 +160,10 @@ class CueRepository(_Repository):
         )
 
     async def due(self, now: dt.datetime, limit: int) -> Sequence[AnyRow]:
-        """Active cues whose next run has come, oldest first. Rows another
-        scheduler holds are skipped (PostgreSQL), so replicas share the work."""
-        result = await self.conn.execute(
-            select(cues)
-            .where(cues.c.status == "active", cues.c.next_run <= now)
-            .order_by(cues.c.next_run)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+        """Active cues whose next run has come, oldest first, with what firing
+        them needs. Rows another scheduler holds are skipped (PostgreSQL), so
+        replicas share the work."""
+        result = await self.conn.execute(_due_cues(), {"d_now": now, "d_limit": limit})
         return result.all()
 
     async def earliest_next_run(self) -> dt.datetime | None:
@@ -180,6 +175,12 @@ class CueRepository(_Repository):
         """Move each cue to its next run and count what fired: rows of
         {"cue_id", "next_run", "fired"}."""
         if not steps:
+            return
+        if self.conn.dialect.name == "postgresql":
+            batch = [
+                {"id": s["cue_id"], "next_run": _json_time(s["next_run"]), "fired": s["fired"]} for s in steps
+            ]
+            await self.conn.execute(_ADVANCE_POSTGRES, {"batch": json.dumps(batch), "now": now})
             return
         await self.conn.execute(
             update(cues)
@@ -238,9 +239,11 @@ class ExecutionRepository(_Repository):
         one; returns the cue id of each row inserted."""
         if not rows:
             return []
-        dialect_insert = postgresql.insert if self.conn.dialect.name == "postgresql" else sqlite.insert
+        if self.conn.dialect.name == "postgresql":
+            batch = json.dumps([_json_execution(row) for row in rows])
+            return list((await self.conn.execute(_ADD_SCHEDULED_POSTGRES, {"batch": batch})).scalars())
         statement = (
-            dialect_insert(executions)
+            sqlite.insert(executions)
             .on_conflict_do_nothing(
                 index_elements=[executions.c.cue_id, executions.c.scheduled_for],
                 # Literal SQL: a bound parameter here cannot be used with executemany.
@@ -734,6 +737,27 @@ WHERE cues.id = s.cue_id
 
 
 @cache
+def _due_cues() -> Any:
+    return (
+        select(
+            cues.c.id,
+            cues.c.account_id,
+            cues.c.transport,
+            cues.c.payload,
+            cues.c.schedule_type,
+            cues.c.cron,
+            cues.c.timezone,
+            cues.c.next_run,
+            cues.c.catch_up,
+        )
+        .where(cues.c.status == "active", cues.c.next_run <= bindparam("d_now", type_=UTCDateTime))
+        .order_by(cues.c.next_run)
+        .limit(bindparam("d_limit", type_=BigInteger))
+        .with_for_update(skip_locked=True)
+    )
+
+
+@cache
 def _cue_by_id() -> Any:
     return select(cues).where(
         cues.c.account_id == bindparam("g_account", type_=Uuid), cues.c.id == bindparam("g_cue", type_=String)
@@ -756,6 +780,48 @@ _FIRED_COLUMNS = (
     "created_at",
     "updated_at",
 )
+
+
+# PostgreSQL: a batch of rows as one JSON array (json_to_recordset), so the
+# statement text is short and the same whatever the batch size, and the batch
+# is one string. A multi-row VALUES list is a statement psycopg parses afresh on
+# every call, and arrays of 500 values are dumped element by element in Python.
+_ADD_SCHEDULED_POSTGRES = text(
+    f"""
+INSERT INTO executions ({", ".join(_FIRED_COLUMNS)})
+SELECT {", ".join(_FIRED_COLUMNS)} FROM json_to_recordset(CAST(:batch AS json)) AS v(
+  id uuid, account_id uuid, cue_id text, transport text, scheduled_for timestamptz, status text,
+  triggered_by text, payload text, task text, attempts int, available_at timestamptz,
+  created_at timestamptz, updated_at timestamptz
+)
+ON CONFLICT (cue_id, scheduled_for) WHERE triggered_by = 'scheduled' DO NOTHING
+RETURNING cue_id
+"""
+)
+
+_ADVANCE_POSTGRES = text(
+    """
+UPDATE cues SET next_run = v.next_run, fired_count = cues.fired_count + v.fired, updated_at = :now
+FROM json_to_recordset(CAST(:batch AS json)) AS v(id text, next_run timestamptz, fired bigint)
+WHERE cues.id = v.id
+"""
+).bindparams(bindparam("now", type_=UTCDateTime))
+
+
+def _json_time(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _json_execution(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        **row,
+        "id": str(row["id"]),
+        "account_id": str(row["account_id"]),
+        "scheduled_for": _json_time(row["scheduled_for"]),
+        "available_at": _json_time(row["available_at"]),
+        "created_at": _json_time(row["created_at"]),
+        "updated_at": _json_time(row["updated_at"]),
+    }
 
 
 @cache
