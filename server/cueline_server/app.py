@@ -47,7 +47,7 @@ from cueline_server.services.accounts import AccountService, Authenticator
 from cueline_server.services.actions import ActionService
 from cueline_server.services.alerts import AlertService
 from cueline_server.services.claims import ClaimService
-from cueline_server.services.cues import CueService
+from cueline_server.services.cues import CueService, NewWork
 from cueline_server.services.executions import ExecutionService
 from cueline_server.services.outcomes import OutcomeService
 from cueline_server.services.partners import DirectoryService, TokenService
@@ -93,10 +93,11 @@ def assemble(db: Database, settings: Settings) -> Components:
     dispatcher = Dispatcher(db, settings, outcomes, on_failed=failed)
     alerts.deliver = dispatcher.deliver_alert
 
-    def work_created() -> None:
+    def work_created(created: Sequence[NewWork] | None = None) -> None:
         """New executions may be due: webhooks to send, claims to hand out."""
-        dispatcher.wake()
-        claims.work_arrived()
+        if created is None or any(work.transport == "webhook" for work in created):
+            dispatcher.wake()
+        claims.work_arrived(created)
 
     claims = ClaimService(db, settings, work_created=work_created, failed=failed)
     scheduler = Scheduler(

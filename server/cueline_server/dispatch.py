@@ -2,11 +2,14 @@
 backoff, the response-body outcome, stale recovery, and on_failure.
 
 Due webhook executions are taken in batches with SKIP LOCKED (so replicas
-share them) and moved to `delivering` in the same transaction; each is then
-sent in its own task, at most `delivery_concurrency` at once, so a slow
-receiver never holds up the scheduler or other deliveries. Delivery is
-at-least-once: an attempt whose result could not be written (a crash) is
-retried after the stale window.
+share them) and moved to `delivering` by the same statement, which also reads
+the account's signing secret: just before sending, never queued with the
+work. Each is then sent in its own task, at most `delivery_concurrency` at
+once, so a slow receiver never holds up the scheduler or other deliveries.
+The results of attempts that finish together are stored together: one
+transaction for the batch (group commit). Delivery is at-least-once: an
+attempt whose result could not be written (a crash) is retried after the
+stale window.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import time
@@ -23,17 +25,19 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import httpx
+import h11
 
 from cueline_server.api.jsoncodec import format_timestamp, render
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError
+from cueline_server.outbound import HttpClient, Origin
 from cueline_server.servicers.alerts import alert_message
 from cueline_server.services.accounts import Caller, now
 from cueline_server.services.callbacks import BlockedTarget, CallbackPolicy
 from cueline_server.services.outcomes import OutcomeReport, OutcomeService
+from cueline_server.store.batching import Coalescer
 from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import AnyRow
 
@@ -84,10 +88,10 @@ class Sender:
 
     def __init__(self, policy: CallbackPolicy) -> None:
         self._policy = policy
-        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self._http = HttpClient()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._http.close()
 
     async def send(
         self, method: str, url: str, body: bytes, headers: Mapping[str, str], seconds: float
@@ -100,40 +104,31 @@ class Sender:
         except ConnectionError:
             return Attempt(None, None, "Could not connect to webhook endpoint")
         parts = urlsplit(url)
-        host = parts.hostname or ""
-        literal = f"[{address}]" if isinstance(address, ipaddress.IPv6Address) else str(address)
-        pinned = urlunsplit(parts._replace(netloc=literal + (f":{parts.port}" if parts.port else "")))
-        request_headers = {"Host": parts.netloc.rsplit("@", 1)[-1], **headers}
-        extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+        https = parts.scheme == "https"
         try:
-            async with (
-                asyncio.timeout(seconds),
-                self._client.stream(
-                    method,
-                    pinned,
-                    content=None if method == "GET" else body,
-                    headers=request_headers,
-                    timeout=seconds,
-                    extensions=extensions,
-                ) as response,
-            ):
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size >= READ_LIMIT:
-                        break
-                text = b"".join(chunks)[:READ_LIMIT].decode("utf-8", errors="replace")
-                if 200 <= response.status_code < 300:
-                    return Attempt(response.status_code, text, None)
-                return Attempt(response.status_code, None, failure_message(response.status_code))
-        except (httpx.TimeoutException, TimeoutError):
+            origin = Origin(
+                parts.scheme,
+                str(address),
+                parts.port or (443 if https else 80),
+                parts.netloc.rsplit("@", 1)[-1],
+                parts.hostname or "",
+            )
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            async with asyncio.timeout(seconds):
+                response = await self._http.request(
+                    origin, method, target, headers, None if method == "GET" else body, READ_LIMIT
+                )
+        except TimeoutError:
             return Attempt(None, None, "Webhook endpoint timed out")
-        except (httpx.ConnectError, httpx.RemoteProtocolError, OSError):
+        except (OSError, h11.RemoteProtocolError):
             return Attempt(None, None, "Could not connect to webhook endpoint")
         except Exception as exc:  # anything else is reported, never raised into the loop
             return Attempt(None, None, str(exc)[:500] or type(exc).__name__)
+        if not response.status:
+            return Attempt(None, None, "Could not connect to webhook endpoint")
+        if 200 <= response.status < 300:
+            return Attempt(response.status, response.body.decode("utf-8", errors="replace"), None)
+        return Attempt(response.status, None, failure_message(response.status))
 
 
 def _signed_headers(secret: str, body: bytes, extra: Mapping[str, str]) -> dict[str, str]:
@@ -144,6 +139,14 @@ def _signed_headers(secret: str, body: bytes, extra: Mapping[str, str]) -> dict[
         "X-CueAPI-Timestamp": timestamp,
         **extra,
     }
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A delivery attempt whose result is to be stored."""
+
+    row: AnyRow
+    attempt: Attempt
 
 
 class Dispatcher:
@@ -166,6 +169,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._notices: set[asyncio.Task[None]] = set()
+        self._results: Coalescer[_Finished, bool] = Coalescer(self._store_results)
 
     def wake(self) -> None:
         """New work may be due now."""
@@ -179,6 +183,8 @@ class Dispatcher:
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
+            # Cleared before looking, so work created during the look wakes the next one.
+            self._wake.clear()
             taken = 0
             try:
                 taken = await self._take_and_start()
@@ -186,7 +192,6 @@ class Dispatcher:
                 log.exception("dispatch pass failed; retrying")
             if taken >= BATCH:
                 continue
-            self._wake.clear()
             waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stopping.wait())]
             await asyncio.wait(waits, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waits:
@@ -223,10 +228,8 @@ class Dispatcher:
         free = self._capacity - len(self._tasks)
         if free <= 0:
             return 0
-        moment = now()
-        async with self._db.unit_of_work() as uow:
-            rows = await uow.deliveries.take_due(moment, min(free, BATCH))
-            await uow.commit()
+        async with self._db.single_statement() as repos:
+            rows = await repos.deliveries.take_due(now(), min(free, BATCH))
         for row in rows:
             await self._slots.acquire()
             task = asyncio.create_task(self._deliver(row))
@@ -250,8 +253,7 @@ class Dispatcher:
             "scheduled_for": format_timestamp(row.scheduled_for),
         }
         body = json.dumps(envelope, sort_keys=True).encode()
-        async with self._db.unit_of_work(write=False) as uow:
-            secret = await uow.accounts.webhook_secret(row.account_id)  # read at send time, never queued
+        secret = row.webhook_secret  # read when the attempt was taken, just now: never queued
         custom = {
             k: v for k, v in json.loads(row.callback_headers).items() if not k.lower().startswith("x-cueapi-")
         }
@@ -266,21 +268,35 @@ class Dispatcher:
         attempt = await self.sender.send(
             row.callback_method, row.callback_url, body, headers, row.timeout_seconds
         )
-        moment = now()
-        async with self._db.unit_of_work() as uow:
-            if attempt.succeeded:
-                await uow.deliveries.succeeded(
-                    row, attempt.http_status, (attempt.body or "")[:RESPONSE_BODY_LIMIT], moment
-                )
-                await uow.cues.record_result(row.cue_id, "success", moment)
-                failed = False
-            else:
-                failed = await fail_attempt(uow, row, attempt.error or "", attempt.http_status, moment)
-            await uow.commit()
+        failed = await self._results.submit(_Finished(row, attempt))
         if attempt.succeeded:
             await self._body_outcome(row, attempt.body or "")
         elif failed:
             self._on_failed([row.id])
+
+    async def _store_results(self, finished: Sequence[_Finished]) -> list[bool]:
+        """Store the results of a batch of attempts in one transaction. Returns,
+        per attempt, whether its execution failed for good."""
+        moment = now()
+        delivered = [
+            (f.row, f.attempt.http_status, (f.attempt.body or "")[:RESPONSE_BODY_LIMIT])
+            for f in finished
+            if f.attempt.succeeded
+        ]
+        failed: list[bool] = []
+        async with self._db.unit_of_work() as uow:
+            await uow.deliveries.succeeded_many(delivered, moment)
+            # Cue rows in one order, so concurrent batches (replicas) cannot deadlock on them.
+            await uow.cues.record_results(sorted((row.cue_id, "success") for row, _, _ in delivered), moment)
+            for f in finished:
+                if f.attempt.succeeded:
+                    failed.append(False)
+                    continue
+                failed.append(
+                    await fail_attempt(uow, f.row, f.attempt.error or "", f.attempt.http_status, moment)
+                )
+            await uow.commit()
+        return failed
 
     async def _body_outcome(self, row: AnyRow, text: str) -> None:
         """A 2xx body that is a JSON object with a boolean `success` is the outcome."""

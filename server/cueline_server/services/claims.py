@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError, execution_not_found
 from cueline_server.services.accounts import Caller, now
-from cueline_server.services.cues import new_execution
+from cueline_server.services.cues import NewWork, WorkCreated, new_execution
 from cueline_server.services.identifiers import parse_uuid
 from cueline_server.services.outcomes import stale_claim
 from cueline_server.store.database import Database, Repositories
@@ -28,19 +28,34 @@ def claim_failed(message: str) -> ApiError:
     return ApiError("claim_failed", message, 409)
 
 
+class _Waiter:
+    """A long poll waiting for work of one account (and task, if it named one)."""
+
+    __slots__ = ("offered", "parked", "task", "woken")
+
+    def __init__(self, task: str | None) -> None:
+        self.task = task
+        self.woken = asyncio.Event()
+        self.parked = False  # waiting, not querying
+        self.offered: set[str | None] = set()  # tasks of the work it was woken for
+
+    def takes(self, task: str | None) -> bool:
+        return self.task is None or self.task == task
+
+
 class ClaimService:
     def __init__(
         self,
         db: Database,
         settings: Settings,
         *,
-        work_created: Callable[[], None] = lambda: None,
+        work_created: WorkCreated = lambda created: None,
         failed: Callable[[Sequence[uuid.UUID]], None] = lambda ids: None,
     ) -> None:
         self._db = db
         self._work_created = work_created
         self._failed = failed
-        self._arrivals = asyncio.Event()
+        self._waiters: dict[uuid.UUID, list[_Waiter]] = {}
         self.lease = dt.timedelta(seconds=settings.worker_claim_lease_seconds)
         self._silence = dt.timedelta(seconds=settings.worker_heartbeat_timeout_seconds)
         self._unclaimed = dt.timedelta(seconds=settings.worker_unclaimed_timeout_seconds)
@@ -54,10 +69,35 @@ class ClaimService:
                 caller.account_id, moment, moment - self._silence, task, 50 if limit is None else limit, agent
             )
 
-    def work_arrived(self) -> None:
-        """New claimable work may exist: wake every waiting long poll."""
-        self._arrivals.set()
-        self._arrivals = asyncio.Event()
+    def work_arrived(self, created: Sequence[NewWork] | None = None) -> None:
+        """New claimable work may exist. Each new worker execution wakes one
+        waiting long poll of its account that takes its task (one parked in
+        its wait first, the longest waiting first), so waiters do not all race
+        for one execution; unknown work (None) wakes them all."""
+        if created is None:
+            for waiters in self._waiters.values():
+                for waiter in waiters:
+                    waiter.woken.set()
+            return
+        for work in created:
+            if work.transport == "worker":
+                self._wake_one(work.account_id, work.task)
+
+    def _wake_one(self, account_id: uuid.UUID, task: str | None) -> None:
+        chosen: _Waiter | None = None
+        for waiter in self._waiters.get(account_id, ()):
+            if waiter.takes(task):
+                if waiter.woken.is_set():
+                    if waiter.parked:  # about to look already: it will find this too
+                        return
+                    continue
+                if waiter.parked:
+                    chosen = waiter
+                    break
+                chosen = chosen or waiter
+        if chosen is not None:
+            chosen.offered.add(task)
+            chosen.woken.set()
 
     async def claim_batch(
         self, caller: Caller, worker_id: str, task: str | None, limit: int, wait_seconds: float
@@ -66,15 +106,35 @@ class ClaimService:
         Waiters wake at once for work created on this process, and re-check at
         least every second for work created elsewhere (another replica, or a
         send_at that came due)."""
+        if wait_seconds <= 0:
+            return await self._claim(caller, worker_id, task=task, limit=limit)
         deadline = time.monotonic() + wait_seconds
-        while True:
-            arrivals = self._arrivals  # taken before the query, so no signal is missed
-            rows = await self._claim(caller, worker_id, task=task, limit=limit)
-            remaining = deadline - time.monotonic()
-            if rows or remaining <= 0:
-                return rows
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(arrivals.wait(), min(remaining, RECHECK_SECONDS))
+        waiter = _Waiter(task)
+        waiters = self._waiters.setdefault(caller.account_id, [])
+        waiters.append(waiter)
+        try:
+            while True:
+                waiter.woken.clear()  # before the query, so work committed during it wakes the next
+                waiter.offered.clear()
+                rows = await self._claim(caller, worker_id, task=task, limit=limit)
+                remaining = deadline - time.monotonic()
+                if rows or remaining <= 0:
+                    return rows
+                waiter.parked = True
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(waiter.woken.wait(), min(remaining, RECHECK_SECONDS))
+                finally:
+                    waiter.parked = False
+        finally:
+            waiters.remove(waiter)
+            if not waiters and self._waiters.get(caller.account_id) is waiters:
+                del self._waiters[caller.account_id]
+            if waiter.woken.is_set():
+                # Woken for work it may not have taken (it left with other rows,
+                # or was cancelled): hand the wake on to another waiter.
+                for offered in waiter.offered:
+                    self._wake_one(caller.account_id, offered)
 
     async def claim(self, caller: Caller, worker_id: str, execution_id: str) -> AnyRow:
         parsed = parse_uuid(execution_id)
@@ -101,8 +161,8 @@ class ClaimService:
         limit: int = 1,
     ) -> Sequence[AnyRow]:
         moment = now()
-        async with self._db.unit_of_work() as uow:
-            rows = await uow.claims.claim(
+        async with self._db.single_statement() as repos:
+            return await repos.claims.claim(
                 caller.account_id,
                 worker_id,
                 moment,
@@ -112,8 +172,6 @@ class ClaimService:
                 task=task,
                 limit=limit,
             )
-            await uow.commit()
-        return rows
 
     async def heartbeat(
         self, caller: Caller, execution_id: str, worker_id: str | None, fencing_token: int | None = None
@@ -164,7 +222,7 @@ class ClaimService:
             row = await uow.executions.get(caller.account_id, values["id"])
             assert row is not None
             await uow.commit()
-        self._work_created()
+        self._work_created([NewWork.of(values)])
         return row
 
     # --- housekeeping -----------------------------------------------------------------------
@@ -178,7 +236,7 @@ class ClaimService:
             await uow.commit()
         self._failed([row.id for row in failed])
         if released:
-            self._work_created()
+            self._work_created(None)
 
     async def expire_unclaimed(self, moment: dt.datetime) -> None:
         async with self._db.unit_of_work() as uow:

@@ -96,6 +96,24 @@ class Fired:
 
 
 @dataclass(frozen=True)
+class NewWork:
+    """An execution just committed and due now: who may take it."""
+
+    account_id: uuid.UUID
+    transport: str
+    task: str | None
+
+    @classmethod
+    def of(cls, execution: Mapping[str, Any]) -> NewWork:
+        return cls(execution["account_id"], execution["transport"], execution["task"])
+
+
+WorkCreated = Callable[[Sequence[NewWork] | None], None]
+"""Called after new executions are committed: those due now, or None when
+what became claimable or due is not known (every waiter looks again)."""
+
+
+@dataclass(frozen=True)
 class CueDetail:
     cue: CueView
     executions: Sequence[AnyRow]
@@ -193,7 +211,7 @@ class CueService:
         settings: Settings,
         *,
         schedule_changed: Callable[[], None] = lambda: None,
-        work_created: Callable[[], None] = lambda: None,
+        work_created: WorkCreated = lambda created: None,
     ) -> None:
         self._db = db
         self._settings = settings
@@ -407,11 +425,16 @@ class CueService:
         ).hexdigest()
         for _ in range(2):  # a second round only after losing a race for the key
             try:
-                return await self._fire_once(
+                fired, work = await self._fire_once(
                     caller, cue_id, send_at, override, replace, idempotency_key, request_hash
                 )
             except DuplicateError:
                 continue
+            if work is not None and fired.scheduled_for <= now():
+                # Committed and due now: wake the dispatcher or a waiting worker
+                # instead of leaving the execution to their next poll.
+                self._work_created([work])
+            return fired
         raise idempotency_key_conflict()
 
     async def _fire_once(
@@ -423,7 +446,10 @@ class CueService:
         replace: bool,
         key: str | None,
         request_hash: str,
-    ) -> Fired:
+    ) -> tuple[Fired, NewWork | None]:
+        """The execution, and what was created (None for a repeat)."""
+        if key is None:
+            return await self._fire_without_key(caller, cue_id, send_at, override, replace)
         moment = now()
         async with self._db.unit_of_work() as uow:
             cue = await uow.cues.get(caller.account_id, cue_id)
@@ -434,16 +460,10 @@ class CueService:
                 if earlier is not None and moment - earlier.created_at < FIRE_KEY_TTL:
                     if earlier.request_hash != request_hash:
                         raise idempotency_key_conflict()
-                    return Fired(str(earlier.execution_id), cue_id, earlier.scheduled_for)
+                    return Fired(str(earlier.execution_id), cue_id, earlier.scheduled_for), None
                 if earlier is not None:
                     await uow.fire_keys.forget(cue_id, key)
-            payload = cue.payload
-            if override is not None:
-                payload = override if replace else _merge(cue.payload, override)
-                check_payload(payload, "payload_override")
-            values = new_execution(
-                cue, triggered_by="manual_fire", payload=payload, scheduled_for=max(send_at or moment, moment)
-            )
+            values = self._execution(cue, moment, send_at, override, replace)
             await uow.executions.add(values)
             if key is not None:
                 await uow.fire_keys.add(
@@ -459,7 +479,36 @@ class CueService:
             # Last: the cue row stays locked from here to the commit.
             await uow.cues.count_fired(cue.id, 1, moment)
             await uow.commit()
-        return Fired(str(values["id"]), cue_id, values["scheduled_for"])
+        return Fired(str(values["id"]), cue_id, values["scheduled_for"]), NewWork.of(values)
+
+    async def _fire_without_key(
+        self, caller: Caller, cue_id: str, send_at: dt.datetime | None, override: str | None, replace: bool
+    ) -> tuple[Fired, NewWork]:
+        """Read the cue, then write the execution and the cue's count in one
+        statement (PostgreSQL) or one short transaction (SQLite). A cue deleted
+        in between refuses the insert (DuplicateError), and the caller's second
+        round finds no cue."""
+        moment = now()
+        async with self._db.reader() as repos:
+            cue = await repos.cues.get(caller.account_id, cue_id)
+        if cue is None:
+            raise cue_not_found()
+        values = self._execution(cue, moment, send_at, override, replace)
+        async with self._db.single_statement() as repos:
+            await repos.executions.add_fired(values, moment)
+        return Fired(str(values["id"]), cue_id, values["scheduled_for"]), NewWork.of(values)
+
+    @staticmethod
+    def _execution(
+        cue: AnyRow, moment: dt.datetime, send_at: dt.datetime | None, override: str | None, replace: bool
+    ) -> dict[str, Any]:
+        payload = cue.payload
+        if override is not None:
+            payload = override if replace else _merge(cue.payload, override)
+            check_payload(payload, "payload_override")
+        return new_execution(
+            cue, triggered_by="manual_fire", payload=payload, scheduled_for=max(send_at or moment, moment)
+        )
 
 
 def _merge(base: str, override: str) -> str:

@@ -128,6 +128,18 @@ class Database:
         async with self._autocommit_engine.connect() as conn:
             yield Repositories(conn)
 
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[Repositories]:
+        """Repositories for reads that need no transaction around them: on
+        PostgreSQL an autocommit connection (one round trip per statement), on
+        SQLite a read transaction (which never waits for the writer)."""
+        if self.backend == "sqlite":
+            async with self.unit_of_work(write=False) as uow:
+                yield uow
+            return
+        async with self._autocommit_engine.connect() as conn:
+            yield Repositories(conn)
+
     async def ping(self) -> bool:
         try:
             async with self.engine.connect() as conn:

@@ -117,9 +117,7 @@ class CueRepository(_Repository):
         await self._insert(insert(cues).values(**values))
 
     async def get(self, account_id: uuid.UUID, cue_id: str) -> AnyRow | None:
-        result = await self.conn.execute(
-            select(cues).where(cues.c.account_id == account_id, cues.c.id == cue_id)
-        )
+        result = await self.conn.execute(_cue_by_id(), {"g_account": account_id, "g_cue": cue_id})
         return result.first()
 
     async def name_taken(self, account_id: uuid.UUID, name: str, *, besides: str | None = None) -> bool:
@@ -164,15 +162,10 @@ class CueRepository(_Repository):
         )
 
     async def due(self, now: dt.datetime, limit: int) -> Sequence[AnyRow]:
-        """Active cues whose next run has come, oldest first. Rows another
-        scheduler holds are skipped (PostgreSQL), so replicas share the work."""
-        result = await self.conn.execute(
-            select(cues)
-            .where(cues.c.status == "active", cues.c.next_run <= now)
-            .order_by(cues.c.next_run)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+        """Active cues whose next run has come, oldest first, with what firing
+        them needs. Rows another scheduler holds are skipped (PostgreSQL), so
+        replicas share the work."""
+        result = await self.conn.execute(_due_cues(), {"d_now": now, "d_limit": limit})
         return result.all()
 
     async def earliest_next_run(self) -> dt.datetime | None:
@@ -184,6 +177,12 @@ class CueRepository(_Repository):
         """Move each cue to its next run and count what fired: rows of
         {"cue_id", "next_run", "fired"}."""
         if not steps:
+            return
+        if self.conn.dialect.name == "postgresql":
+            batch = [
+                {"id": s["cue_id"], "next_run": _json_time(s["next_run"]), "fired": s["fired"]} for s in steps
+            ]
+            await self.conn.execute(_ADVANCE_POSTGRES, {"batch": json.dumps(batch), "now": now})
             return
         await self.conn.execute(
             update(cues)
@@ -203,6 +202,14 @@ class CueRepository(_Repository):
             _record_result_statement(), {"r_cue_id": cue_id, "r_status": status, "r_now": now}
         )
 
+    async def record_results(self, results: Sequence[tuple[str, str]], now: dt.datetime) -> None:
+        """`record_result` for several (cue id, status) pairs, in order, in one call."""
+        if results:
+            await self.conn.execute(
+                _record_result_statement(),
+                [{"r_cue_id": cue_id, "r_status": status, "r_now": now} for cue_id, status in results],
+            )
+
     async def delete(self, account_id: uuid.UUID, cue_id: str) -> bool:
         result = await self.conn.execute(
             delete(cues).where(cues.c.account_id == account_id, cues.c.id == cue_id).returning(cues.c.id)
@@ -214,14 +221,31 @@ class ExecutionRepository(_Repository):
     async def add(self, values: Mapping[str, Any]) -> None:
         await self._insert(insert(executions).values(**values))
 
+    async def add_fired(self, values: Mapping[str, Any], now: dt.datetime) -> None:
+        """A new execution (the keys of `new_execution`), and its cue's fired
+        count: one statement on PostgreSQL, to be run in autocommit mode. Raises
+        DuplicateError when the insert is refused (the cue is gone)."""
+        parameters = {f"x_{name}": values[name] for name in _FIRED_COLUMNS}
+        parameters["x_now"] = now
+        try:
+            if self.conn.dialect.name == "postgresql":
+                await self.conn.execute(_fire_postgres(), parameters)
+                return
+            await self.conn.execute(_fire_insert(), parameters)
+            await self.conn.execute(_count_fired(), parameters)
+        except IntegrityError as exc:
+            raise DuplicateError(str(exc.orig)) from exc
+
     async def add_scheduled(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
         """Insert scheduled executions, skipping any (cue, slot) that already has
         one; returns the cue id of each row inserted."""
         if not rows:
             return []
-        dialect_insert = postgresql.insert if self.conn.dialect.name == "postgresql" else sqlite.insert
+        if self.conn.dialect.name == "postgresql":
+            batch = json.dumps([_json_execution(row) for row in rows])
+            return list((await self.conn.execute(_ADD_SCHEDULED_POSTGRES, {"batch": batch})).scalars())
         statement = (
-            dialect_insert(executions)
+            sqlite.insert(executions)
             .on_conflict_do_nothing(
                 index_elements=[executions.c.cue_id, executions.c.scheduled_for],
                 # Literal SQL: a bound parameter here cannot be used with executemany.
@@ -731,6 +755,116 @@ WHERE cues.id = s.cue_id
 ).bindparams(bindparam("last_now", type_=UTCDateTime), bindparam("first_succeeded", type_=Boolean))
 
 
+@cache
+def _due_cues() -> Any:
+    return (
+        select(
+            cues.c.id,
+            cues.c.account_id,
+            cues.c.transport,
+            cues.c.payload,
+            cues.c.schedule_type,
+            cues.c.cron,
+            cues.c.timezone,
+            cues.c.next_run,
+            cues.c.catch_up,
+        )
+        .where(cues.c.status == "active", cues.c.next_run <= bindparam("d_now", type_=UTCDateTime))
+        .order_by(cues.c.next_run)
+        .limit(bindparam("d_limit", type_=BigInteger))
+        .with_for_update(skip_locked=True)
+    )
+
+
+@cache
+def _cue_by_id() -> Any:
+    return select(cues).where(
+        cues.c.account_id == bindparam("g_account", type_=Uuid), cues.c.id == bindparam("g_cue", type_=String)
+    )
+
+
+# The columns of a new execution (services.cues.new_execution).
+_FIRED_COLUMNS = (
+    "id",
+    "account_id",
+    "cue_id",
+    "transport",
+    "scheduled_for",
+    "status",
+    "triggered_by",
+    "payload",
+    "task",
+    "attempts",
+    "available_at",
+    "created_at",
+    "updated_at",
+)
+
+
+# PostgreSQL: a batch of rows as one JSON array (json_to_recordset), so the
+# statement text is short and the same whatever the batch size, and the batch
+# is one string. A multi-row VALUES list is a statement psycopg parses afresh on
+# every call, and arrays of 500 values are dumped element by element in Python.
+_ADD_SCHEDULED_POSTGRES = text(
+    f"""
+INSERT INTO executions ({", ".join(_FIRED_COLUMNS)})
+SELECT {", ".join(_FIRED_COLUMNS)} FROM json_to_recordset(CAST(:batch AS json)) AS v(
+  id uuid, account_id uuid, cue_id text, transport text, scheduled_for timestamptz, status text,
+  triggered_by text, payload text, task text, attempts int, available_at timestamptz,
+  created_at timestamptz, updated_at timestamptz
+)
+ON CONFLICT (cue_id, scheduled_for) WHERE triggered_by = 'scheduled' DO NOTHING
+RETURNING cue_id
+"""
+)
+
+_ADVANCE_POSTGRES = text(
+    """
+UPDATE cues SET next_run = v.next_run, fired_count = cues.fired_count + v.fired, updated_at = :now
+FROM json_to_recordset(CAST(:batch AS json)) AS v(id text, next_run timestamptz, fired bigint)
+WHERE cues.id = v.id
+"""
+).bindparams(bindparam("now", type_=UTCDateTime))
+
+
+def _json_time(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _json_execution(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        **row,
+        "id": str(row["id"]),
+        "account_id": str(row["account_id"]),
+        "scheduled_for": _json_time(row["scheduled_for"]),
+        "available_at": _json_time(row["available_at"]),
+        "created_at": _json_time(row["created_at"]),
+        "updated_at": _json_time(row["updated_at"]),
+    }
+
+
+@cache
+def _fire_insert() -> Any:
+    return insert(executions).values(
+        {name: bindparam(f"x_{name}", type_=executions.c[name].type) for name in _FIRED_COLUMNS}
+    )
+
+
+@cache
+def _count_fired() -> Any:
+    return (
+        update(cues)
+        .where(cues.c.id == bindparam("x_cue_id", type_=String))
+        .values(fired_count=cues.c.fired_count + 1, updated_at=bindparam("x_now", type_=UTCDateTime))
+    )
+
+
+@cache
+def _fire_postgres() -> Any:
+    """The insert as a data-modifying CTE of the cue's update: one statement."""
+    return _count_fired().add_cte(_fire_insert().cte("fired"))
+
+
 class FireKeyRepository(_Repository):
     async def get(self, cue_id: str, key: str) -> AnyRow | None:
         result = await self.conn.execute(
@@ -746,7 +880,7 @@ class FireKeyRepository(_Repository):
         await self.conn.execute(delete(fire_keys).where(fire_keys.c.cue_id == cue_id, fire_keys.c.key == key))
 
 
-def _claimer_alive(silent_since: dt.datetime) -> ColumnElement[bool]:
+def _claimer_alive(silent_since: Any) -> ColumnElement[bool]:
     """The execution's claiming worker has sent a heartbeat since `silent_since`."""
     return (
         select(workers.c.worker_id)
@@ -759,13 +893,65 @@ def _claimer_alive(silent_since: dt.datetime) -> ColumnElement[bool]:
     )
 
 
+def _claimed(worker_id: Any, now: Any, lease_until: Any) -> dict[str, Any]:
+    """A claim's changes to its execution, besides the outcome deadline."""
+    return {
+        "status": "delivering",
+        "claimed_by_worker": worker_id,
+        "claimed_at": now,
+        "last_attempt_at": now,
+        "started_at": func.coalesce(executions.c.started_at, now),
+        "attempts": executions.c.attempts + 1,
+        "last_heartbeat_at": None,
+        "lease_expires_at": lease_until,
+        "outcome_state": case(
+            (executions.c.outcome_state == "unknown", None), else_=executions.c.outcome_state
+        ),
+        "updated_at": now,
+    }
+
+
+@cache
+def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
+    """Lock, claim and return the rows in one statement: UPDATE ... FROM cues
+    WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED); each row's outcome deadline
+    comes from its cue. Built once per shape; every value is a bound parameter."""
+    now = bindparam("c_now", type_=UTCDateTime)
+    candidates = (
+        select(executions.c.id)
+        .where(
+            ClaimRepository.claimable(
+                bindparam("c_account", type_=Uuid), now, bindparam("c_silent_since", type_=UTCDateTime)
+            )
+        )
+        .order_by(executions.c.scheduled_for, executions.c.created_at)
+        .limit(bindparam("c_limit", type_=BigInteger))
+        .with_for_update(skip_locked=True)
+    )
+    if by_id:
+        candidates = candidates.where(executions.c.id == bindparam("c_id", type_=Uuid))
+    if by_task:
+        candidates = candidates.where(executions.c.task == bindparam("c_task", type_=String))
+    return (
+        update(executions)
+        .where(executions.c.id.in_(candidates.scalar_subquery()), cues.c.id == executions.c.cue_id)
+        .values(
+            **_claimed(
+                bindparam("c_worker", type_=String), now, bindparam("c_lease_until", type_=UTCDateTime)
+            ),
+            outcome_deadline_at=now + func.make_interval(0, 0, 0, 0, 0, 0, cues.c.outcome_deadline_seconds),
+        )
+        .returning(executions)
+    )
+
+
 class ClaimRepository(_Repository):
     """Worker claims. The claimable predicate is one expression, shared by the
     list, claim-by-id and claim-next, so a listed execution fails a claim only
     by losing a race."""
 
     @staticmethod
-    def claimable(account_id: uuid.UUID, now: dt.datetime, silent_since: dt.datetime) -> ColumnElement[bool]:
+    def claimable(account_id: Any, now: Any, silent_since: Any) -> ColumnElement[bool]:
         alive = _claimer_alive(silent_since)
         return and_(
             executions.c.account_id == account_id,
@@ -821,7 +1007,12 @@ class ClaimRepository(_Repository):
     ) -> Sequence[AnyRow]:
         """Take up to `limit` claimable executions (that one, or the oldest).
         Rows locked by a concurrent claimer are skipped, so two callers never
-        get the same one. The claim's fencing token is the new attempt count."""
+        get the same one. The claim's fencing token is the new attempt count.
+        On PostgreSQL this is one statement, to be run in autocommit mode."""
+        if self.conn.dialect.name == "postgresql":
+            return await self._claim_postgres(
+                account_id, worker_id, now, lease, silent_since, execution_id, task, limit
+            )
         query = (
             select(executions.c.id, cues.c.outcome_deadline_seconds)
             .join(cues, cues.c.id == executions.c.cue_id)
@@ -843,25 +1034,41 @@ class ClaimRepository(_Repository):
                 update(executions)
                 .where(executions.c.id.in_(ids))
                 .values(
-                    status="delivering",
-                    claimed_by_worker=worker_id,
-                    claimed_at=now,
-                    last_attempt_at=now,
-                    started_at=func.coalesce(executions.c.started_at, now),
-                    attempts=executions.c.attempts + 1,
-                    last_heartbeat_at=None,
-                    lease_expires_at=now + lease,
+                    **_claimed(worker_id, now, now + lease),
                     outcome_deadline_at=now + dt.timedelta(seconds=seconds),
-                    outcome_state=case(
-                        (executions.c.outcome_state == "unknown", None), else_=executions.c.outcome_state
-                    ),
-                    updated_at=now,
                 )
                 .returning(executions)
             )
             claimed += result.all()
         claimed.sort(key=lambda r: (r.scheduled_for, r.created_at))
         return claimed
+
+    async def _claim_postgres(
+        self,
+        account_id: uuid.UUID,
+        worker_id: str,
+        now: dt.datetime,
+        lease: dt.timedelta,
+        silent_since: dt.datetime,
+        execution_id: uuid.UUID | None,
+        task: str | None,
+        limit: int,
+    ) -> Sequence[AnyRow]:
+        parameters: dict[str, Any] = {
+            "c_account": account_id,
+            "c_now": now,
+            "c_silent_since": silent_since,
+            "c_lease_until": now + lease,
+            "c_worker": worker_id,
+            "c_limit": limit,
+        }
+        if execution_id is not None:
+            parameters["c_id"] = execution_id
+        if task is not None:
+            parameters["c_task"] = task
+        statement = _claim_statement_postgres(execution_id is not None, task is not None)
+        result = await self.conn.execute(statement, parameters)
+        return sorted(result.all(), key=lambda r: (r.scheduled_for, r.created_at))
 
     async def holder(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
         """The execution's claim state and its cue's outcome deadline, locked."""
@@ -984,55 +1191,39 @@ class DeliveryRepository(_Repository):
 
     async def take_due(self, now: dt.datetime, limit: int) -> Sequence[AnyRow]:
         """Due webhook executions, moved to delivering with the attempt counted,
-        with what sending them needs."""
-        due = (
-            select(executions.c.id)
-            .where(
-                executions.c.transport == "webhook",
-                executions.c.status.in_(("pending", "retry_ready")),
-                executions.c.scheduled_for <= now,
-            )
-            .order_by(executions.c.scheduled_for)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        ids = [row.id for row in await self.conn.execute(due)]
+        with what sending them needs (the account's signing secret included, read
+        now, just before they are sent). On PostgreSQL this is one statement, to
+        be run in autocommit mode: one round trip."""
+        if self.conn.dialect.name == "postgresql":
+            return (await self.conn.execute(_take_due_postgres(), {"t_now": now, "t_limit": limit})).all()
+        moved = await self.conn.execute(_take_due_sqlite(), {"t_now": now, "t_limit": limit})
+        ids = [row.id for row in moved]
         if not ids:
             return []
-        await self.conn.execute(
-            update(executions)
-            .where(executions.c.id.in_(ids))
-            .values(
-                status="delivering",
-                attempts=executions.c.attempts + 1,
-                last_attempt_at=now,
-                started_at=func.coalesce(executions.c.started_at, now),
-                next_retry=None,
-                updated_at=now,
-            )
+        view = (
+            _delivery_view(secret=True).where(executions.c.id.in_(ids)).order_by(executions.c.scheduled_for)
         )
-        return (await self.conn.execute(_delivery_view().where(executions.c.id.in_(ids)))).all()
+        return (await self.conn.execute(view)).all()
 
-    async def succeeded(self, row: AnyRow, http_status: int | None, body: str, now: dt.datetime) -> None:
+    async def succeeded_many(
+        self, delivered: Sequence[tuple[AnyRow, int | None, str]], now: dt.datetime
+    ) -> None:
+        """Deliveries that got a 2xx: (row, http status, response body) each. The
+        outcome deadline starts now unless an outcome is already there."""
+        if not delivered:
+            return
         await self.conn.execute(
-            update(executions)
-            .where(executions.c.id == row.id)
-            .values(
-                status="success",
-                http_status=http_status,
-                response_body=body,
-                delivered_at=now,
-                next_retry=None,
-                error_message=None,
-                outcome_deadline_at=case(
-                    (
-                        executions.c.outcome_recorded_at.is_(None),
-                        now + dt.timedelta(seconds=row.outcome_deadline_seconds),
-                    ),
-                    else_=None,
-                ),
-                updated_at=now,
-            )
+            _succeeded_statement(),
+            [
+                {
+                    "s_id": row.id,
+                    "s_status": status,
+                    "s_body": body,
+                    "s_now": now,
+                    "s_deadline": now + dt.timedelta(seconds=row.outcome_deadline_seconds),
+                }
+                for row, status, body in delivered
+            ],
         )
 
     async def retry_later(
@@ -1107,8 +1298,8 @@ class DeliveryRepository(_Repository):
         return result.first()
 
 
-def _delivery_view() -> Any:
-    return select(
+def _delivery_view(*, secret: bool = False) -> Any:
+    columns: list[Any] = [
         executions.c.id,
         executions.c.account_id,
         executions.c.cue_id,
@@ -1116,6 +1307,18 @@ def _delivery_view() -> Any:
         executions.c.payload,
         executions.c.scheduled_for,
         executions.c.last_attempt_at,
+        *_delivery_cue_columns(),
+    ]
+    view = select(*columns).join(cues, cues.c.id == executions.c.cue_id)
+    if secret:
+        view = view.add_columns(accounts.c.webhook_secret).join(
+            accounts, accounts.c.id == executions.c.account_id
+        )
+    return view
+
+
+def _delivery_cue_columns() -> list[Any]:
+    return [
         cues.c.name.label("cue_name"),
         cues.c.callback_url,
         cues.c.callback_method,
@@ -1124,7 +1327,97 @@ def _delivery_view() -> Any:
         cues.c.outcome_deadline_seconds,
         cues.c.retry_max_attempts,
         cues.c.retry_backoff_minutes,
-    ).join(cues, cues.c.id == executions.c.cue_id)
+    ]
+
+
+def _due_webhooks() -> Any:
+    """The ids of due webhook executions, oldest first; rows another dispatcher
+    holds are skipped (PostgreSQL), so replicas share the work."""
+    return (
+        select(executions.c.id)
+        .where(
+            executions.c.transport == "webhook",
+            # Comparisons, not an IN list: that is an expanding parameter, rendered on every call.
+            or_(executions.c.status == "pending", executions.c.status == "retry_ready"),
+            executions.c.scheduled_for <= bindparam("t_now", type_=UTCDateTime),
+        )
+        .order_by(executions.c.scheduled_for)
+        .limit(bindparam("t_limit", type_=BigInteger))
+        .with_for_update(skip_locked=True)
+    )
+
+
+def _start_attempt() -> dict[str, Any]:
+    moment = bindparam("t_now", type_=UTCDateTime)
+    return {
+        "status": "delivering",
+        "attempts": executions.c.attempts + 1,
+        "last_attempt_at": moment,
+        "started_at": func.coalesce(executions.c.started_at, moment),
+        "next_retry": None,
+        "updated_at": moment,
+    }
+
+
+@cache
+def _take_due_postgres() -> Any:
+    """Lock the due rows, start their attempt, and return them joined with their
+    cue and the account's signing secret: one statement (a data-modifying CTE)."""
+    due = _due_webhooks().cte("due")
+    moved = (
+        update(executions)
+        .where(executions.c.id == due.c.id)
+        .values(**_start_attempt())
+        .returning(
+            executions.c.id,
+            executions.c.account_id,
+            executions.c.cue_id,
+            executions.c.attempts,
+            executions.c.payload,
+            executions.c.scheduled_for,
+            executions.c.last_attempt_at,
+        )
+        .cte("moved")
+    )
+    return (
+        select(moved, *_delivery_cue_columns(), accounts.c.webhook_secret)
+        .join(cues, cues.c.id == moved.c.cue_id)
+        .join(accounts, accounts.c.id == moved.c.account_id)
+        .order_by(moved.c.scheduled_for)
+    )
+
+
+@cache
+def _take_due_sqlite() -> Any:
+    """SQLite has one writer, so no row locks: start the attempt of the due rows."""
+    return (
+        update(executions)
+        .where(executions.c.id.in_(_due_webhooks().scalar_subquery()))
+        .values(**_start_attempt())
+        .returning(executions.c.id)
+    )
+
+
+@cache
+def _succeeded_statement() -> Any:
+    moment = bindparam("s_now", type_=UTCDateTime)
+    return (
+        update(executions)
+        .where(executions.c.id == bindparam("s_id", type_=Uuid))
+        .values(
+            status="success",
+            http_status=bindparam("s_status", type_=BigInteger),
+            response_body=bindparam("s_body", type_=String),
+            delivered_at=moment,
+            next_retry=None,
+            error_message=None,
+            outcome_deadline_at=case(
+                (executions.c.outcome_recorded_at.is_(None), bindparam("s_deadline", type_=UTCDateTime)),
+                else_=None,
+            ),
+            updated_at=moment,
+        )
+    )
 
 
 class AlertRepository(_Repository):
