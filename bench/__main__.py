@@ -17,17 +17,20 @@ PLOTS = Path(__file__).resolve().parents[1] / "docs" / "bench"
 
 
 def failures(ingest: dict[str, Any], claims: dict[str, Any]) -> int:
-    """Correctness failures: errors, races without exactly one winner, double
-    claims, duplicate executions, bad signatures."""
+    """Correctness failures: errors (closed and open loop), races without exactly
+    one winner, double claims, duplicate executions, webhooks that never arrived
+    or carried a bad signature."""
     return int(
         sum(r["errors"] + (r["executions"] - r["exactly_one_winner"]) for r in ingest["race"].values())
         + sum(r["errors"] for r in ingest["runs"])
+        + sum(r["errors"] for r in ingest["fixed_rate"].values())
         + sum(
             r["G4"]["double_claims"]
             + r["G5"]["double_claims"]
             + r["G7"]["duplicates"]
             + r["G8"]["duplicates"]
             + r["G9"]["bad_signatures"]
+            + max(0, r["G9"]["fired"] - r["G9"]["deliveries"])
             for r in claims["results"].values()
         )
     )
@@ -54,7 +57,8 @@ def main() -> int:
     failed = failures(ingest, claims)
     if failed:
         print(
-            f"{failed} correctness failures (errors, double claims, duplicates or bad signatures)",
+            f"{failed} correctness failures (errors, double claims, duplicates,"
+            " undelivered or badly signed webhooks)",
             file=sys.stderr,
         )
     return 1 if failed else 0

@@ -224,6 +224,15 @@ def fire_lag(server: Server, key: str, count: int) -> dict[str, Any]:
     }
 
 
+class _BackloggedServer(http.server.ThreadingHTTPServer):
+    """The listen backlog is set when the socket starts listening (in the
+    constructor), so it has to be a class attribute; the default of 5 refuses
+    bursts of webhook connections."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 class _SlowReceiver:
     """200 deliveries/s to a receiver that takes 100 ms: threads, one per request."""
 
@@ -253,8 +262,7 @@ class _SlowReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.request_queue_size = 1024
+        self.server = _BackloggedServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
