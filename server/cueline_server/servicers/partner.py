@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from cueline.partner.v1 import actions_pb2, auth_pb2, directory_pb2
-from cueline_server.api.jsoncodec import loads, struct_to_json
+from cueline_server.api.jsoncodec import struct_to_json
 from cueline_server.api.pipeline import Call
 from cueline_server.errors import Violation, partner_validation, unreadable_body
 from cueline_server.servicers.convert import put_time, to_enum
-from cueline_server.services.actions import ActionService, NewAction, Origin
+from cueline_server.services.actions import ActionService, NewAction, Origin, required_parameters
 from cueline_server.services.partners import SCOPE, DirectoryService, IssuedTokens, TokenService
 from cueline_server.store.repositories import AnyRow
 
@@ -38,10 +38,7 @@ def action_message(row: AnyRow, target: actions_pb2.Action) -> actions_pb2.Actio
     for name in ("title", "message", "data", "redirect_url_template"):
         if getattr(row, name) is not None:
             setattr(target, name, getattr(row, name))
-    if row.code not in ("reauthenticate", "information"):
-        target.required_parameters.extend(loads(row.required_parameters))
-    elif row.code == "reauthenticate":
-        target.required_parameters.extend(["successUrl", "cancelUrl"])
+    target.required_parameters.extend(required_parameters(row))
     target.state = to_enum(actions_pb2.ActionState, row.state)
     put_time(target.create_time, row.created_at)
     put_time(target.complete_time, row.completed_at)

@@ -157,9 +157,12 @@ def _check_new_action(new: NewAction) -> list[Violation]:
     return problems
 
 
-def _required(row: AnyRow) -> list[str]:
+def required_parameters(row: AnyRow) -> list[str]:
+    """The body names /resolve needs for this action: set by the code's handler."""
     if row.code == REAUTHENTICATE:
         return list(REAUTHENTICATE_PARAMETERS)
+    if row.code == INFORMATION:
+        return []
     parameters: list[str] = loads(row.required_parameters)
     return parameters
 
@@ -289,7 +292,7 @@ class ActionService:
                     row=row,
                     state="pending" if information else row.state,
                     url=f"{base}{PARTNER_PREFIX}/{row.id}/{path}?secret={secret}",
-                    required_parameters=[] if information else _required(row),
+                    required_parameters=required_parameters(row),
                     expires_at=expires,
                 )
             )
@@ -466,7 +469,9 @@ class ActionService:
             if problems:
                 raise partner_validation(problems)
             return {name: body.get(name) for name in (*REAUTHENTICATE_PARAMETERS, "language")}
-        problems = [_missing(f"body.{name}") for name in _required(action) if body.get(name) is None]
+        problems = [
+            _missing(f"body.{name}") for name in required_parameters(action) if body.get(name) is None
+        ]
         if problems:
             raise partner_validation(problems)
         return {k: v for k, v in body.items() if k not in RESERVED_PARAMETERS}
