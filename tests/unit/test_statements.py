@@ -5,7 +5,7 @@ from __future__ import annotations
 from psycopg import _queries
 from sqlalchemy.dialects import postgresql
 
-from cueline_server.store.repositories import _BATCH_PARAMETERS, _RECORD_OUTCOMES
+from cueline_server.store.repositories import _BATCH_COLUMNS, _RECORD_OUTCOMES
 
 
 def test_the_batch_write_once_statement_fits_psycopgs_parse_cache() -> None:
@@ -13,5 +13,5 @@ def test_the_batch_write_once_statement_fits_psycopgs_parse_cache() -> None:
     parameters; beyond, a statement is re-parsed in Python on every call."""
     compiled = str(_RECORD_OUTCOMES.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
     assert len(compiled.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
-    assert len(_BATCH_PARAMETERS) <= _queries.MAX_CACHED_STATEMENT_PARAMS
-    assert set(_RECORD_OUTCOMES.compile().params) == set(_BATCH_PARAMETERS)
+    assert len(_BATCH_COLUMNS) <= _queries.MAX_CACHED_STATEMENT_PARAMS
+    assert set(_RECORD_OUTCOMES.compile().params) == {name for name, _ in _BATCH_COLUMNS}

@@ -176,6 +176,7 @@ class OutcomeService:
         report = check_report(report)
         moment = now()
         evidence = report.evidence()
+        digest = report.digest() if request_id is not None else None
         verdicts = {m: verdict(report.success, m, evidence) for m in (*MODES, None)}
         outcome = {
             "outcome_success": report.success,
@@ -190,7 +191,7 @@ class OutcomeService:
             "artifacts": report.artifacts,
             "evidence_produced_at": moment if evidence else None,
             "outcome_request_key": request_id,
-            "outcome_request_hash": report.digest() if request_id is not None else None,
+            "outcome_request_hash": digest,
         }
         write = OutcomeWrite(
             caller.account_id,
@@ -210,7 +211,7 @@ class OutcomeService:
                     raise stale_claim()
                 if request_id is None or request_id != found.outcome_request_key:
                     raise outcome_already_recorded()
-                if report.digest() != found.outcome_request_hash:
+                if digest != found.outcome_request_hash:
                     raise idempotency_key_conflict()
                 original = reported_reason(found.outcome_verification_mode, found.outcome_reported_state)
                 return RecordedOutcome(

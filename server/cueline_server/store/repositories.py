@@ -424,10 +424,8 @@ class ExecutionRepository(_Repository):
         per report, the recorded row, or None when it did not apply (no such
         execution, an outcome is already there, or a stale fencing token)."""
         if self.conn.dialect.name == "postgresql":
-            columns: dict[str, list[Any]] = {name: [] for name in _BATCH_PARAMETERS}
-            for index, write in enumerate(writes):
-                for name, value in write.parameters(index).items():
-                    columns[name].append(value)
+            items = [write.parameters(index) for index, write in enumerate(writes)]
+            columns = {name: [item[name] for item in items] for name, _ in _BATCH_COLUMNS}
             # The driver directly, as a prepared statement where allowed: this statement
             # runs for every batch, and SQLAlchemy's per-execution work and PostgreSQL's
             # planning of the CTEs would otherwise cost about as much as the update.
@@ -451,8 +449,8 @@ class ExecutionRepository(_Repository):
             first[write.execution_id] = index
             item = write.parameters(index)
             item.update(
-                ids=write.execution_id.hex,
-                accounts=write.account_id.hex,
+                id=write.execution_id.hex,
+                account_id=write.account_id.hex,
                 now=_sqlite_time(write.now),
                 evidence_at=_sqlite_time(item["evidence_at"]),
             )
@@ -512,8 +510,8 @@ class OutcomeWrite:
         o = self.outcome
         return {
             "ord": index,
-            "ids": self.execution_id,
-            "accounts": self.account_id,
+            "id": self.execution_id,
+            "account_id": self.account_id,
             "fencing": self.fencing_token,
             "now": self.now,
             "success": o["outcome_success"],
@@ -619,6 +617,31 @@ _SETTLE_SET = """
       ELSE cues.next_run END,
     updated_at = s.last_now"""
 
+# The columns of the batch `v`, with their PostgreSQL types: each report's
+# `OutcomeWrite.parameters` has one value per column.
+_BATCH_COLUMNS = (
+    ("ord", "int"),
+    ("id", "uuid"),
+    ("account_id", "uuid"),
+    ("fencing", "bigint"),
+    ("now", "timestamptz"),
+    ("success", "boolean"),
+    ("result", "text"),
+    ("error", "text"),
+    ("metadata", "text"),
+    ("external_id", "text"),
+    ("result_url", "text"),
+    ("result_ref", "text"),
+    ("result_type", "text"),
+    ("summary", "text"),
+    ("artifacts", "text"),
+    ("evidence_at", "timestamptz"),
+    ("request_key", "text"),
+    ("request_hash", "text"),
+    ("states", "text"),
+    ("validations", "text"),
+)
+
 # PostgreSQL: the reports arrive as arrays (unnest), and the batch and its cues'
 # settlement are one statement (data-modifying CTEs): one round trip, atomic,
 # short enough for psycopg's parse cache. Of several reports for one execution
@@ -626,17 +649,8 @@ _SETTLE_SET = """
 _RECORD_OUTCOMES = text(
     f"""
 WITH v AS (
-  SELECT * FROM unnest(
-    CAST(:ord AS int[]), CAST(:ids AS uuid[]), CAST(:accounts AS uuid[]), CAST(:fencing AS bigint[]),
-    CAST(:now AS timestamptz[]), CAST(:success AS boolean[]), CAST(:result AS text[]),
-    CAST(:error AS text[]), CAST(:metadata AS text[]), CAST(:external_id AS text[]),
-    CAST(:result_url AS text[]), CAST(:result_ref AS text[]), CAST(:result_type AS text[]),
-    CAST(:summary AS text[]), CAST(:artifacts AS text[]), CAST(:evidence_at AS timestamptz[]),
-    CAST(:request_key AS text[]), CAST(:request_hash AS text[]), CAST(:states AS text[]),
-    CAST(:validations AS text[])
-  ) AS v(ord, id, account_id, fencing, now, success, result, error, metadata, external_id,
-         result_url, result_ref, result_type, summary, artifacts, evidence_at, request_key,
-         request_hash, states, validations)
+  SELECT * FROM unnest({", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _BATCH_COLUMNS)})
+    AS v({", ".join(name for name, _ in _BATCH_COLUMNS)})
 ), recorded AS (
   UPDATE executions AS e SET {
         _OUTCOME_SET.format(
@@ -670,28 +684,6 @@ _RECORD_OUTCOMES_PSYCOPG = re.sub(
     str(_RECORD_OUTCOMES.compile(dialect=postgresql.dialect())),  # type: ignore[no-untyped-call]
 )
 
-_BATCH_PARAMETERS = (
-    "ord",
-    "ids",
-    "accounts",
-    "fencing",
-    "now",
-    "success",
-    "result",
-    "error",
-    "metadata",
-    "external_id",
-    "result_url",
-    "result_ref",
-    "result_type",
-    "summary",
-    "artifacts",
-    "evidence_at",
-    "request_key",
-    "request_hash",
-    "states",
-    "validations",
-)
 
 # SQLite: the batch is one JSON array of report objects (json_each), in the
 # formats SQLAlchemy stores (hex UUIDs, naive UTC datetimes, 0/1 booleans).
@@ -704,32 +696,7 @@ UPDATE executions AS e SET {
         )
     }
 FROM (
-  SELECT {
-        ", ".join(
-            f"json_extract(value, '$.{name}') AS {column}"
-            for name, column in (
-                ("ids", "id"),
-                ("accounts", "account_id"),
-                ("fencing", "fencing"),
-                ("now", "now"),
-                ("success", "success"),
-                ("result", "result"),
-                ("error", "error"),
-                ("metadata", "metadata"),
-                ("external_id", "external_id"),
-                ("result_url", "result_url"),
-                ("result_ref", "result_ref"),
-                ("result_type", "result_type"),
-                ("summary", "summary"),
-                ("artifacts", "artifacts"),
-                ("evidence_at", "evidence_at"),
-                ("request_key", "request_key"),
-                ("request_hash", "request_hash"),
-                ("states", "states"),
-                ("validations", "validations"),
-            )
-        )
-    }
+  SELECT {", ".join(f"json_extract(value, '$.{name}') AS {name}" for name, _ in _BATCH_COLUMNS)}
   FROM json_each(:batch)
 ) AS v, cues AS c
 WHERE {_OUTCOME_WHERE.format(same_account="+e.account_id = v.account_id")}
