@@ -285,11 +285,13 @@ def test_batch_claim_long_poll_and_fencing(channel: grpc.Channel) -> None:
         time.sleep(0.5)
         later.append(cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue.id), metadata=md).id)
 
-    threading.Thread(target=fire_soon).start()
+    firing = threading.Thread(target=fire_soon)
+    firing.start()
     waited = executions.ClaimExecutions(
         executions_pb2.ClaimExecutionsRequest(worker_id="w", max_executions=10, wait_seconds=20), metadata=md
     ).claims
-    assert [c.execution_id for c in waited] == later
+    firing.join(30)
+    assert len(later) == 1 and [c.execution_id for c in waited] == later
 
     # A stale fencing token is refused once the execution was claimed again.
     claim = batch[0]

@@ -4,6 +4,7 @@ replica compete for the same executions."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from collections import Counter
 
@@ -55,11 +56,9 @@ def test_three_replicas_never_double_claim_or_double_deliver(postgres_admin_url:
                         claims[execution_id] += 1
                     client.post(f"/v1/executions/{execution_id}/outcome", json={"success": True})
 
-        threads = [threading.Thread(target=worker_loop, args=(i,)) for i in range(9)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            for finished in [pool.submit(worker_loop, i) for i in range(9)]:
+                finished.result(timeout=120)  # a worker's failed assertion fails the test
         assert set(claims) == claimable and set(claims.values()) == {1}
 
         wait_for(
