@@ -455,27 +455,25 @@ class CueService:
             cue = await uow.cues.get(caller.account_id, cue_id)
             if cue is None:
                 raise cue_not_found()
-            if key is not None:
-                earlier = await uow.fire_keys.get(cue_id, key)
-                if earlier is not None and moment - earlier.created_at < FIRE_KEY_TTL:
-                    if earlier.request_hash != request_hash:
-                        raise idempotency_key_conflict()
-                    return Fired(str(earlier.execution_id), cue_id, earlier.scheduled_for), None
-                if earlier is not None:
-                    await uow.fire_keys.forget(cue_id, key)
+            earlier = await uow.fire_keys.get(cue_id, key)
+            if earlier is not None and moment - earlier.created_at < FIRE_KEY_TTL:
+                if earlier.request_hash != request_hash:
+                    raise idempotency_key_conflict()
+                return Fired(str(earlier.execution_id), cue_id, earlier.scheduled_for), None
+            if earlier is not None:
+                await uow.fire_keys.forget(cue_id, key)
             values = self._execution(cue, moment, send_at, override, replace)
             await uow.executions.add(values)
-            if key is not None:
-                await uow.fire_keys.add(
-                    {
-                        "cue_id": cue_id,
-                        "key": key,
-                        "request_hash": request_hash,
-                        "execution_id": values["id"],
-                        "scheduled_for": values["scheduled_for"],
-                        "created_at": moment,
-                    }
-                )
+            await uow.fire_keys.add(
+                {
+                    "cue_id": cue_id,
+                    "key": key,
+                    "request_hash": request_hash,
+                    "execution_id": values["id"],
+                    "scheduled_for": values["scheduled_for"],
+                    "created_at": moment,
+                }
+            )
             # Last: the cue row stays locked from here to the commit.
             await uow.cues.count_fired(cue.id, 1, moment)
             await uow.commit()

@@ -899,9 +899,11 @@ def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
         candidates = candidates.where(executions.c.id == bindparam("c_id", type_=Uuid))
     if by_task:
         candidates = candidates.where(executions.c.task == bindparam("c_task", type_=String))
+    # A CTE, not `id IN (subquery)`: a locking CTE runs exactly once, so the LIMIT holds.
+    picked = candidates.cte("picked")
     return (
         update(executions)
-        .where(executions.c.id.in_(candidates.scalar_subquery()), cues.c.id == executions.c.cue_id)
+        .where(executions.c.id == picked.c.id, cues.c.id == executions.c.cue_id)
         .values(
             **_claimed(
                 bindparam("c_worker", type_=String), now, bindparam("c_lease_until", type_=UTCDateTime)
