@@ -27,6 +27,7 @@ def failures(ingest: dict[str, Any], claims: dict[str, Any]) -> int:
         + sum(
             r["G4"]["double_claims"]
             + r["G5"]["double_claims"]
+            + r["G5"]["errors"]
             + r["G7"]["duplicates"]
             + r["G8"]["duplicates"]
             + r["G9"]["bad_signatures"]

@@ -123,6 +123,7 @@ async def single_claims(server: Server, key: str, pool: int, seconds: float) -> 
     insert_executions(db, account_id(db, key), _cue(server, key, transport="worker"), pool)
     db.dispose()
     seen: Counter[str] = Counter()
+    errors: list[int] = []  # statuses other than 200 (and 409 for "nothing left")
     deadline = time.perf_counter() + seconds
     host, port = server.http_url.removeprefix("http://").split(":")
 
@@ -136,8 +137,15 @@ async def single_claims(server: Server, key: str, pool: int, seconds: float) -> 
                 )
                 if status == 409:
                     return
+                if status != 200:
+                    errors.append(status)
+                    continue
                 execution_id = json.loads(body)["execution_id"]
-                await connection.request("POST", f"/v1/executions/{execution_id}/outcome", {"success": True})
+                reported, _ = await connection.request(
+                    "POST", f"/v1/executions/{execution_id}/outcome", {"success": True}
+                )
+                if reported != 200:
+                    errors.append(reported)
                 seen[execution_id] += 1
         finally:
             await connection.close()
@@ -149,6 +157,7 @@ async def single_claims(server: Server, key: str, pool: int, seconds: float) -> 
         "per_second": round(sum(seen.values()) / elapsed, 1),
         "completed": sum(seen.values()),
         "double_claims": sum(1 for n in seen.values() if n > 1),
+        "errors": len(errors),
     }
 
 
