@@ -111,6 +111,22 @@ def test_claim_edge_cases(server: Server) -> None:
         )
 
 
+def test_work_is_listed_and_claimed_oldest_first(server: Server) -> None:
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = worker_cue(client)
+        oldest_first = [fire(client, cue["id"]) for _ in range(3)]  # a fire is scheduled for now
+        listed = client.get("/v1/executions/claimable").json()["executions"]
+        assert [i["execution_id"] for i in listed] == oldest_first
+        page = client.get("/v1/executions/claimable?limit=2").json()["executions"]
+        assert [i["execution_id"] for i in page] == oldest_first[:2]
+        claimed = [
+            client.post("/v1/executions/claim", json={"worker_id": "w"}).json()["execution_id"]
+            for _ in oldest_first
+        ]
+        assert claimed == oldest_first
+
+
 def test_claim_next_hands_out_each_execution_once(server: Server) -> None:
     key = server.register()
     with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:

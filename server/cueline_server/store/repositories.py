@@ -35,11 +35,13 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.selectable import CTE
 
 from cueline_server.store.tables import UTCDateTime, accounts, alerts, cues, executions, fire_keys, workers
 
@@ -426,13 +428,11 @@ class ExecutionRepository(_Repository):
         if self.conn.dialect.name == "postgresql":
             items = [write.parameters(index) for index, write in enumerate(writes)]
             columns = {name: [item[name] for item in items] for name, _ in _BATCH_COLUMNS}
-            # The driver directly, as a prepared statement where allowed: this statement
-            # runs for every batch, and SQLAlchemy's per-execution work and PostgreSQL's
-            # planning of the CTEs would otherwise cost about as much as the update.
-            prepare = bool(self.conn.sync_connection.get_execution_options().get("cueline_prepare"))  # type: ignore[union-attr]
+            # The driver directly: this statement runs for every batch, and SQLAlchemy's
+            # per-execution work would otherwise cost about as much as the update.
             raw = await self.conn.get_raw_connection()
             cursor = raw.driver_connection.cursor(row_factory=namedtuple_row)  # type: ignore[union-attr]
-            await cursor.execute(_RECORD_OUTCOMES_PSYCOPG, columns, prepare=prepare)
+            await cursor.execute(_RECORD_OUTCOMES_PSYCOPG, columns)
             by_index = {row.ord: row for row in await cursor.fetchall()}
             return [by_index.get(index) for index in range(len(writes))]
         return await self._record_outcomes_sqlite(writes)
@@ -878,29 +878,72 @@ def _claimed(worker_id: Any, now: Any, lease_until: Any) -> dict[str, Any]:
     }
 
 
+def _claim_queue(
+    account_id: Any,
+    now: Any,
+    silent_since: Any,
+    limit: Any,
+    *conditions: ColumnElement[bool],
+    lock: bool = False,
+) -> CTE:
+    """The ids of the oldest claimable executions, in claim order: the one
+    definition of "claimable" shared by the list, claim-by-id and claim-next,
+    so a listed execution fails a claim only by losing a race.
+
+    Claimable is pending and due, or delivering with a lapsed lease and a
+    silent claimer. Each half is its own index-ordered scan that stops after
+    `limit` rows (account, status, scheduled_for, created_at; and status,
+    lease_expires_at): an OR of the two would read and sort every claimable
+    row of the account on every call. With `lock`, each half skips and locks
+    rows (FOR UPDATE SKIP LOCKED), so concurrent claimers never take the same
+    row; a locking CTE runs exactly once, so its LIMIT holds."""
+    order = (executions.c.scheduled_for, executions.c.created_at)
+    halves = []
+    for name, state in (
+        ("due", and_(executions.c.status == "pending", executions.c.scheduled_for <= now)),
+        (
+            "lapsed",
+            and_(
+                executions.c.status == "delivering",
+                executions.c.lease_expires_at <= now,
+                ~_claimer_alive(silent_since),
+            ),
+        ),
+    ):
+        half = (
+            select(executions.c.id, *order)
+            .where(
+                executions.c.account_id == account_id, executions.c.transport == "worker", state, *conditions
+            )
+            .order_by(*order)
+            .limit(limit)
+        )
+        if lock:
+            half = half.with_for_update(skip_locked=True)
+        halves.append(half.cte(name))
+    both = union_all(*(select(half) for half in halves)).subquery("claimable")
+    return select(both.c.id).order_by(both.c.scheduled_for, both.c.created_at).limit(limit).cte("picked")
+
+
 @cache
 def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
-    """Lock, claim and return the rows in one statement: UPDATE ... FROM cues
-    WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED); each row's outcome deadline
-    comes from its cue. Built once per shape; every value is a bound parameter."""
+    """Pick, lock, claim and return the rows in one statement; each row's
+    outcome deadline comes from its cue. Built once per shape; every value is a
+    bound parameter."""
     now = bindparam("c_now", type_=UTCDateTime)
-    candidates = (
-        select(executions.c.id)
-        .where(
-            ClaimRepository.claimable(
-                bindparam("c_account", type_=Uuid), now, bindparam("c_silent_since", type_=UTCDateTime)
-            )
-        )
-        .order_by(executions.c.scheduled_for, executions.c.created_at)
-        .limit(bindparam("c_limit", type_=BigInteger))
-        .with_for_update(skip_locked=True)
-    )
+    conditions = []
     if by_id:
-        candidates = candidates.where(executions.c.id == bindparam("c_id", type_=Uuid))
+        conditions.append(executions.c.id == bindparam("c_id", type_=Uuid))
     if by_task:
-        candidates = candidates.where(executions.c.task == bindparam("c_task", type_=String))
-    # A CTE, not `id IN (subquery)`: a locking CTE runs exactly once, so the LIMIT holds.
-    picked = candidates.cte("picked")
+        conditions.append(executions.c.task == bindparam("c_task", type_=String))
+    picked = _claim_queue(
+        bindparam("c_account", type_=Uuid),
+        now,
+        bindparam("c_silent_since", type_=UTCDateTime),
+        bindparam("c_limit", type_=BigInteger),
+        *conditions,
+        lock=True,
+    )
     return (
         update(executions)
         .where(executions.c.id == picked.c.id, cues.c.id == executions.c.cue_id)
@@ -915,21 +958,7 @@ def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
 
 
 class ClaimRepository(_Repository):
-    """Worker claims. The claimable predicate is one expression, shared by the
-    list, claim-by-id and claim-next, so a listed execution fails a claim only
-    by losing a race."""
-
-    @staticmethod
-    def claimable(account_id: Any, now: Any, silent_since: Any) -> ColumnElement[bool]:
-        alive = _claimer_alive(silent_since)
-        return and_(
-            executions.c.account_id == account_id,
-            executions.c.transport == "worker",
-            or_(
-                and_(executions.c.status == "pending", executions.c.scheduled_for <= now),
-                and_(executions.c.status == "delivering", executions.c.lease_expires_at <= now, ~alive),
-            ),
-        )
+    """Worker claims, over the claim queue (`_claim_queue`)."""
 
     async def claimable_page(
         self,
@@ -940,17 +969,18 @@ class ClaimRepository(_Repository):
         limit: int,
         agent: str | None = None,
     ) -> Sequence[AnyRow]:
+        conditions = []
+        if task is not None:
+            conditions.append(executions.c.task == task)
+        if agent is not None:
+            conditions.append(self._payload_string("agent") == agent)
+        page = _claim_queue(account_id, now, silent_since, limit, *conditions)
         query = (
             select(executions, cues.c.name.label("cue_name"))
+            .join(page, page.c.id == executions.c.id)
             .join(cues, cues.c.id == executions.c.cue_id)
-            .where(self.claimable(account_id, now, silent_since))
             .order_by(executions.c.scheduled_for, executions.c.created_at)
-            .limit(limit)
         )
-        if task is not None:
-            query = query.where(executions.c.task == task)
-        if agent is not None:
-            query = query.where(self._payload_string("agent") == agent)
         return (await self.conn.execute(query)).all()
 
     def _payload_string(self, key: str) -> ColumnElement[Any]:
@@ -982,18 +1012,17 @@ class ClaimRepository(_Repository):
             return await self._claim_postgres(
                 account_id, worker_id, now, lease, silent_since, execution_id, task, limit
             )
+        conditions = []
+        if execution_id is not None:
+            conditions.append(executions.c.id == execution_id)
+        if task is not None:
+            conditions.append(executions.c.task == task)
+        picked = _claim_queue(account_id, now, silent_since, limit, *conditions)
         query = (
             select(executions.c.id, cues.c.outcome_deadline_seconds)
+            .join(picked, picked.c.id == executions.c.id)
             .join(cues, cues.c.id == executions.c.cue_id)
-            .where(self.claimable(account_id, now, silent_since))
-            .order_by(executions.c.scheduled_for, executions.c.created_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True, of=executions)
         )
-        if execution_id is not None:
-            query = query.where(executions.c.id == execution_id)
-        if task is not None:
-            query = query.where(executions.c.task == task)
         by_deadline: dict[int, list[uuid.UUID]] = {}
         for candidate in await self.conn.execute(query):
             by_deadline.setdefault(candidate.outcome_deadline_seconds, []).append(candidate.id)

@@ -180,10 +180,18 @@ executions = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Index(None, "account_id", "created_at"),
     Index(None, "cue_id", "created_at"),
-    # Claims and sweeps: what is claimable, and what is delivering with a lease.
-    Index(None, "account_id", "status", "scheduled_for"),
+    # Claims and sweeps: what is claimable, in claim order, and what is
+    # delivering with a lease.
+    Index(None, "account_id", "status", "scheduled_for", "created_at"),
     Index(None, "status", "lease_expires_at"),
     Index(None, "transport", "status", "scheduled_for"),
+    # The deadline sweep: only executions still waiting for their outcome.
+    Index(
+        "ix_executions_awaiting_outcome",
+        "outcome_deadline_at",
+        postgresql_where=text("outcome_recorded_at IS NULL AND outcome_state IS NULL"),
+        sqlite_where=text("outcome_recorded_at IS NULL AND outcome_state IS NULL"),
+    ),
     # Exactly one scheduled execution per cron slot, across replicas and restarts.
     Index(
         "uq_executions_scheduled_slot",
