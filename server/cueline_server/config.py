@@ -62,9 +62,9 @@ class Settings:
     catch_up_grace_seconds: int = 60
     # PostgreSQL connections per pool (transactions and single statements each have one).
     database_pool_size: int = 32
-    # PostgreSQL: prepare the hot statements (outcome batches) on the server. Switch off
-    # behind a transaction-pooling proxy that does not keep prepared statements
-    # (PgBouncer before 1.21).
+    # PostgreSQL: prepare the hot single statements on the server and run them with
+    # their generic plans. Switch off behind a transaction-pooling proxy that does not
+    # keep prepared statements (PgBouncer before 1.21) or refuses `options`.
     database_prepared_statements: bool = True
     log_level: str = "INFO"
     access_log: bool = False

@@ -94,21 +94,29 @@ class Database:
             configure_sqlite(self.engine.sync_engine)
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
         else:
-            # Server-side prepared statements are off except for the hot single statements
-            # (`cueline_prepare`), and can be switched off for those too: transaction-pooling
-            # proxies older than PgBouncer 1.21 do not keep them.
             # No overflow: overflow connections are closed on return, so a busy
             # server would reconnect constantly; callers queue for a connection instead.
-            options: dict[str, Any] = {"connect_args": {"prepare_threshold": None}, "max_overflow": 0}
-            self.engine = create_async_engine(self.url, pool_size=pool_size, **options)
-            # A separate pool whose connections stay in autocommit mode: switching a
-            # pooled connection's mode back and forth costs a reset on every checkin.
+            self.engine = create_async_engine(
+                self.url, pool_size=pool_size, max_overflow=0, connect_args={"prepare_threshold": None}
+            )
+            # The hot single statements (claims, outcome batches, fires, due deliveries,
+            # heartbeats) get a pool of their own, whose connections stay in autocommit
+            # mode: switching a pooled connection's mode costs a reset on every checkin.
+            # Its statements are prepared on the server at first use and run with their
+            # generic plan: each is driven by a primary key or an index in claim order,
+            # and planning them anew on every call cost PostgreSQL more CPU than running
+            # them. `prepared_statements=False` turns both off, for transaction-pooling
+            # proxies that keep neither (PgBouncer before 1.21, or one that refuses the
+            # `options` startup parameter).
+            hot: dict[str, Any] = {"prepare_threshold": None}
+            if prepared_statements:
+                hot = {"prepare_threshold": 0, "options": "-c plan_cache_mode=force_generic_plan"}
             self._autocommit_engine: AsyncEngine = create_async_engine(
                 self.url,
                 pool_size=pool_size,
+                max_overflow=0,
                 isolation_level="AUTOCOMMIT",
-                execution_options={"cueline_prepare": prepared_statements},
-                **options,
+                connect_args=hot,
             )
             self._write_lock = None
 
