@@ -26,6 +26,7 @@ def failures(ingest: dict[str, Any], claims: dict[str, Any]) -> int:
         + sum(r["errors"] for r in ingest["fixed_rate"].values())
         + sum(
             r["G4"]["double_claims"]
+            + r["G4"]["errors"]
             + r["G5"]["double_claims"]
             + r["G5"]["errors"]
             + r["G7"]["duplicates"]

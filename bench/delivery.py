@@ -1,6 +1,6 @@
 """Claims, pickup, firing and webhook delivery: G4-G9 of BENCHMARKS.md.
 
-G4  batch claim + complete (gRPC ClaimExecutions, then RecordOutcome each), 8 workers
+G4  batch claim + complete (gRPC ClaimExecutions, then one RecordOutcomes), 8 workers
 G5  single claim per call (REST claim-next + outcome, the CueAPI protocol), 8 workers
 G6  pickup: fire -> in the hands of a worker waiting in a long poll (open loop, 50/s)
 G7  fire lag: execution committed - scheduled time, 1,000 cues due in one second
@@ -80,12 +80,14 @@ async def batch_claims(server: Server, key: str, pool: int, seconds: float) -> d
     insert_executions(db, account_id(db, key), _cue(server, key, transport="worker"), pool)
     db.dispose()
     seen: Counter[str] = Counter()
+    refused = 0  # reports of claimed executions that did not apply
     deadline = time.perf_counter() + seconds
     async with grpc.aio.insecure_channel(server.grpc_target) as channel:
         claims = executions_pb2_grpc.ExecutionServiceStub(channel)
         outcomes = outcomes_pb2_grpc.OutcomeServiceStub(channel)
 
         async def worker(index: int) -> None:
+            nonlocal refused
             while time.perf_counter() < deadline:
                 got = (
                     await claims.ClaimExecutions(
@@ -95,17 +97,18 @@ async def batch_claims(server: Server, key: str, pool: int, seconds: float) -> d
                 ).claims
                 if not got:
                     return
-                await asyncio.gather(
-                    *(
-                        outcomes.RecordOutcome(
+                answer = await outcomes.RecordOutcomes(
+                    outcomes_pb2.RecordOutcomesRequest(
+                        outcomes=[
                             outcomes_pb2.RecordOutcomeRequest(
                                 execution_id=c.execution_id, success=True, fencing_token=c.fencing_token
-                            ),
-                            metadata=_metadata(key),
-                        )
-                        for c in got
-                    )
+                            )
+                            for c in got
+                        ]
+                    ),
+                    metadata=_metadata(key),
                 )
+                refused += sum(1 for r in answer.results if r.HasField("refused"))
                 seen.update(c.execution_id for c in got)
 
         started = time.perf_counter()
@@ -115,6 +118,7 @@ async def batch_claims(server: Server, key: str, pool: int, seconds: float) -> d
         "per_second": round(sum(seen.values()) / elapsed, 1),
         "completed": sum(seen.values()),
         "double_claims": sum(1 for n in seen.values() if n > 1),
+        "errors": refused,
     }
 
 

@@ -80,3 +80,20 @@ def test_a_caller_that_stops_waiting_still_has_its_item_written() -> None:
         assert follower == "Y" and ["late"] in store.batches
 
     asyncio.run(scenario())
+
+
+def test_submitted_together_written_together_answered_in_order() -> None:
+    async def scenario() -> None:
+        store = Store()
+        coalescer = Coalescer(store.flush, max_batch=3)
+        store.gate.clear()
+        single = asyncio.create_task(coalescer.submit("a"))
+        await asyncio.sleep(0)
+        many = asyncio.create_task(coalescer.submit_many(["b", "c", "d", "e"]))
+        await asyncio.sleep(0)
+        store.gate.set()
+        assert await single == "A"
+        assert await many == ["B", "C", "D", "E"]
+        assert store.batches == [["a"], ["b", "c", "d"], ["e"]]
+
+    asyncio.run(scenario())

@@ -90,15 +90,28 @@ def _check(message: Message, prefix: str, out: list[Violation], mask: set[str] |
         if f.is_plain_message and not f.repeated:
             _check(getattr(message, f.name), path + ".", out, mask, top=False)
             continue
+        if f.is_plain_message and not f.is_map:
+            items = getattr(message, f.name)
+            if not _too_many(f, items, path, out):
+                for index, item in enumerate(items):
+                    _check(item, f"{path}.{index}.", out, mask, top=False)
+            continue
         _check_rules(f, getattr(message, f.name), path, out)
+
+
+def _too_many(f: FieldInfo, value: Any, path: str, out: list[Violation]) -> bool:
+    if f.rules.HasField("max_items") and len(value) > f.rules.max_items:
+        out.append(Violation(path, f"List should have at most {f.rules.max_items} items"))
+        return True
+    return False
 
 
 def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation]) -> None:
     rules = f.rules
-    if (f.repeated or f.is_map) and rules.HasField("max_items") and len(value) > rules.max_items:
-        out.append(Violation(path, f"List should have at most {rules.max_items} items"))
-        return
     if f.is_map:
+        _too_many(f, value, path, out)
+        return
+    if f.repeated and _too_many(f, value, path, out):
         return
     items = list(enumerate(value)) if f.repeated else [(None, value)]
     for index, item in items:

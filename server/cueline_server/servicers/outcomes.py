@@ -2,8 +2,15 @@ from __future__ import annotations
 
 from cueline.v1 import outcomes_pb2
 from cueline_server.api.pipeline import Call
+from cueline_server.errors import ApiError
 from cueline_server.servicers.convert import to_enum
-from cueline_server.services.outcomes import Evidence, OutcomeReport, OutcomeService
+from cueline_server.services.outcomes import (
+    Evidence,
+    OutcomeReport,
+    OutcomeService,
+    RecordedOutcome,
+    ReportRequest,
+)
 
 _OPTIONAL = (
     "result",
@@ -18,6 +25,28 @@ _OPTIONAL = (
 )
 
 
+def _report(request: outcomes_pb2.RecordOutcomeRequest) -> ReportRequest:
+    given = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}  # type: ignore[arg-type]
+    return ReportRequest(
+        request.execution_id,
+        OutcomeReport(success=request.success, **given),
+        request.fencing_token if request.HasField("fencing_token") else None,
+        request.request_id if request.HasField("request_id") else None,
+    )
+
+
+def _recorded(recorded: RecordedOutcome) -> outcomes_pb2.RecordOutcomeResponse:
+    response = outcomes_pb2.RecordOutcomeResponse(
+        execution_id=recorded.execution_id,
+        outcome_recorded=True,
+        outcome_state=to_enum(outcomes_pb2.OutcomeState, recorded.outcome_state),
+        late=recorded.late,
+    )
+    if recorded.reason is not None:
+        response.reason = recorded.reason
+    return response
+
+
 class OutcomeServicer:
     def __init__(self, outcomes: OutcomeService) -> None:
         self._outcomes = outcomes
@@ -25,22 +54,26 @@ class OutcomeServicer:
     async def RecordOutcome(
         self, request: outcomes_pb2.RecordOutcomeRequest, call: Call
     ) -> outcomes_pb2.RecordOutcomeResponse:
-        given = {name: getattr(request, name) for name in _OPTIONAL if request.HasField(name)}  # type: ignore[arg-type]
+        report = _report(request)
         recorded = await self._outcomes.record(
-            call.account,
-            request.execution_id,
-            OutcomeReport(success=request.success, **given),
-            request.fencing_token if request.HasField("fencing_token") else None,
-            request.request_id if request.HasField("request_id") else None,
+            call.account, report.execution_id, report.report, report.fencing_token, report.request_id
         )
-        response = outcomes_pb2.RecordOutcomeResponse(
-            execution_id=recorded.execution_id,
-            outcome_recorded=True,
-            outcome_state=to_enum(outcomes_pb2.OutcomeState, recorded.outcome_state),
-            late=recorded.late,
-        )
-        if recorded.reason is not None:
-            response.reason = recorded.reason
+        return _recorded(recorded)
+
+    async def RecordOutcomes(
+        self, request: outcomes_pb2.RecordOutcomesRequest, call: Call
+    ) -> outcomes_pb2.RecordOutcomesResponse:
+        reports = [_report(item) for item in request.outcomes]
+        answers = await self._outcomes.record_many(call.account, reports)
+        response = outcomes_pb2.RecordOutcomesResponse()
+        for report, answer in zip(reports, answers, strict=True):
+            if isinstance(answer, ApiError):
+                refused = outcomes_pb2.OutcomeRefusal(
+                    execution_id=report.execution_id, code=answer.code, message=answer.message
+                )
+                response.results.add(refused=refused)
+            else:
+                response.results.add(recorded=_recorded(answer))
         return response
 
     async def VerifyOutcome(

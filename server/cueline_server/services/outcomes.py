@@ -144,6 +144,66 @@ def check_report(report: OutcomeReport) -> OutcomeReport:
     )
 
 
+@dataclass(frozen=True)
+class ReportRequest:
+    """One report of a batch, with what travels beside it."""
+
+    execution_id: str
+    report: OutcomeReport
+    fencing_token: int | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A checked report, ready for the write-once statement, and what its answer needs."""
+
+    write: OutcomeWrite
+    verdicts: dict[str | None, Verdict]
+    success: bool
+    request_id: str | None
+    digest: str | None
+
+    @classmethod
+    def of(
+        cls,
+        caller: Caller,
+        execution_id: uuid.UUID,
+        report: OutcomeReport,
+        fencing_token: int | None,
+        request_id: str | None,
+    ) -> _Pending:
+        report = check_report(report)
+        moment = now()
+        evidence = report.evidence()
+        digest = report.digest() if request_id is not None else None
+        verdicts = {m: verdict(report.success, m, evidence) for m in (*MODES, None)}
+        outcome = {
+            "outcome_success": report.success,
+            "outcome_result": report.result,
+            "outcome_error": report.error,
+            "outcome_metadata": report.metadata,
+            "external_id": report.external_id,
+            "result_url": report.result_url,
+            "result_ref": report.result_ref,
+            "result_type": report.result_type,
+            "summary": report.summary,
+            "artifacts": report.artifacts,
+            "evidence_produced_at": moment if evidence else None,
+            "outcome_request_key": request_id,
+            "outcome_request_hash": digest,
+        }
+        write = OutcomeWrite(
+            caller.account_id,
+            execution_id,
+            moment,
+            outcome,
+            {m: (v.outcome_state, v.validation_state) for m, v in verdicts.items()},
+            fencing_token,
+        )
+        return cls(write, verdicts, report.success, request_id, digest)
+
+
 class OutcomeService:
     def __init__(
         self,
@@ -173,58 +233,68 @@ class OutcomeService:
         parsed = parse_uuid(execution_id)
         if parsed is None:
             raise execution_not_found()
-        report = check_report(report)
-        moment = now()
-        evidence = report.evidence()
-        digest = report.digest() if request_id is not None else None
-        verdicts = {m: verdict(report.success, m, evidence) for m in (*MODES, None)}
-        outcome = {
-            "outcome_success": report.success,
-            "outcome_result": report.result,
-            "outcome_error": report.error,
-            "outcome_metadata": report.metadata,
-            "external_id": report.external_id,
-            "result_url": report.result_url,
-            "result_ref": report.result_ref,
-            "result_type": report.result_type,
-            "summary": report.summary,
-            "artifacts": report.artifacts,
-            "evidence_produced_at": moment if evidence else None,
-            "outcome_request_key": request_id,
-            "outcome_request_hash": digest,
-        }
-        write = OutcomeWrite(
-            caller.account_id,
-            parsed,
-            moment,
-            outcome,
-            {m: (v.outcome_state, v.validation_state) for m, v in verdicts.items()},
-            fencing_token,
-        )
-        row = await self._writes.submit(write)
+        pending = _Pending.of(caller, parsed, report, fencing_token, request_id)
+        return await self._settle(caller, pending, await self._writes.submit(pending.write))
+
+    async def record_many(
+        self, caller: Caller, reports: Sequence[ReportRequest]
+    ) -> list[RecordedOutcome | ApiError]:
+        """Several reports written together, each applied or refused on its own
+        (the error a single `record` would raise is its result). A malformed
+        report fails the whole call, naming it by its position."""
+        pending: list[_Pending | ApiError] = []
+        for index, request in enumerate(reports):
+            parsed = parse_uuid(request.execution_id)
+            if parsed is None:
+                pending.append(execution_not_found())
+                continue
+            try:
+                pending.append(
+                    _Pending.of(caller, parsed, request.report, request.fencing_token, request.request_id)
+                )
+            except ApiError as exc:
+                if exc.violations:
+                    raise exc.within(f"outcomes.{index}") from None
+                raise ApiError(exc.code, f"outcomes.{index}: {exc.message}", exc.http_status) from None
+        writes = [p.write for p in pending if isinstance(p, _Pending)]
+        rows = iter(await self._writes.submit_many(writes))
+        results: list[RecordedOutcome | ApiError] = []
+        for entry in pending:
+            if isinstance(entry, ApiError):
+                results.append(entry)
+                continue
+            try:
+                results.append(await self._settle(caller, entry, next(rows)))
+            except ApiError as exc:
+                results.append(exc)
+        return results
+
+    async def _settle(self, caller: Caller, pending: _Pending, row: AnyRow | None) -> RecordedOutcome:
+        """The answer to a written report: the recorded outcome, the original one
+        for an idempotent repeat, or why it did not apply."""
         if row is None:
             async with self._db.unit_of_work(write=False) as uow:
-                found = await uow.executions.write_once_state(caller.account_id, parsed)
-                if found is None:
-                    raise execution_not_found()
-                if found.outcome_recorded_at is None:
-                    raise stale_claim()
-                if request_id is None or request_id != found.outcome_request_key:
-                    raise outcome_already_recorded()
-                if digest != found.outcome_request_hash:
-                    raise idempotency_key_conflict()
-                original = reported_reason(found.outcome_verification_mode, found.outcome_reported_state)
-                return RecordedOutcome(
-                    str(found.id), found.outcome_reported_state, original, bool(found.outcome_late)
-                )
+                found = await uow.executions.write_once_state(caller.account_id, pending.write.execution_id)
+            if found is None:
+                raise execution_not_found()
+            if found.outcome_recorded_at is None:
+                raise stale_claim()
+            if pending.request_id is None or pending.request_id != found.outcome_request_key:
+                raise outcome_already_recorded()
+            if pending.digest != found.outcome_request_hash:
+                raise idempotency_key_conflict()
+            original = reported_reason(found.outcome_verification_mode, found.outcome_reported_state)
+            return RecordedOutcome(
+                str(found.id), found.outcome_reported_state, original, bool(found.outcome_late)
+            )
         if row.transport == "worker" and row.status == "failed":
             self._failed([row.id])
         if self._alerts is not None:
             if row.outcome_state == "verification_failed":
                 self._alerts.verification_failed([row.id])
-            if not report.success and row.transport == "webhook":  # worker failures arrive through `failed`
+            if not pending.success and row.transport == "webhook":  # worker failures arrive through `failed`
                 self._alerts.failures([row.id])
-        reason = verdicts[row.outcome_verification_mode].reason
+        reason = pending.verdicts[row.outcome_verification_mode].reason
         return RecordedOutcome(str(row.id), row.outcome_state, reason, bool(row.outcome_late))
 
     # --- after the report -------------------------------------------------------------------

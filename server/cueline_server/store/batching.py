@@ -37,9 +37,21 @@ class Coalescer(Generic[T, R]):
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
+        self._start()
+        return await future
+
+    async def submit_many(self, items: Sequence[T]) -> list[R]:
+        """Queue several items at once: they go out together where the batch
+        size allows. The results are in the order of `items`."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
+        self._queue.extend(zip(items, futures, strict=True))
+        self._start()
+        return list(await asyncio.gather(*futures))
+
+    def _start(self) -> None:
         if self._draining is None:
             self._draining = asyncio.create_task(self._drain())
-        return await future
 
     async def _drain(self) -> None:
         try:

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -318,6 +320,112 @@ class RecordOutcomeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reason) -> _WhichOneofReturnType__reason | None: ...
 
 Global___RecordOutcomeResponse: _TypeAlias = RecordOutcomeResponse  # noqa: Y015
+
+@_typing.final
+class RecordOutcomesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordOutcomeRequest]: ...
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___RecordOutcomeRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordOutcomesRequest: _TypeAlias = RecordOutcomesRequest  # noqa: Y015
+
+@_typing.final
+class RecordOutcomesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordOutcomeResult]:
+        """One per report, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RecordOutcomeResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordOutcomesResponse: _TypeAlias = RecordOutcomesResponse  # noqa: Y015
+
+@_typing.final
+class RecordOutcomeResult(_message.Message):
+    """What became of one report of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def recorded(self) -> Global___RecordOutcomeResponse:
+        """The report applied (or repeated, under its request_id, one that had)."""
+
+    @_builtins.property
+    def refused(self) -> Global___OutcomeRefusal:
+        """The report was refused."""
+
+    def __init__(
+        self,
+        *,
+        recorded: Global___RecordOutcomeResponse | None = ...,
+        refused: Global___OutcomeRefusal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recorded", b"recorded", "refused", b"refused", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded", b"recorded", "refused", b"refused", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["recorded", "refused"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___RecordOutcomeResult: _TypeAlias = RecordOutcomeResult  # noqa: Y015
+
+@_typing.final
+class OutcomeRefusal(_message.Message):
+    """Why a report of a batch did not apply: the error a single RecordOutcome
+    would have answered with.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    code: _builtins.str
+    """The error code: outcome_already_recorded, execution_not_found,
+    stale_claim or idempotency_key_conflict.
+    """
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "execution_id", b"execution_id", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutcomeRefusal: _TypeAlias = OutcomeRefusal  # noqa: Y015
 
 @_typing.final
 class VerifyOutcomeRequest(_message.Message):

@@ -41,6 +41,11 @@ class OutcomeServiceStub:
                 request_serializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeRequest.SerializeToString,
                 response_deserializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeResponse.FromString,
                 _registered_method=True)
+        self.RecordOutcomes = channel.unary_unary(
+                '/cueline.v1.OutcomeService/RecordOutcomes',
+                request_serializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomesRequest.SerializeToString,
+                response_deserializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomesResponse.FromString,
+                _registered_method=True)
         self.VerifyOutcome = channel.unary_unary(
                 '/cueline.v1.OutcomeService/VerifyOutcome',
                 request_serializer=cueline_dot_v1_dot_outcomes__pb2.VerifyOutcomeRequest.SerializeToString,
@@ -66,6 +71,20 @@ class OutcomeServiceServicer:
     def RecordOutcome(self, request, context):
         """Records the outcome of an execution. Write-once: a second report is
         refused with ALREADY_EXISTS (REST 409 outcome_already_recorded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordOutcomes(self, request, context):
+        """Records up to 500 outcomes in one call, for workers that claim in
+        batches. Each report is its own write-once report, applied or refused on
+        its own and answered in request order: a report that a single
+        RecordOutcome would refuse (outcome_already_recorded, execution_not_found,
+        stale_claim, idempotency_key_conflict) is refused here in its result,
+        and the others still apply. A malformed report (what RecordOutcome
+        answers with INVALID_ARGUMENT or REST 400/422) fails the whole call,
+        naming it (outcomes.3.result).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,6 +122,11 @@ def add_OutcomeServiceServicer_to_server(servicer, server):
                     servicer.RecordOutcome,
                     request_deserializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeRequest.FromString,
                     response_serializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeResponse.SerializeToString,
+            ),
+            'RecordOutcomes': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordOutcomes,
+                    request_deserializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomesRequest.FromString,
+                    response_serializer=cueline_dot_v1_dot_outcomes__pb2.RecordOutcomesResponse.SerializeToString,
             ),
             'VerifyOutcome': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyOutcome,
@@ -149,6 +173,33 @@ class OutcomeService:
             '/cueline.v1.OutcomeService/RecordOutcome',
             cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeRequest.SerializeToString,
             cueline_dot_v1_dot_outcomes__pb2.RecordOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordOutcomes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cueline.v1.OutcomeService/RecordOutcomes',
+            cueline_dot_v1_dot_outcomes__pb2.RecordOutcomesRequest.SerializeToString,
+            cueline_dot_v1_dot_outcomes__pb2.RecordOutcomesResponse.FromString,
             options,
             channel_credentials,
             insecure,

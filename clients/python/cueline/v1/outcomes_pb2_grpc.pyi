@@ -39,6 +39,16 @@ class OutcomeServiceStub:
     """Records the outcome of an execution. Write-once: a second report is
     refused with ALREADY_EXISTS (REST 409 outcome_already_recorded).
     """
+    RecordOutcomes: _grpc.UnaryUnaryMultiCallable[_outcomes_pb2.RecordOutcomesRequest, _outcomes_pb2.RecordOutcomesResponse]
+    """Records up to 500 outcomes in one call, for workers that claim in
+    batches. Each report is its own write-once report, applied or refused on
+    its own and answered in request order: a report that a single
+    RecordOutcome would refuse (outcome_already_recorded, execution_not_found,
+    stale_claim, idempotency_key_conflict) is refused here in its result,
+    and the others still apply. A malformed report (what RecordOutcome
+    answers with INVALID_ARGUMENT or REST 400/422) fails the whole call,
+    naming it (outcomes.3.result).
+    """
     VerifyOutcome: _grpc.UnaryUnaryMultiCallable[_outcomes_pb2.VerifyOutcomeRequest, _outcomes_pb2.VerifyOutcomeResponse]
     """Marks a reported outcome verified (valid, the default) or rejected.
     FAILED_PRECONDITION (REST 409 invalid_state) from any state but
@@ -62,6 +72,16 @@ class OutcomeServiceAsyncStub(OutcomeServiceStub):
     RecordOutcome: _aio.UnaryUnaryMultiCallable[_outcomes_pb2.RecordOutcomeRequest, _outcomes_pb2.RecordOutcomeResponse]  # type: ignore[assignment]
     """Records the outcome of an execution. Write-once: a second report is
     refused with ALREADY_EXISTS (REST 409 outcome_already_recorded).
+    """
+    RecordOutcomes: _aio.UnaryUnaryMultiCallable[_outcomes_pb2.RecordOutcomesRequest, _outcomes_pb2.RecordOutcomesResponse]  # type: ignore[assignment]
+    """Records up to 500 outcomes in one call, for workers that claim in
+    batches. Each report is its own write-once report, applied or refused on
+    its own and answered in request order: a report that a single
+    RecordOutcome would refuse (outcome_already_recorded, execution_not_found,
+    stale_claim, idempotency_key_conflict) is refused here in its result,
+    and the others still apply. A malformed report (what RecordOutcome
+    answers with INVALID_ARGUMENT or REST 400/422) fails the whole call,
+    naming it (outcomes.3.result).
     """
     VerifyOutcome: _aio.UnaryUnaryMultiCallable[_outcomes_pb2.VerifyOutcomeRequest, _outcomes_pb2.VerifyOutcomeResponse]  # type: ignore[assignment]
     """Marks a reported outcome verified (valid, the default) or rejected.
@@ -89,6 +109,22 @@ class OutcomeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_outcomes_pb2.RecordOutcomeResponse, _abc.Awaitable[_outcomes_pb2.RecordOutcomeResponse]]:
         """Records the outcome of an execution. Write-once: a second report is
         refused with ALREADY_EXISTS (REST 409 outcome_already_recorded).
+        """
+
+    @_abc_1.abstractmethod
+    def RecordOutcomes(
+        self,
+        request: _outcomes_pb2.RecordOutcomesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_outcomes_pb2.RecordOutcomesResponse, _abc.Awaitable[_outcomes_pb2.RecordOutcomesResponse]]:
+        """Records up to 500 outcomes in one call, for workers that claim in
+        batches. Each report is its own write-once report, applied or refused on
+        its own and answered in request order: a report that a single
+        RecordOutcome would refuse (outcome_already_recorded, execution_not_found,
+        stale_claim, idempotency_key_conflict) is refused here in its result,
+        and the others still apply. A malformed report (what RecordOutcome
+        answers with INVALID_ARGUMENT or REST 400/422) fails the whole call,
+        naming it (outcomes.3.result).
         """
 
     @_abc_1.abstractmethod
