@@ -90,7 +90,11 @@ class Database:
         self.backend = self.url.get_backend_name()
         ensure_sqlite_directory(self.url)
         if self.backend == "sqlite":
-            self.engine: AsyncEngine = create_async_engine(self.url, pool_size=8, max_overflow=0)
+            # Every unit of work ends its own transaction, so the pool's rollback on
+            # return would only cost another thread hop per checkout.
+            self.engine: AsyncEngine = create_async_engine(
+                self.url, pool_size=8, max_overflow=0, pool_reset_on_return=None
+            )
             configure_sqlite(self.engine.sync_engine)
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
         else:
@@ -202,6 +206,7 @@ class UnitOfWork(Repositories):
 
     async def commit(self) -> None:
         await self.conn.commit()
+        self._release()  # the next writer need not wait for this connection's return
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
