@@ -25,6 +25,7 @@ from cueline_server.services.accounts import Caller, now
 from cueline_server.services.callbacks import CallbackPolicy
 from cueline_server.services.identifiers import is_cue_id, new_cue_id
 from cueline_server.services.schedules import check_cron, invalid_schedule, next_cron_time, zone
+from cueline_server.store.batching import Coalescer
 from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import AnyRow, DuplicateError
 
@@ -218,6 +219,16 @@ class CueService:
         self._schedule_changed = schedule_changed
         self._work_created = work_created
         self._callbacks = CallbackPolicy(settings.allow_private_callbacks, settings.allow_http_callbacks)
+        # SQLite has one writer: concurrent fires share its transactions (group
+        # commit). PostgreSQL writes each fire as one autocommitted statement.
+        self._fires: Coalescer[tuple[Mapping[str, Any], dt.datetime], None] | None = (
+            Coalescer(self._write_fires) if db.backend == "sqlite" else None
+        )
+
+    async def _write_fires(self, fires: Sequence[tuple[Mapping[str, Any], dt.datetime]]) -> list[None]:
+        async with self._db.single_statement() as repos:
+            await repos.executions.add_fired(fires)
+        return [None] * len(fires)
 
     async def _warning(self, repos: Repositories, caller: Caller, transport: str) -> str | None:
         if transport != "worker":
@@ -483,7 +494,8 @@ class CueService:
         self, caller: Caller, cue_id: str, send_at: dt.datetime | None, override: str | None, replace: bool
     ) -> tuple[Fired, NewWork]:
         """Read the cue, then write the execution and the cue's count in one
-        statement (PostgreSQL) or one short transaction (SQLite). A cue deleted
+        statement (PostgreSQL) or a transaction shared with concurrent fires
+        (SQLite). A cue deleted
         in between refuses the insert (DuplicateError), and the caller's second
         round finds no cue."""
         moment = now()
@@ -492,8 +504,10 @@ class CueService:
         if cue is None:
             raise cue_not_found()
         values = self._execution(cue, moment, send_at, override, replace)
-        async with self._db.single_statement() as repos:
-            await repos.executions.add_fired(values, moment)
+        if self._fires is not None:
+            await self._fires.submit((values, moment))
+        else:
+            await self._write_fires([(values, moment)])
         return Fired(str(values["id"]), cue_id, values["scheduled_for"]), NewWork.of(values)
 
     @staticmethod

@@ -223,15 +223,19 @@ class ExecutionRepository(_Repository):
     async def add(self, values: Mapping[str, Any]) -> None:
         await self._insert(insert(executions).values(**values))
 
-    async def add_fired(self, values: Mapping[str, Any], now: dt.datetime) -> None:
-        """A new execution (the keys of `new_execution`), and its cue's fired
-        count: one statement on PostgreSQL, to be run in autocommit mode. Raises
-        DuplicateError when the insert is refused (the cue is gone)."""
-        parameters = {f"x_{name}": values[name] for name in _FIRED_COLUMNS}
-        parameters["x_now"] = now
+    async def add_fired(self, fires: Sequence[tuple[Mapping[str, Any], dt.datetime]]) -> None:
+        """New executions (each the keys of `new_execution`, with its fire time),
+        and their cues' fired counts. On PostgreSQL one statement per fire, to be
+        run in autocommit mode; on SQLite one insert and one update for them all.
+        Raises DuplicateError when an insert is refused (its cue is gone)."""
+        parameters = [
+            {**{f"x_{name}": values[name] for name in _FIRED_COLUMNS}, "x_now": moment}
+            for values, moment in fires
+        ]
         try:
             if self.conn.dialect.name == "postgresql":
-                await self.conn.execute(_fire_postgres(), parameters)
+                for each in parameters:
+                    await self.conn.execute(_fire_postgres(), each)
                 return
             await self.conn.execute(_fire_insert(), parameters)
             await self.conn.execute(_count_fired(), parameters)
