@@ -882,6 +882,16 @@ def _claimed(worker_id: Any, now: Any, lease_until: Any) -> dict[str, Any]:
     }
 
 
+# What a claim answers with (the Claim message), and its order.
+_CLAIMED_RETURNING = tuple(
+    executions.c[name]
+    for name in (
+        *("id", "cue_id", "task", "payload", "attempts", "lease_expires_at"),
+        *("scheduled_for", "created_at"),
+    )
+)
+
+
 def _claim_queue(
     account_id: Any,
     now: Any,
@@ -957,7 +967,7 @@ def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
             ),
             outcome_deadline_at=now + func.make_interval(0, 0, 0, 0, 0, 0, cues.c.outcome_deadline_seconds),
         )
-        .returning(executions)
+        .returning(*_CLAIMED_RETURNING)
     )
 
 
@@ -1039,7 +1049,7 @@ class ClaimRepository(_Repository):
                     **_claimed(worker_id, now, now + lease),
                     outcome_deadline_at=now + dt.timedelta(seconds=seconds),
                 )
-                .returning(executions)
+                .returning(*_CLAIMED_RETURNING)
             )
             claimed += result.all()
         claimed.sort(key=lambda r: (r.scheduled_for, r.created_at))
