@@ -36,7 +36,7 @@ from cueline_server.outbound import HttpClient, Origin
 from cueline_server.servicers.alerts import alert_message
 from cueline_server.services.accounts import Caller, now
 from cueline_server.services.callbacks import BlockedTarget, CallbackPolicy
-from cueline_server.services.outcomes import OutcomeReport, OutcomeService
+from cueline_server.services.outcomes import OutcomeReport, OutcomeService, ReportRequest
 from cueline_server.store.batching import Coalescer
 from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import AnyRow
@@ -312,7 +312,8 @@ class Dispatcher:
                 fields[name] = json.dumps(parsed[name], separators=(",", ":"), ensure_ascii=False)
         try:
             await self._outcomes.record(
-                Caller(row.account_id, 0), str(row.id), OutcomeReport(success=parsed["success"], **fields)
+                Caller(row.account_id, 0),
+                ReportRequest(str(row.id), OutcomeReport(success=parsed["success"], **fields)),
             )
         except ApiError as error:  # invalid, or the handler already reported: the delivery stands
             log.info("response-body outcome of %s not recorded: %s", row.id, error.code)

@@ -54,11 +54,7 @@ class OutcomeServicer:
     async def RecordOutcome(
         self, request: outcomes_pb2.RecordOutcomeRequest, call: Call
     ) -> outcomes_pb2.RecordOutcomeResponse:
-        report = _report(request)
-        recorded = await self._outcomes.record(
-            call.account, report.execution_id, report.report, report.fencing_token, report.request_id
-        )
-        return _recorded(recorded)
+        return _recorded(await self._outcomes.record(call.account, _report(request)))
 
     async def RecordOutcomes(
         self, request: outcomes_pb2.RecordOutcomesRequest, call: Call

@@ -146,7 +146,7 @@ def check_report(report: OutcomeReport) -> OutcomeReport:
 
 @dataclass(frozen=True)
 class ReportRequest:
-    """One report of a batch, with what travels beside it."""
+    """A report, with what travels beside it."""
 
     execution_id: str
     report: OutcomeReport
@@ -165,15 +165,9 @@ class _Pending:
     digest: str | None
 
     @classmethod
-    def of(
-        cls,
-        caller: Caller,
-        execution_id: uuid.UUID,
-        report: OutcomeReport,
-        fencing_token: int | None,
-        request_id: str | None,
-    ) -> _Pending:
-        report = check_report(report)
+    def of(cls, caller: Caller, execution_id: uuid.UUID, request: ReportRequest) -> _Pending:
+        report = check_report(request.report)
+        request_id = request.request_id
         moment = now()
         evidence = report.evidence()
         digest = report.digest() if request_id is not None else None
@@ -199,7 +193,7 @@ class _Pending:
             moment,
             outcome,
             {m: (v.outcome_state, v.validation_state) for m, v in verdicts.items()},
-            fencing_token,
+            request.fencing_token,
         )
         return cls(write, verdicts, report.success, request_id, digest)
 
@@ -222,18 +216,11 @@ class OutcomeService:
         async with self._db.single_statement() as repos:
             return await repos.executions.record_outcomes(writes)
 
-    async def record(
-        self,
-        caller: Caller,
-        execution_id: str,
-        report: OutcomeReport,
-        fencing_token: int | None = None,
-        request_id: str | None = None,
-    ) -> RecordedOutcome:
-        parsed = parse_uuid(execution_id)
+    async def record(self, caller: Caller, request: ReportRequest) -> RecordedOutcome:
+        parsed = parse_uuid(request.execution_id)
         if parsed is None:
             raise execution_not_found()
-        pending = _Pending.of(caller, parsed, report, fencing_token, request_id)
+        pending = _Pending.of(caller, parsed, request)
         return await self._settle(caller, pending, await self._writes.submit(pending.write))
 
     async def record_many(
@@ -249,9 +236,7 @@ class OutcomeService:
                 pending.append(execution_not_found())
                 continue
             try:
-                pending.append(
-                    _Pending.of(caller, parsed, request.report, request.fencing_token, request.request_id)
-                )
+                pending.append(_Pending.of(caller, parsed, request))
             except ApiError as exc:
                 if exc.violations:
                     raise exc.within(f"outcomes.{index}") from None
