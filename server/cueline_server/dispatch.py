@@ -286,8 +286,6 @@ class Dispatcher:
         failed: list[bool] = []
         async with self._db.unit_of_work() as uow:
             await uow.deliveries.succeeded_many(delivered, moment)
-            # Cue rows in one order, so concurrent batches (replicas) cannot deadlock on them.
-            await uow.cues.record_results(sorted((row.cue_id, "success") for row, _, _ in delivered), moment)
             for f in finished:
                 if f.attempt.succeeded:
                     failed.append(False)
@@ -295,6 +293,10 @@ class Dispatcher:
                 failed.append(
                     await fail_attempt(uow, f.row, f.attempt.error or "", f.attempt.http_status, moment)
                 )
+            # The cues last, all in one call (which orders their rows).
+            results = [(row.cue_id, "success") for row, _, _ in delivered]
+            results += [(f.row.cue_id, "failed") for f, gone in zip(finished, failed, strict=True) if gone]
+            await uow.cues.record_results(results, moment)
             await uow.commit()
         return failed
 
@@ -328,27 +330,28 @@ class Dispatcher:
             self.wake()
 
     async def recover_stale(self, moment: dt.datetime) -> None:
-        failed: list[uuid.UUID] = []
+        failed: list[AnyRow] = []
         async with self._db.unit_of_work() as uow:
             for row in await uow.deliveries.stale(moment, self._stale):
                 if await fail_attempt(uow, row, "Recovered from stale delivering state", None, moment):
-                    failed.append(row.id)
+                    failed.append(row)
+            await uow.cues.record_results([(row.cue_id, "failed") for row in failed], moment)
             await uow.commit()
-        self._on_failed(failed)
+        self._on_failed([row.id for row in failed])
 
 
 async def fail_attempt(
     repos: Repositories, row: AnyRow, error: str, http_status: int | None, moment: dt.datetime
 ) -> bool:
     """Attempt n failed: retry after backoff[min(n-1, len-1)] minutes (1 if none
-    are set), or fail for good at max_attempts. True when it failed for good."""
+    are set), or fail for good at max_attempts. True when it failed for good; the
+    caller then records the cue's result (`CueRepository.record_results`)."""
     if row.attempts < row.retry_max_attempts:
         backoff = json.loads(row.retry_backoff_minutes) or [1]
         delay = dt.timedelta(minutes=backoff[min(row.attempts - 1, len(backoff) - 1)])
         await repos.deliveries.retry_later(row.id, error, http_status, moment + delay, moment)
         return False
     await repos.deliveries.failed(row.id, error, http_status, moment)
-    await repos.cues.record_result(row.cue_id, "failed", moment)
     return True
 
 

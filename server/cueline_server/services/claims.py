@@ -247,5 +247,4 @@ class ClaimService:
 
 
 async def _settle(repos: Repositories, finished: Sequence[AnyRow], moment: dt.datetime) -> None:
-    for row in finished:
-        await repos.cues.record_result(row.cue_id, row.status, moment)
+    await repos.cues.record_results([(row.cue_id, row.status) for row in finished], moment)

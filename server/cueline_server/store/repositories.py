@@ -197,19 +197,18 @@ class CueRepository(_Repository):
             [{"b_cue_id": s["cue_id"], "b_next_run": s["next_run"], "b_fired": s["fired"]} for s in steps],
         )
 
-    async def record_result(self, cue_id: str, status: str, now: dt.datetime) -> None:
-        """An execution of the cue reached a final status (success, failed, missed):
-        count it, and end or pause the cue as its schedule and policy say."""
-        await self.conn.execute(
-            _record_result_statement(), {"r_cue_id": cue_id, "r_status": status, "r_now": now}
-        )
-
     async def record_results(self, results: Sequence[tuple[str, str]], now: dt.datetime) -> None:
-        """`record_result` for several (cue id, status) pairs, in order, in one call."""
+        """Executions of these cues reached a final status (cue id, and success,
+        failed or missed): count each, and end or pause the cue as its schedule and
+        policy say. Cue rows are updated in id order, so concurrent transactions
+        (replicas) lock them in one order and cannot deadlock on them."""
         if results:
             await self.conn.execute(
                 _record_result_statement(),
-                [{"r_cue_id": cue_id, "r_status": status, "r_now": now} for cue_id, status in results],
+                [
+                    {"r_cue_id": cue_id, "r_status": status, "r_now": now}
+                    for cue_id, status in sorted(results)
+                ],
             )
 
     async def delete(self, account_id: uuid.UUID, cue_id: str) -> bool:
