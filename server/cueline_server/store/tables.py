@@ -122,6 +122,9 @@ cues = Table(
     Index(None, "status", "next_run"),
 )
 
+# Executions the outcome-deadline sweep looks at (a partial index's predicate).
+AWAITING_OUTCOME = "outcome_deadline_at IS NOT NULL AND outcome_recorded_at IS NULL AND outcome_state IS NULL"
+
 executions = Table(
     "executions",
     metadata,
@@ -185,12 +188,13 @@ executions = Table(
     Index(None, "account_id", "status", "scheduled_for", "created_at"),
     Index(None, "status", "lease_expires_at"),
     Index(None, "transport", "status", "scheduled_for"),
-    # The deadline sweep: only executions still waiting for their outcome.
+    # The deadline sweep: only executions with a deadline, still waiting for their
+    # outcome (not every new execution, which has no deadline until it is delivered).
     Index(
         "ix_executions_awaiting_outcome",
         "outcome_deadline_at",
-        postgresql_where=text("outcome_recorded_at IS NULL AND outcome_state IS NULL"),
-        sqlite_where=text("outcome_recorded_at IS NULL AND outcome_state IS NULL"),
+        postgresql_where=text(AWAITING_OUTCOME),
+        sqlite_where=text(AWAITING_OUTCOME),
     ),
     # Exactly one scheduled execution per cron slot, across replicas and restarts.
     Index(

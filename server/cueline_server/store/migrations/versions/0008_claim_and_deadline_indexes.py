@@ -20,7 +20,7 @@ down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-AWAITING_OUTCOME = "outcome_recorded_at IS NULL AND outcome_state IS NULL"
+AWAITING_OUTCOME = "outcome_deadline_at IS NOT NULL AND outcome_recorded_at IS NULL AND outcome_state IS NULL"
 
 
 def upgrade() -> None:
