@@ -204,13 +204,11 @@ class Dispatcher:
             self._notices.add(task)
             task.add_done_callback(self._notices.discard)
 
-    async def deliver_alert(self, alert: AnyRow, url: str) -> None:
+    async def deliver_alert(self, alert: AnyRow, url: str, secret: str) -> None:
         """POST an alert to the account's alert webhook: signed, 10 s, no retries."""
-        async with self._db.unit_of_work(write=False) as uow:
-            secret = await uow.accounts.webhook_secret(alert.account_id)
         body = json.dumps(render(alert_message(alert)), sort_keys=True).encode()
         headers = _signed_headers(
-            secret or "", body, {"X-CueAPI-Alert-Id": str(alert.id), "X-CueAPI-Alert-Type": alert.alert_type}
+            secret, body, {"X-CueAPI-Alert-Id": str(alert.id), "X-CueAPI-Alert-Type": alert.alert_type}
         )
         attempt = await self.sender.send("POST", url, body, headers, NOTIFY_TIMEOUT)
         if not attempt.succeeded:

@@ -28,8 +28,9 @@ DEDUPE_WINDOW = dt.timedelta(minutes=5)
 TYPES = ("verification_failed", "consecutive_failures", "outcome_timeout")
 ALIASES = {"consecutive_failure": "consecutive_failures"}
 
-Deliver = Callable[[AnyRow, str], Awaitable[None]]
-"""Sends a stored alert to a URL (the dispatcher's signed, SSRF-checked sender)."""
+Deliver = Callable[[AnyRow, str, str], Awaitable[None]]
+"""Sends a stored alert to a URL, signed with the account's secret (the
+dispatcher's SSRF-checked sender)."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class AlertService:
             and account.alert_webhook_url
             and alert is not None
         ):
-            await self.deliver(alert, account.alert_webhook_url)
+            await self.deliver(alert, account.alert_webhook_url, account.webhook_secret)
 
     # --- reading -------------------------------------------------------------------------------
 
