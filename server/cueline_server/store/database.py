@@ -15,12 +15,14 @@ failing on a lock upgrade.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import aiosqlite
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -84,6 +86,36 @@ def ensure_sqlite_directory(url: URL) -> None:
         Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
+class _WriterConnection(aiosqlite.Connection):
+    """aiosqlite for SQLite's single writer, minus most of its thread hops.
+
+    aiosqlite sends every call to the connection's own thread and back, and a
+    write transaction holds the write lock across all of them: a statement,
+    its fetch and its cursor's close are three hops, each waiting for a busy
+    event loop to resume the writer. Here statements run in the calling thread
+    (SQLite releases the GIL while it works). What can wait runs on the
+    connection's thread as before: BEGIN, which may wait for another process's
+    lock (busy_timeout), and COMMIT, which waits for the disk. Calls on one
+    connection never overlap: one unit of work uses it at a time."""
+
+    @classmethod
+    async def open(cls, path: str) -> aiosqlite.Connection:
+        connection = cls(lambda: sqlite3.connect(path, check_same_thread=False), iter_chunk_size=64)
+        connection._thread.daemon = True
+        return await connection
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if fn == self._conn.commit or (args and isinstance(args[0], str) and _begins(args[0])):
+            return await super()._execute(fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+        if not self._running:
+            raise ValueError("Connection closed")
+        return fn(*args, **kwargs)
+
+
+def _begins(sql: str) -> bool:
+    return sql.lstrip()[:5].upper() == "BEGIN"
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 20, prepared_statements: bool = True) -> None:
         self.url = async_url(url)
@@ -96,6 +128,16 @@ class Database:
                 self.url, pool_size=8, max_overflow=0, pool_reset_on_return=None
             )
             configure_sqlite(self.engine.sync_engine)
+            # The single writer has a connection of its own (see _WriterConnection).
+            path = self.url.database or ":memory:"
+            self._writer: AsyncEngine | None = create_async_engine(
+                self.url,
+                pool_size=1,
+                max_overflow=0,
+                pool_reset_on_return=None,
+                async_creator=lambda: _WriterConnection.open(path),
+            )
+            configure_sqlite(self._writer.sync_engine)
             self._write_lock: asyncio.Lock | None = asyncio.Lock()
         else:
             # No overflow: overflow connections are closed on return, so a busy
@@ -122,6 +164,7 @@ class Database:
                 isolation_level="AUTOCOMMIT",
                 connect_args=hot,
             )
+            self._writer = None
             self._write_lock = None
 
     def unit_of_work(self, *, write: bool = True) -> UnitOfWork:
@@ -162,6 +205,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._writer is not None:
+            await self._writer.dispose()
         if self.backend != "sqlite":
             await self._autocommit_engine.dispose()
 
@@ -194,9 +239,11 @@ class UnitOfWork(Repositories):
             await self._db._write_lock.acquire()
             self._locked = True
         try:
-            conn = await self._db.engine.connect()
-            if self._write and self._db.backend == "sqlite":
+            if self._write and self._db._writer is not None:
+                conn = await self._db._writer.connect()
                 conn = await conn.execution_options(cueline_begin="IMMEDIATE")
+            else:
+                conn = await self._db.engine.connect()
             await conn.begin()
         except BaseException:
             self._release()
