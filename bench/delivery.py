@@ -53,15 +53,11 @@ from cueline.v1 import (
     outcomes_pb2_grpc,
 )
 from cueline_server.store.tables import executions
-from tests.support import Server, auth
+from tests.support import Server, auth, bearer
 
 WORKERS = 8
 # The ceiling's pending rows per run assume no more than this many claims per second.
 MAX_CLAIM_RATE = 20000
-
-
-def _metadata(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
 
 
 def _cue(server: Server, key: str, **body: Any) -> str:
@@ -92,7 +88,7 @@ async def batch_claims(server: Server, key: str, pool: int, seconds: float) -> d
                 got = (
                     await claims.ClaimExecutions(
                         executions_pb2.ClaimExecutionsRequest(worker_id=f"w{index}", max_executions=50),
-                        metadata=_metadata(key),
+                        metadata=bearer(key),
                     )
                 ).claims
                 if not got:
@@ -106,7 +102,7 @@ async def batch_claims(server: Server, key: str, pool: int, seconds: float) -> d
                             for c in got
                         ]
                     ),
-                    metadata=_metadata(key),
+                    metadata=bearer(key),
                 )
                 refused += sum(1 for r in answer.results if r.HasField("refused"))
                 seen.update(c.execution_id for c in got)
@@ -182,7 +178,7 @@ async def pickup(server: Server, key: str, rate: float, seconds: float) -> dict[
                         executions_pb2.ClaimExecutionsRequest(
                             worker_id=f"p{index}", task="pickup", max_executions=10, wait_seconds=2
                         ),
-                        metadata=_metadata(key),
+                        metadata=bearer(key),
                     )
                 ).claims
                 arrived = time.time()
@@ -196,7 +192,7 @@ async def pickup(server: Server, key: str, rate: float, seconds: float) -> dict[
             started = time.perf_counter()
             await cues.FireCue(
                 cues_pb2.FireCueRequest(cue_id=cue_id, payload_override=json.dumps({"sent": time.time()})),
-                metadata=_metadata(key),
+                metadata=bearer(key),
             )
             await asyncio.sleep(max(0.0, 1 / rate - (time.perf_counter() - started)))
         await asyncio.wait_for(done.wait(), 30)
@@ -294,7 +290,7 @@ async def webhooks(server: Server, key: str, secret: str, rate: float, seconds: 
         for index in range(total):
             pending.append(
                 asyncio.ensure_future(
-                    cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue_id), metadata=_metadata(key))
+                    cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue_id), metadata=bearer(key))
                 )
             )
             await asyncio.sleep(max(0.0, started + (index + 1) / rate - time.perf_counter()))

@@ -47,7 +47,7 @@ from bench.common import (
 from bench.progress import phase
 from bench.rawhttp import Connection
 from cueline.v1 import outcomes_pb2, outcomes_pb2_grpc
-from tests.support import Server, auth
+from tests.support import Server, auth, bearer
 
 GOALS = {("postgres", "grpc"): "G1", ("sqlite", "grpc"): "G13", ("postgres", "rest"): "G14"}
 GOAL_CALLERS = 64
@@ -102,7 +102,7 @@ async def closed_loop(call: Call, ids: Iterator[str], callers: int, plan: Plan) 
 
 async def over_grpc(target: str, key: str, ids: Iterator[str], callers: int, plan: Plan) -> dict[str, Any]:
     """The G1 load generator: RecordOutcome on one channel, `callers` at a time."""
-    md = (("authorization", f"Bearer {key}"),)
+    md = bearer(key)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = outcomes_pb2_grpc.OutcomeServiceStub(channel)
 
@@ -208,7 +208,7 @@ async def fixed_rate(server: Server, key: str, rate: float, seconds: float) -> d
     latency counts from the request's scheduled send time, so queueing shows."""
     total = int(rate * seconds)
     pool = prepare(server, key, total)
-    md = (("authorization", f"Bearer {key}"),)
+    md = bearer(key)
     latencies: list[float] = []
     errors = 0
     async with grpc.aio.insecure_channel(server.grpc_target) as channel:
@@ -238,7 +238,7 @@ async def race(server: Server, key: str, executions: int, writers: int = 16) -> 
     """G3: every execution gets `writers` concurrent reports, half over gRPC and
     half over REST; exactly one may win, every loser must get a conflict."""
     pool = prepare(server, key, executions)
-    md = (("authorization", f"Bearer {key}"),)
+    md = bearer(key)
     wins: dict[str, int] = dict.fromkeys(pool, 0)
     tally = {"conflicts": 0, "errors": 0}
     async with (

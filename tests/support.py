@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
+import hmac
 import http.server
 import os
 import re
@@ -16,12 +18,16 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import psycopg
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,6 +170,35 @@ class Server:
 
 def auth(key: str) -> dict[str, Any]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying an account key."""
+    return (("authorization", f"Bearer {key}"),)
+
+
+def error_details(
+    error: grpc.RpcError,
+) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.BadRequest | None]:
+    """The ErrorInfo (empty if none) and BadRequest (if any) of a failed gRPC call."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type, unused-ignore]
+    assert status is not None
+    info, bad = error_details_pb2.ErrorInfo(), None
+    for packed in status.details:
+        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            packed.Unpack(info)
+        elif packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            packed.Unpack(bad)
+    return info, bad
+
+
+def signed(secret: str, headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether a delivery carries cueline's signature of its body:
+    `v1=` HMAC-SHA256 of "{X-CueAPI-Timestamp}." + body under the secret."""
+    lower = {name.lower(): value for name, value in headers.items()}
+    digest = hmac.new(secret.encode(), lower["x-cueapi-timestamp"].encode() + b"." + body, hashlib.sha256)
+    return lower["x-cueapi-signature"] == f"v1={digest.hexdigest()}"
 
 
 @dataclass

@@ -6,8 +6,6 @@ scheduler passes that fire many cues in parallel batches."""
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import hmac
 import http.server
 import threading
 import time
@@ -23,7 +21,7 @@ from cueline.v1 import executions_pb2, executions_pb2_grpc
 from tests.integration.test_scheduler import executions_of, once_cue, soon, wait_for
 from tests.integration.test_webhooks import execution, webhook_cue
 from tests.integration.test_worker_transport import fire, worker_cue
-from tests.support import Server, auth
+from tests.support import Server, auth, bearer, signed
 
 LOCAL = {
     "CUELINE_ALLOW_PRIVATE_CALLBACKS": "true",
@@ -85,13 +83,6 @@ class KeepAliveReceiver:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-
-def signed(secret: str, headers: dict[str, str], body: bytes) -> bool:
-    digest = hmac.new(
-        secret.encode(), headers["x-cueapi-timestamp"].encode() + b"." + body, hashlib.sha256
-    ).hexdigest()
-    return headers["x-cueapi-signature"] == f"v1={digest}"
 
 
 def test_webhooks_reuse_a_kept_alive_connection(local: Server) -> None:
@@ -170,7 +161,7 @@ def _long_poll(server: Server, key: str, worker: str, task: str, wait: float) ->
             executions_pb2.ClaimExecutionsRequest(
                 worker_id=worker, task=task, max_executions=1, wait_seconds=int(wait)
             ),
-            metadata=(("authorization", f"Bearer {key}"),),
+            metadata=bearer(key),
         )
     return [claim.execution_id for claim in response.claims]
 

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
@@ -23,7 +22,7 @@ from cueline.v1 import (
     outcomes_pb2,
     outcomes_pb2_grpc,
 )
-from tests.support import Server
+from tests.support import Server, bearer, error_details
 
 SERVICES = [
     "cueline.v1.AccountService",
@@ -43,20 +42,7 @@ def channel(server: Server) -> Iterator[grpc.Channel]:
 def api_key(channel: grpc.Channel) -> tuple[tuple[str, str], ...]:
     stub = accounts_pb2_grpc.AccountServiceStub(channel)
     key = stub.Register(accounts_pb2.RegisterRequest(email=f"g-{uuid.uuid4().hex[:8]}@example.com")).api_key
-    return (("authorization", f"Bearer {key}"),)
-
-
-def details(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.BadRequest | None]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type, unused-ignore]
-    assert status is not None
-    info, bad = error_details_pb2.ErrorInfo(), None
-    for packed in status.details:
-        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            packed.Unpack(info)
-        elif packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            packed.Unpack(bad)
-    return info, bad
+    return bearer(key)
 
 
 def test_health_overall_and_per_service(channel: grpc.Channel) -> None:
@@ -103,7 +89,7 @@ def test_slice_and_write_once(channel: grpc.Channel) -> None:
             outcomes_pb2.RecordOutcomeRequest(execution_id=fired.id, success=True), metadata=md
         )
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    info, _ = details(raised.value)
+    info, _ = error_details(raised.value)
     assert info.reason == "outcome_already_recorded" and info.metadata["http_status"] == "409"
 
     execution = (
@@ -132,7 +118,7 @@ def test_invalid_argument_names_the_field(channel: grpc.Channel) -> None:
             metadata=md,
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    info, bad = details(raised.value)
+    info, bad = error_details(raised.value)
     assert info.reason == "validation_error"
     assert bad is not None and [v.field for v in bad.field_violations] == ["cue.retry.max_attempts"]
 
@@ -154,7 +140,7 @@ def test_json_text_fields_must_hold_json(channel: grpc.Channel) -> None:
             metadata=md,
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    _, bad = details(raised.value)
+    _, bad = error_details(raised.value)
     assert bad is not None and [(v.field, v.description) for v in bad.field_violations] == [
         ("cue.payload", "Input should be valid JSON")
     ]
@@ -175,7 +161,7 @@ def test_payload_size_limit(channel: grpc.Channel) -> None:
             metadata=md,
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert details(raised.value)[0].reason == "invalid_payload_size"
+    assert error_details(raised.value)[0].reason == "invalid_payload_size"
 
 
 @pytest.mark.parametrize(
@@ -186,7 +172,7 @@ def test_unauthenticated(channel: grpc.Channel, metadata: tuple[tuple[str, str],
     with pytest.raises(grpc.RpcError) as raised:
         cues_pb2_grpc.CueServiceStub(channel).ListCues(cues_pb2.ListCuesRequest(), metadata=metadata)
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert details(raised.value)[0].reason == reason
+    assert error_details(raised.value)[0].reason == reason
 
 
 def test_not_found_for_malformed_and_foreign_ids(channel: grpc.Channel) -> None:
@@ -196,7 +182,7 @@ def test_not_found_for_malformed_and_foreign_ids(channel: grpc.Channel) -> None:
         with pytest.raises(grpc.RpcError) as raised:
             stub.GetExecution(executions_pb2.GetExecutionRequest(execution_id=execution_id), metadata=md)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-        assert details(raised.value)[0].reason == "execution_not_found"
+        assert error_details(raised.value)[0].reason == "execution_not_found"
 
 
 def test_update_mask_semantics(channel: grpc.Channel) -> None:
@@ -304,13 +290,13 @@ def test_batch_claim_long_poll_and_fencing(channel: grpc.Channel) -> None:
             metadata=md,
         )
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert details(raised.value)[0].reason == "stale_claim"
+    assert error_details(raised.value)[0].reason == "stale_claim"
     with pytest.raises(grpc.RpcError) as raised:
         executions.HeartbeatExecution(
             executions_pb2.HeartbeatExecutionRequest(execution_id=claim.execution_id, fencing_token=7),
             metadata=md,
         )
-    assert details(raised.value)[0].reason == "stale_claim"
+    assert error_details(raised.value)[0].reason == "stale_claim"
     recorded = outcomes.RecordOutcome(
         outcomes_pb2.RecordOutcomeRequest(
             execution_id=claim.execution_id, success=True, fencing_token=claim.fencing_token

@@ -10,8 +10,7 @@ import httpx
 import pytest
 
 from cueline.v1 import executions_pb2, executions_pb2_grpc, outcomes_pb2, outcomes_pb2_grpc
-from tests.integration.test_grpc import details
-from tests.support import Server, auth
+from tests.support import Server, auth, bearer, error_details
 
 
 def _worker_cue(client: httpx.Client) -> str:
@@ -31,7 +30,7 @@ def _outcome(client: httpx.Client, execution_id: str) -> dict[str, Any]:
 
 def test_each_report_of_a_batch_applies_or_is_refused_on_its_own(server: Server) -> None:
     key = server.register()
-    metadata = (("authorization", f"Bearer {key}"),)
+    metadata = bearer(key)
     with (
         httpx.Client(base_url=server.http_url, headers=auth(key)) as client,
         grpc.insecure_channel(server.grpc_target) as channel,
@@ -90,7 +89,7 @@ def test_each_report_of_a_batch_applies_or_is_refused_on_its_own(server: Server)
 
 def test_a_stale_claim_in_a_batch_is_refused(server: Server) -> None:
     key = server.register()
-    metadata = (("authorization", f"Bearer {key}"),)
+    metadata = bearer(key)
     with (
         httpx.Client(base_url=server.http_url, headers=auth(key)) as client,
         grpc.insecure_channel(server.grpc_target) as channel,
@@ -163,7 +162,7 @@ def test_batches_over_rest(server: Server) -> None:
 def test_a_large_batch_is_written_whole(server: Server, count: int) -> None:
     """More reports than one database batch holds are all written and all answered."""
     key = server.register()
-    metadata = (("authorization", f"Bearer {key}"),)
+    metadata = bearer(key)
     with (
         httpx.Client(base_url=server.http_url, headers=auth(key)) as client,
         grpc.insecure_channel(server.grpc_target) as channel,
@@ -191,9 +190,9 @@ def test_a_malformed_batch_over_grpc_names_the_report(server: Server) -> None:
                         outcomes_pb2.RecordOutcomeRequest(execution_id=str(uuid.uuid4()), result="x" * 8193),
                     ]
                 ),
-                metadata=(("authorization", f"Bearer {key}"),),
+                metadata=bearer(key),
             )
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        _, bad = details(raised.value)
+        _, bad = error_details(raised.value)
         assert bad is not None
         assert {v.field for v in bad.field_violations} == {"outcomes.1.success", "outcomes.1.result"}

@@ -20,7 +20,6 @@ import grpc
 import httpx
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from cueline.partner.v1 import (
     actions_pb2,
@@ -31,7 +30,7 @@ from cueline.partner.v1 import (
     directory_pb2_grpc,
 )
 from cueline_server.services.secrets import SecretCodec
-from tests.support import ROOT, Server, auth
+from tests.support import ROOT, Server, auth, bearer, error_details
 
 KEYS = {"old": secrets.token_bytes(32), "new": secrets.token_bytes(32)}
 SUBJECT = "heat-pumps/hp-123"
@@ -83,22 +82,18 @@ class Org:
     token: str  # a partner access token (client credentials)
 
 
-def metadata(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
-
-
 def new_org(server: Server, key: str | None = None) -> Org:
     key = key or server.register()
     with grpc.insecure_channel(server.grpc_target) as channel:
         directory = directory_pb2_grpc.PartnerDirectoryServiceStub(channel)
         org = directory.CreateOrganization(
-            directory_pb2.CreateOrganizationRequest(name="Example Energy"), metadata=metadata(key)
+            directory_pb2.CreateOrganizationRequest(name="Example Energy"), metadata=bearer(key)
         ).organization
         member = directory.CreateMember(
-            directory_pb2.CreateMemberRequest(organization_id=org.id), metadata=metadata(key)
+            directory_pb2.CreateMemberRequest(organization_id=org.id), metadata=bearer(key)
         ).member
         client = directory.CreateClient(
-            directory_pb2.CreateClientRequest(organization_id=org.id, name="backend"), metadata=metadata(key)
+            directory_pb2.CreateClientRequest(organization_id=org.id, name="backend"), metadata=bearer(key)
         )
     token = client_token(server, client.client.client_id, client.client_secret)
     return Org(key, org.id, member.id, client.client.client_id, client.client_secret, token)
@@ -349,7 +344,7 @@ def test_secret_failures(partner_server: Server) -> None:
     }
     with grpc.insecure_channel(partner_server.grpc_target) as channel:
         directory_pb2_grpc.PartnerDirectoryServiceStub(channel).DisableMember(
-            directory_pb2.DisableMemberRequest(member_id=org.member), metadata=metadata(org.key)
+            directory_pb2.DisableMemberRequest(member_id=org.member), metadata=bearer(org.key)
         )
     assert post(url, REAUTH_BODY, org.token).status_code == 403  # a disabled member's secrets fail
 
@@ -467,14 +462,14 @@ def test_password_and_refresh_grants(partner_server: Server) -> None:
             directory_pb2.CreateUserRequest(
                 organization_id=org.id, username=username, password="correct horse"
             ),
-            metadata=metadata(org.key),
+            metadata=bearer(org.key),
         )
         with pytest.raises(grpc.RpcError) as duplicate:
             directory.CreateUser(
                 directory_pb2.CreateUserRequest(
                     organization_id=org.id, username=username, password="another one"
                 ),
-                metadata=metadata(org.key),
+                metadata=bearer(org.key),
             )
         assert (
             duplicate.value.code() == grpc.StatusCode.ALREADY_EXISTS
@@ -519,7 +514,7 @@ def test_password_and_refresh_grants(partner_server: Server) -> None:
 
     with grpc.insecure_channel(partner_server.grpc_target) as channel:
         disabled = directory_pb2_grpc.PartnerDirectoryServiceStub(channel).DisableUser(
-            directory_pb2.DisableUserRequest(username=username), metadata=metadata(org.key)
+            directory_pb2.DisableUserRequest(username=username), metadata=bearer(org.key)
         )
     assert disabled.revoked_tokens >= 2 and disabled.user.disabled
     assert (
@@ -557,20 +552,16 @@ def test_client_credentials_errors_and_revocation(partner_server: Server) -> Non
     url = link(partner_server, org, action["id"])
     with grpc.insecure_channel(partner_server.grpc_target) as channel:
         tokens = auth_pb2_grpc.PartnerAuthServiceStub(channel)
-        revoked = tokens.RevokeTokens(
-            auth_pb2.RevokeTokensRequest(token=org.token), metadata=metadata(org.key)
-        )
+        revoked = tokens.RevokeTokens(auth_pb2.RevokeTokensRequest(token=org.token), metadata=bearer(org.key))
         assert revoked.revoked == 1
         assert post(url, REAUTH_BODY, org.token).status_code == 401
         fresh = client_token(partner_server, org.client_id, org.client_secret)
         assert post(url, REAUTH_BODY, fresh).status_code == 200
         stranger = partner_server.register()
-        not_theirs = tokens.RevokeTokens(
-            auth_pb2.RevokeTokensRequest(token=fresh), metadata=metadata(stranger)
-        )
+        not_theirs = tokens.RevokeTokens(auth_pb2.RevokeTokensRequest(token=fresh), metadata=bearer(stranger))
         assert not_theirs.revoked == 0
         disabled = directory_pb2_grpc.PartnerDirectoryServiceStub(channel).DisableClient(
-            directory_pb2.DisableClientRequest(client_id=org.client_id), metadata=metadata(org.key)
+            directory_pb2.DisableClientRequest(client_id=org.client_id), metadata=bearer(org.key)
         )
         assert disabled.revoked_tokens >= 1
     assert post(url, REAUTH_BODY, fresh).status_code == 401
@@ -581,20 +572,9 @@ def test_client_credentials_errors_and_revocation(partner_server: Server) -> Non
 
 
 def _error_info(error: grpc.RpcError) -> tuple[str, list[error_details_pb2.BadRequest.FieldViolation]]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    reason, violations = "", []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            assert info.domain == "cueline"
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations = list(bad.field_violations)
-    return reason, violations
+    info, bad = error_details(error)
+    assert info.domain == "cueline"
+    return info.reason, list(bad.field_violations) if bad is not None else []
 
 
 def test_internal_api_over_grpc(partner_server: Server) -> None:
@@ -608,33 +588,33 @@ def test_internal_api_over_grpc(partner_server: Server) -> None:
             ),
             request_id=request_id,
         )
-        first = actions.CreateAction(request, metadata=metadata(org.key)).action
-        again = actions.CreateAction(request, metadata=metadata(org.key)).action
+        first = actions.CreateAction(request, metadata=bearer(org.key)).action
+        again = actions.CreateAction(request, metadata=bearer(org.key)).action
         assert first.id == again.id and first.state == actions_pb2.ACTION_STATE_PENDING
 
         listed = actions.ListActions(
             actions_pb2.ListActionsRequest(
                 organization_id=org.id, subject="meters/m-1", member_id=org.member
             ),
-            metadata=metadata(org.key),
+            metadata=bearer(org.key),
         )
         assert [a.id for a in listed.actions] == [first.id] and listed.has_unread_information
 
         partner = actions_pb2_grpc.PartnerActionServiceStub(channel)
         read = actions_pb2.ResolveInformationActionRequest(cue_id=first.id, secret="k.bad.secret")
         with pytest.raises(grpc.RpcError) as denied:
-            partner.ResolveInformationAction(read, metadata=metadata(org.token))
+            partner.ResolveInformationAction(read, metadata=bearer(org.token))
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert _error_info(denied.value)[0] == "INVALID_SECRET"
         secret = parse_qs(urlsplit(listed.actions[0].resolution_link.url).query)["secret"][0]
         read.secret = secret
         done = partner.ResolveInformationAction(
-            read, metadata=(*metadata(org.token), ("user-agent", "internal-svc/2"))
+            read, metadata=(*bearer(org.token), ("user-agent", "internal-svc/2"))
         )
         assert done.action_id == first.id
         trail = actions.ListActionEvents(
             actions_pb2.ListActionEventsRequest(organization_id=org.id, action_id=first.id),
-            metadata=metadata(org.key),
+            metadata=bearer(org.key),
         )
         assert trail.events[0].type == actions_pb2.ACTION_EVENT_TYPE_READ
         assert trail.events[0].remote_address == "127.0.0.1" and "grpc-python" in trail.events[0].user_agent
@@ -648,7 +628,7 @@ def test_internal_api_over_grpc(partner_server: Server) -> None:
         with pytest.raises(grpc.RpcError) as partner_token:
             actions.GetAction(
                 actions_pb2.GetActionRequest(organization_id=org.id, action_id=first.id),
-                metadata=metadata(org.token),
+                metadata=bearer(org.token),
             )
         assert partner_token.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
@@ -656,7 +636,7 @@ def test_internal_api_over_grpc(partner_server: Server) -> None:
         with pytest.raises(grpc.RpcError) as foreign:
             actions.GetAction(
                 actions_pb2.GetActionRequest(organization_id=org.id, action_id=first.id),
-                metadata=metadata(stranger),
+                metadata=bearer(stranger),
             )
         assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
 
@@ -706,7 +686,7 @@ def test_internal_api_over_grpc(partner_server: Server) -> None:
             (actions_pb2.Action(organization_id=org.id, subject="", code="x"), "action.subject"),
         ):
             with pytest.raises(grpc.RpcError) as refused:
-                actions.CreateAction(actions_pb2.CreateActionRequest(action=bad), metadata=metadata(org.key))
+                actions.CreateAction(actions_pb2.CreateActionRequest(action=bad), metadata=bearer(org.key))
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
             assert field in [v.field for v in _error_info(refused.value)[1]], field
 
@@ -715,7 +695,7 @@ def test_internal_api_over_grpc(partner_server: Server) -> None:
                 actions_pb2.ListActionsRequest(
                     organization_id=org.id, subject="s", member_id=str(uuid.uuid4())
                 ),
-                metadata=metadata(org.key),
+                metadata=bearer(org.key),
             )
         assert outsider.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -811,7 +791,7 @@ def test_hostile_input_gets_4xx_never_5xx(partner_server: Server) -> None:
                 actions_pb2.CreateActionRequest(
                     action=actions_pb2.Action(organization_id=org.id, subject="s", code="x", data="{")
                 ),
-                metadata=metadata(org.key),
+                metadata=bearer(org.key),
             )
         assert bad_data.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert [v.field for v in _error_info(bad_data.value)[1]] == ["action.data"]
@@ -847,23 +827,23 @@ def test_secrets_and_tokens_on_every_endpoint(partner_server: Server) -> None:
                 actions_pb2.ListActionsRequest(
                     organization_id=org.id, subject=SUBJECT, member_id=sibling.member
                 ),
-                metadata=metadata(org.key),
+                metadata=bearer(org.key),
             )
         assert foreign_member.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         calls = (
             lambda: actions.ListActions(
                 actions_pb2.ListActionsRequest(organization_id=org.id, subject=SUBJECT, member_id=org.member),
-                metadata=metadata(stranger),
+                metadata=bearer(stranger),
             ),
             lambda: actions.ListActionEvents(
                 actions_pb2.ListActionEventsRequest(organization_id=org.id, action_id=reauth["id"]),
-                metadata=metadata(stranger),
+                metadata=bearer(stranger),
             ),
             lambda: actions.CreateAction(
                 actions_pb2.CreateActionRequest(
                     action=actions_pb2.Action(organization_id=org.id, subject="s", code="x")
                 ),
-                metadata=metadata(stranger),
+                metadata=bearer(stranger),
             ),
         )
         for call in calls:
@@ -882,7 +862,7 @@ def test_the_partner_flow_over_native_grpc(partner_server: Server) -> None:
             directory_pb2.CreateUserRequest(
                 organization_id=org.id, username=username, password="long enough"
             ),
-            metadata=metadata(org.key),
+            metadata=bearer(org.key),
         )
         token_request = auth_pb2.IssueTokenRequest()
         token_request.body.update({"grant_type": "password", "username": username, "password": "long enough"})
@@ -891,7 +871,7 @@ def test_the_partner_flow_over_native_grpc(partner_server: Server) -> None:
         partner = actions_pb2_grpc.PartnerActionServiceStub(channel)
         resolve = actions_pb2.ResolveActionRequest(cue_id=action["id"], secret=secret)
         resolve.body.update({"successUrl": SUCCESS_URL, "cancelUrl": CANCEL_URL, "language": "fr"})
-        started = partner.ResolveAction(resolve, metadata=metadata(issued.access_token))
+        started = partner.ResolveAction(resolve, metadata=bearer(issued.access_token))
         assert "lang=fr" in str(started.result["redirect_url"])
         report = actions_pb2.ReportActionStateRequest(cue_id=action["id"], secret=secret)
         report.body.update({"state": "fail", "payload": {"attempts": 3}})

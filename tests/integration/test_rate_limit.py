@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from cueline.v1 import accounts_pb2, accounts_pb2_grpc
-from tests.support import Server, auth
+from tests.support import Server, auth, bearer
 
 LIMIT = 5
 HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
@@ -63,7 +63,7 @@ def test_an_account_gets_its_limit_then_429_with_an_integer_retry_after(limited:
     # gRPC is not limited, and shows that the refusals were not counted.
     with grpc.insecure_channel(limited.grpc_target) as channel:
         usage = accounts_pb2_grpc.AccountServiceStub(channel).GetUsage(
-            accounts_pb2.GetUsageRequest(), metadata=(("authorization", f"Bearer {key}"),)
+            accounts_pb2.GetUsageRequest(), metadata=bearer(key)
         )
     assert (usage.rate_limit.limit, usage.rate_limit.current_usage) == (LIMIT, LIMIT)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +10,7 @@ import httpx
 import pytest
 
 from tests.integration.test_scheduler import wait_for
-from tests.support import Receiver, Server, auth
+from tests.support import Receiver, Server, auth, signed
 
 LOCAL = {
     "CUELINE_ALLOW_PRIVATE_CALLBACKS": "true",
@@ -67,11 +65,7 @@ def test_signed_delivery_and_response_body_outcome(hooks: tuple[Server, Receiver
 
         [request] = receiver.to("/hook")
         headers = {k.lower(): v for k, v in request.headers.items()}
-        timestamp = headers["x-cueapi-timestamp"]
-        expected = hmac.new(
-            secret.encode(), f"{timestamp}.".encode() + request.body, hashlib.sha256
-        ).hexdigest()
-        assert headers["x-cueapi-signature"] == f"v1={expected}"
+        assert signed(secret, headers, request.body)
         assert headers["x-cueapi-execution-id"] == fired["id"] and headers["x-cueapi-attempt"] == "1"
         assert headers["x-cueapi-cue-id"] == cue["id"] and headers["x-team"] == "ops"
         envelope = json.loads(request.body)
@@ -122,11 +116,7 @@ def test_final_failure_runs_on_failure(hooks: tuple[Server, Receiver]) -> None:
             event["event"] == "cue.failed" and event["execution_id"] == fired["id"] and event["attempts"] == 2
         )
         assert event["last_http_status"] == 404
-        timestamp = notice.headers["X-CueAPI-Timestamp"]
-        expected = hmac.new(
-            secret.encode(), f"{timestamp}.".encode() + notice.body, hashlib.sha256
-        ).hexdigest()
-        assert notice.headers["X-CueAPI-Signature"] == f"v1={expected}"
+        assert signed(secret, notice.headers, notice.body)
         after = client.get(f"/v1/cues/{cue['id']}").json()
         assert after["status"] == "paused" and after["run_count"] == 0 and after["last_run"] is not None
 
@@ -152,12 +142,7 @@ def test_timeout_and_regenerated_secret(hooks: tuple[Server, Receiver]) -> None:
         first, second = receiver.to("/slow")
         assert execution(client, fired["id"])["attempts"] == 2
         for request in (first, second):
-            expected = hmac.new(
-                secret.encode(),
-                request.headers["X-CueAPI-Timestamp"].encode() + b"." + request.body,
-                hashlib.sha256,
-            ).hexdigest()
-            assert request.headers["X-CueAPI-Signature"] == f"v1={expected}"
+            assert signed(secret, request.headers, request.body)
 
 
 @pytest.mark.parametrize(

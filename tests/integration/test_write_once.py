@@ -9,7 +9,7 @@ import grpc
 import httpx
 
 from cueline.v1 import outcomes_pb2, outcomes_pb2_grpc
-from tests.support import Server, auth
+from tests.support import Server, auth, bearer
 
 WRITERS = 16
 EXECUTIONS = 10
@@ -53,7 +53,7 @@ def test_sixteen_racing_writers_one_winner_each(server: Server) -> None:
                         outcomes_pb2.RecordOutcomeRequest(
                             execution_id=execution_id, success=True, result=f"writer {index}"
                         ),
-                        metadata=(("authorization", f"Bearer {key}"),),
+                        metadata=bearer(key),
                     )
                     outcome = "won"
                 except grpc.RpcError as error:
@@ -104,7 +104,7 @@ def test_concurrent_reports_settle_their_cue_exactly(server: Server) -> None:
             start.wait()
             response = stub.RecordOutcome(
                 outcomes_pb2.RecordOutcomeRequest(execution_id=executions[index], success=index % 2 == 0),
-                metadata=(("authorization", f"Bearer {key}"),),
+                metadata=bearer(key),
             )
             answers[executions[index]] = outcomes_pb2.OutcomeState.Name(response.outcome_state)
 
