@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,11 +45,9 @@ def running(backend: str) -> Iterator[Server]:
     """A fresh `cueline serve` on SQLite (WAL, synchronous=FULL) or on a
     throwaway PostgreSQL with durable defaults (fsync, synchronous_commit on)."""
     cluster = PostgresCluster(durable=True) if backend == "postgres" else None
+    work = RESULTS / "work" / uuid.uuid4().hex
     try:
-        if cluster is not None:
-            url = new_database(cluster.admin_url)
-        else:
-            url = f"sqlite:///{RESULTS / 'work' / uuid.uuid4().hex / 'cueline.db'}"
+        url = new_database(cluster.admin_url) if cluster else f"sqlite:///{work / 'cueline.db'}"
         server = Server(url, env=SERVER_ENV).start()
         try:
             yield server
@@ -57,6 +56,7 @@ def running(backend: str) -> Iterator[Server]:
     finally:
         if cluster is not None:
             cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def engine(server: Server) -> Engine:
