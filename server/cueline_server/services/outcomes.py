@@ -17,8 +17,10 @@ import datetime as dt
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from cueline_server.errors import ApiError, execution_not_found, field_error, idempotency_key_conflict
@@ -100,7 +102,7 @@ def stale_claim() -> ApiError:
     return ApiError("stale_claim", "The execution has been claimed again since this claim", 409)
 
 
-def verdict(success: bool, mode: str | None, evidence: set[str]) -> Verdict:
+def verdict(success: bool, mode: str | None, evidence: AbstractSet[str]) -> Verdict:
     """The outcome state of a report under a verification mode."""
     if not success:
         return Verdict("reported_failure", None, None)
@@ -112,6 +114,17 @@ def verdict(success: bool, mode: str | None, evidence: set[str]) -> Verdict:
     if required in evidence:
         return Verdict("verified_success", "valid", None)
     return Verdict("verification_failed", "invalid", f"{mode}: {required} missing")
+
+
+@cache
+def _verdicts(success: bool, evidence: frozenset[str]) -> tuple[Mapping[str | None, Verdict], str, str]:
+    """Every mode's verdict on a report (None: the cue has no mode), and the
+    statement's two JSON parameters of them, keyed by mode ("unset" for None).
+    They depend on so little that each combination is worked out once."""
+    verdicts = {m: verdict(success, m, evidence) for m in (*MODES, None)}
+    states = json.dumps({m or "unset": v.outcome_state for m, v in verdicts.items()})
+    validations = json.dumps({m or "unset": v.validation_state for m, v in verdicts.items()})
+    return verdicts, states, validations
 
 
 def check_report(report: OutcomeReport) -> OutcomeReport:
@@ -159,7 +172,7 @@ class _Pending:
     """A checked report, ready for the write-once statement, and what its answer needs."""
 
     write: OutcomeWrite
-    verdicts: dict[str | None, Verdict]
+    verdicts: Mapping[str | None, Verdict]
     success: bool
     request_id: str | None
     digest: str | None
@@ -171,7 +184,7 @@ class _Pending:
         moment = now()
         evidence = report.evidence()
         digest = report.digest() if request_id is not None else None
-        verdicts = {m: verdict(report.success, m, evidence) for m in (*MODES, None)}
+        verdicts, states, validations = _verdicts(report.success, frozenset(evidence))
         outcome = {
             "outcome_success": report.success,
             "outcome_result": report.result,
@@ -192,7 +205,8 @@ class _Pending:
             execution_id,
             moment,
             outcome,
-            {m: (v.outcome_state, v.validation_state) for m, v in verdicts.items()},
+            states,
+            validations,
             request.fencing_token,
         )
         return cls(write, verdicts, report.success, request_id, digest)

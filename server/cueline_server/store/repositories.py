@@ -491,22 +491,18 @@ def _sqlite_time(value: dt.datetime | None) -> str | None:
 @dataclass(frozen=True)
 class OutcomeWrite:
     """One report for the write-once guard. `outcome` holds the outcome and
-    evidence columns; `verdicts` maps each verification mode (None: unset) to
-    its (outcome_state, validation_state), and the statement picks the one for
-    the cue's mode at that moment."""
+    evidence columns; `states` and `validations` are JSON objects that map each
+    verification mode ("unset" for none) to the report's outcome_state and
+    validation_state under it, and the statement picks the ones for the cue's
+    mode at that moment."""
 
     account_id: uuid.UUID
     execution_id: uuid.UUID
     now: dt.datetime
     outcome: Mapping[str, Any]
-    verdicts: Mapping[str | None, tuple[str, str | None]]
+    states: str
+    validations: str
     fencing_token: int | None = None
-
-    def states_json(self) -> str:
-        return json.dumps({mode or "unset": state for mode, (state, _) in self.verdicts.items()})
-
-    def validations_json(self) -> str:
-        return json.dumps({mode or "unset": v for mode, (_, v) in self.verdicts.items()})
 
     def parameters(self, index: int) -> dict[str, Any]:
         """This report's element of each array parameter of the batch statement."""
@@ -530,8 +526,8 @@ class OutcomeWrite:
             "evidence_at": o.get("evidence_produced_at"),
             "request_key": o.get("outcome_request_key"),
             "request_hash": o.get("outcome_request_hash"),
-            "states": self.states_json(),
-            "validations": self.validations_json(),
+            "states": self.states,
+            "validations": self.validations,
         }
 
 
