@@ -253,7 +253,6 @@ class UnitOfWork(Repositories):
 
     async def commit(self) -> None:
         await self.conn.commit()
-        self._release()  # the next writer need not wait for this connection's return
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
