@@ -767,6 +767,11 @@ _FIRED_COLUMNS = (
 )
 
 
+def _postgres_type(column: str) -> str:
+    """An executions column's type as PostgreSQL's DDL names it."""
+    return str(executions.c[column].type.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
+
+
 # PostgreSQL: a batch of rows as one JSON array (json_to_recordset), so the
 # statement text is short and the same whatever the batch size, and the batch
 # is one string. A multi-row VALUES list is a statement psycopg parses afresh on
@@ -774,11 +779,8 @@ _FIRED_COLUMNS = (
 _ADD_SCHEDULED_POSTGRES = text(
     f"""
 INSERT INTO executions ({", ".join(_FIRED_COLUMNS)})
-SELECT {", ".join(_FIRED_COLUMNS)} FROM json_to_recordset(CAST(:batch AS json)) AS v(
-  id uuid, account_id uuid, cue_id text, transport text, scheduled_for timestamptz, status text,
-  triggered_by text, payload text, task text, attempts int, available_at timestamptz,
-  created_at timestamptz, updated_at timestamptz
-)
+SELECT {", ".join(_FIRED_COLUMNS)} FROM json_to_recordset(CAST(:batch AS json))
+  AS v({", ".join(f"{name} {_postgres_type(name)}" for name in _FIRED_COLUMNS)})
 ON CONFLICT (cue_id, scheduled_for) WHERE triggered_by = 'scheduled' DO NOTHING
 RETURNING cue_id
 """
@@ -1305,18 +1307,17 @@ class DeliveryRepository(_Repository):
         return result.first()
 
 
+# What a delivery needs of its execution (with its cue's columns, _delivery_cue_columns).
+_DELIVERY_EXECUTION_COLUMNS = tuple(
+    executions.c[name]
+    for name in ("id", "account_id", "cue_id", "attempts", "payload", "scheduled_for", "last_attempt_at")
+)
+
+
 def _delivery_view(*, secret: bool = False) -> Any:
-    columns: list[Any] = [
-        executions.c.id,
-        executions.c.account_id,
-        executions.c.cue_id,
-        executions.c.attempts,
-        executions.c.payload,
-        executions.c.scheduled_for,
-        executions.c.last_attempt_at,
-        *_delivery_cue_columns(),
-    ]
-    view = select(*columns).join(cues, cues.c.id == executions.c.cue_id)
+    view = select(*_DELIVERY_EXECUTION_COLUMNS, *_delivery_cue_columns()).join(
+        cues, cues.c.id == executions.c.cue_id
+    )
     if secret:
         view = view.add_columns(accounts.c.webhook_secret).join(
             accounts, accounts.c.id == executions.c.account_id
@@ -1375,15 +1376,7 @@ def _take_due_postgres() -> Any:
         update(executions)
         .where(executions.c.id == due.c.id)
         .values(**_start_attempt())
-        .returning(
-            executions.c.id,
-            executions.c.account_id,
-            executions.c.cue_id,
-            executions.c.attempts,
-            executions.c.payload,
-            executions.c.scheduled_for,
-            executions.c.last_attempt_at,
-        )
+        .returning(*_DELIVERY_EXECUTION_COLUMNS)
         .cte("moved")
     )
     return (
