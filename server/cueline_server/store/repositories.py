@@ -1020,9 +1020,21 @@ class ClaimRepository(_Repository):
         get the same one. The claim's fencing token is the new attempt count.
         On PostgreSQL this is one statement, to be run in autocommit mode."""
         if self.conn.dialect.name == "postgresql":
-            return await self._claim_postgres(
-                account_id, worker_id, now, lease, silent_since, execution_id, task, limit
-            )
+            parameters: dict[str, Any] = {
+                "c_account": account_id,
+                "c_now": now,
+                "c_silent_since": silent_since,
+                "c_lease_until": now + lease,
+                "c_worker": worker_id,
+                "c_limit": limit,
+            }
+            if execution_id is not None:
+                parameters["c_id"] = execution_id
+            if task is not None:
+                parameters["c_task"] = task
+            statement = _claim_statement_postgres(execution_id is not None, task is not None)
+            result = await self.conn.execute(statement, parameters)
+            return sorted(result.all(), key=lambda r: (r.scheduled_for, r.created_at))
         conditions = []
         if execution_id is not None:
             conditions.append(executions.c.id == execution_id)
@@ -1051,33 +1063,6 @@ class ClaimRepository(_Repository):
             claimed += result.all()
         claimed.sort(key=lambda r: (r.scheduled_for, r.created_at))
         return claimed
-
-    async def _claim_postgres(
-        self,
-        account_id: uuid.UUID,
-        worker_id: str,
-        now: dt.datetime,
-        lease: dt.timedelta,
-        silent_since: dt.datetime,
-        execution_id: uuid.UUID | None,
-        task: str | None,
-        limit: int,
-    ) -> Sequence[AnyRow]:
-        parameters: dict[str, Any] = {
-            "c_account": account_id,
-            "c_now": now,
-            "c_silent_since": silent_since,
-            "c_lease_until": now + lease,
-            "c_worker": worker_id,
-            "c_limit": limit,
-        }
-        if execution_id is not None:
-            parameters["c_id"] = execution_id
-        if task is not None:
-            parameters["c_task"] = task
-        statement = _claim_statement_postgres(execution_id is not None, task is not None)
-        result = await self.conn.execute(statement, parameters)
-        return sorted(result.all(), key=lambda r: (r.scheduled_for, r.created_at))
 
     async def holder(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
         """The execution's claim state and its cue's outcome deadline, locked."""
