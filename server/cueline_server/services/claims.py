@@ -64,8 +64,8 @@ class ClaimService:
         self, caller: Caller, task: str | None, limit: int | None, *, agent: str | None = None
     ) -> Sequence[AnyRow]:
         moment = now()
-        async with self._db.unit_of_work(write=False) as uow:
-            return await uow.claims.claimable_page(
+        async with self._db.reader() as repos:
+            return await repos.claims.claimable_page(
                 caller.account_id, moment, moment - self._silence, task, 50 if limit is None else limit, agent
             )
 

@@ -895,22 +895,25 @@ def _claim_queue(
     silent_since: Any,
     limit: Any,
     *conditions: ColumnElement[bool],
+    execution_id: Any = None,
     lock: bool = False,
 ) -> CTE:
-    """The ids of the oldest claimable executions, in claim order: the one
-    definition of "claimable" shared by the list, claim-by-id and claim-next,
-    so a listed execution fails a claim only by losing a race.
+    """The ids of the oldest claimable executions, in claim order, or only
+    `execution_id` if it is claimable: the one definition of "claimable"
+    shared by the list, claim-by-id and claim-next, so a listed execution
+    fails a claim only by losing a race.
 
     Claimable is pending and due, or delivering with a lapsed lease and a
     silent claimer. Each half is its own index-ordered scan that stops after
     `limit` rows (account, status, scheduled_for, created_at; and status,
     lease_expires_at): an OR of the two would read and sort every claimable
-    row of the account on every call. With `lock`, each half skips and locks
-    rows (FOR UPDATE SKIP LOCKED), so concurrent claimers never take the same
-    row; a locking CTE runs exactly once, so its LIMIT holds."""
+    row of the account on every call. One execution is found by its primary
+    key instead: in the ordered scan, an id that is not claimable (a lost race)
+    would read the account's whole queue. With `lock`, rows are skipped and
+    locked (FOR UPDATE SKIP LOCKED), so concurrent claimers never take the
+    same row; a locking CTE runs exactly once, so its LIMIT holds."""
     order = (executions.c.scheduled_for, executions.c.created_at)
-    halves = []
-    for name, state in (
+    states = (
         ("due", and_(executions.c.status == "pending", executions.c.scheduled_for <= now)),
         (
             "lapsed",
@@ -920,15 +923,16 @@ def _claim_queue(
                 ~_claimer_alive(silent_since),
             ),
         ),
-    ):
-        half = (
-            select(executions.c.id, *order)
-            .where(
-                executions.c.account_id == account_id, executions.c.transport == "worker", state, *conditions
-            )
-            .order_by(*order)
-            .limit(limit)
+    )
+    worker_queue = (executions.c.account_id == account_id, executions.c.transport == "worker", *conditions)
+    if execution_id is not None:
+        one = select(executions.c.id).where(
+            executions.c.id == execution_id, *worker_queue, or_(*(state for _, state in states))
         )
+        return (one.with_for_update(skip_locked=True) if lock else one).cte("picked")
+    halves = []
+    for name, state in states:
+        half = select(executions.c.id, *order).where(*worker_queue, state).order_by(*order).limit(limit)
         if lock:
             half = half.with_for_update(skip_locked=True)
         halves.append(half.cte(name))
@@ -943,8 +947,6 @@ def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
     bound parameter."""
     now = bindparam("c_now", type_=UTCDateTime)
     conditions = []
-    if by_id:
-        conditions.append(executions.c.id == bindparam("c_id", type_=Uuid))
     if by_task:
         conditions.append(executions.c.task == bindparam("c_task", type_=String))
     picked = _claim_queue(
@@ -953,6 +955,7 @@ def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
         bindparam("c_silent_since", type_=UTCDateTime),
         bindparam("c_limit", type_=BigInteger),
         *conditions,
+        execution_id=bindparam("c_id", type_=Uuid) if by_id else None,
         lock=True,
     )
     return (
@@ -968,6 +971,47 @@ def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
     )
 
 
+# What the claimable list shows (ClaimableItem).
+_CLAIMABLE_COLUMNS = tuple(
+    executions.c[name]
+    for name in ("id", "cue_id", "task", "payload", "attempts", "scheduled_for", "created_at")
+)
+
+
+@cache
+def _claimable_page_statement(dialect: str, by_task: bool, by_agent: bool) -> Any:
+    """The claimable list's page, in claim order. Built once per shape; every
+    value is a bound parameter."""
+    conditions = []
+    if by_task:
+        conditions.append(executions.c.task == bindparam("l_task", type_=String))
+    if by_agent:
+        conditions.append(_payload_string(dialect, "agent") == bindparam("l_agent", type_=String))
+    page = _claim_queue(
+        bindparam("l_account", type_=Uuid),
+        bindparam("l_now", type_=UTCDateTime),
+        bindparam("l_silent_since", type_=UTCDateTime),
+        bindparam("l_limit", type_=BigInteger),
+        *conditions,
+    )
+    return (
+        select(*_CLAIMABLE_COLUMNS, cues.c.name.label("cue_name"))
+        .join(page, page.c.id == executions.c.id)
+        .join(cues, cues.c.id == executions.c.cue_id)
+        .order_by(executions.c.scheduled_for, executions.c.created_at)
+    )
+
+
+def _payload_string(dialect: str, key: str) -> ColumnElement[Any]:
+    """The payload snapshot's top-level `key` when it is a string, else NULL."""
+    if dialect == "postgresql":
+        value = cast(executions.c.payload, postgresql.JSONB)[key]
+        return case((func.jsonb_typeof(value) == "string", value.astext))
+    path = f'$."{key}"'
+    payload = executions.c.payload
+    return case((func.json_type(payload, path) == "text", func.json_extract(payload, path)))
+
+
 class ClaimRepository(_Repository):
     """Worker claims, over the claim queue (`_claim_queue`)."""
 
@@ -980,28 +1024,16 @@ class ClaimRepository(_Repository):
         limit: int,
         agent: str | None = None,
     ) -> Sequence[AnyRow]:
-        conditions = []
-        if task is not None:
-            conditions.append(executions.c.task == task)
-        if agent is not None:
-            conditions.append(self._payload_string("agent") == agent)
-        page = _claim_queue(account_id, now, silent_since, limit, *conditions)
-        query = (
-            select(executions, cues.c.name.label("cue_name"))
-            .join(page, page.c.id == executions.c.id)
-            .join(cues, cues.c.id == executions.c.cue_id)
-            .order_by(executions.c.scheduled_for, executions.c.created_at)
-        )
-        return (await self.conn.execute(query)).all()
-
-    def _payload_string(self, key: str) -> ColumnElement[Any]:
-        """The payload snapshot's top-level `key` when it is a string, else NULL."""
-        if self.conn.dialect.name == "postgresql":
-            value = cast(executions.c.payload, postgresql.JSONB)[key]
-            return case((func.jsonb_typeof(value) == "string", value.astext))
-        path = f'$."{key}"'
-        payload = executions.c.payload
-        return case((func.json_type(payload, path) == "text", func.json_extract(payload, path)))
+        statement = _claimable_page_statement(self.conn.dialect.name, task is not None, agent is not None)
+        parameters = {
+            "l_account": account_id,
+            "l_now": now,
+            "l_silent_since": silent_since,
+            "l_limit": limit,
+            "l_task": task,
+            "l_agent": agent,
+        }
+        return (await self.conn.execute(statement, parameters)).all()
 
     async def claim(
         self,
@@ -1036,11 +1068,9 @@ class ClaimRepository(_Repository):
             result = await self.conn.execute(statement, parameters)
             return sorted(result.all(), key=lambda r: (r.scheduled_for, r.created_at))
         conditions = []
-        if execution_id is not None:
-            conditions.append(executions.c.id == execution_id)
         if task is not None:
             conditions.append(executions.c.task == task)
-        picked = _claim_queue(account_id, now, silent_since, limit, *conditions)
+        picked = _claim_queue(account_id, now, silent_since, limit, *conditions, execution_id=execution_id)
         query = (
             select(executions.c.id, cues.c.outcome_deadline_seconds)
             .join(picked, picked.c.id == executions.c.id)
@@ -1159,6 +1189,10 @@ class ClaimRepository(_Repository):
             .where(
                 executions.c.status == "pending",
                 executions.c.transport == "worker",
+                # Implied (an execution becomes available at scheduled_for or later),
+                # and lets the (transport, status, scheduled_for) index stop at the
+                # cutoff instead of reading every pending worker execution.
+                executions.c.scheduled_for <= available_before,
                 executions.c.available_at <= available_before,
             )
             .limit(limit)
