@@ -25,10 +25,7 @@ def failures(ingest: dict[str, Any], claims: dict[str, Any]) -> int:
         + sum(r["errors"] for r in ingest["runs"])
         + sum(r["errors"] for r in ingest["fixed_rate"].values())
         + sum(
-            r["G4"]["double_claims"]
-            + r["G4"]["errors"]
-            + r["G5"]["double_claims"]
-            + r["G5"]["errors"]
+            sum(r[g]["double_claims"] + r[g]["errors"] for g in delivery.CEILED)
             + r["G7"]["duplicates"]
             + r["G8"]["duplicates"]
             + r["G9"]["bad_signatures"]

@@ -15,6 +15,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bench.delivery import CEILED
+
 BACKENDS = ("sqlite", "postgres")
 # One colour per database: its cueline lines and its database ceiling.
 COLOURS = {"sqlite": "tab:green", "postgres": "tab:blue"}
@@ -121,7 +123,7 @@ def latency(outcomes: dict[str, Any], delivery: dict[str, Any], path: Path) -> P
 
 
 def ceilings(outcomes: dict[str, Any], delivery: dict[str, Any], path: Path) -> Path:
-    """The runs at the largest caller count and G4/G5, as fractions of their ceilings."""
+    """The runs at the largest caller count and the claim runs, as fractions of their ceilings."""
     compared: list[tuple[str, dict[str, Any]]] = []
     top = max(outcomes["callers"])
     for run in outcomes["runs"]:
@@ -130,7 +132,7 @@ def ceilings(outcomes: dict[str, Any], delivery: dict[str, Any], path: Path) -> 
             compared += [(name, comparison) for comparison in run["of_ceilings"].values()]
     for backend, results in delivery["results"].items():
         compared += [
-            (f"{g} {backend}", results[g]["of_ceiling"]) for g in ("G4", "G5") if "of_ceiling" in results[g]
+            (f"{g} {backend}", results[g]["of_ceiling"]) for g in CEILED if "of_ceiling" in results[g]
         ]
     bars = [
         (f"{name} / {CEILING_LABELS[c['ceiling']]}", float(c["fraction"]))

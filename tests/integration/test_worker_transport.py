@@ -159,6 +159,60 @@ def test_claim_next_hands_out_each_execution_once(server: Server) -> None:
     assert len(conflicts) == 8  # each worker stopped only when nothing was left
 
 
+def test_racing_claims_by_id_have_one_winner_each(server: Server) -> None:
+    """The CueAPI worker daemon's cycle: every worker lists the same page and
+    claims it in order, so concurrent claims name the same executions. Each
+    execution goes to exactly one worker, its claim records that worker, and
+    every other claim of it is a 409."""
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = worker_cue(client)
+        created = {fire(client, cue["id"]) for _ in range(30)}
+        # Another account's claim of one of them is refused like a lost race.
+        other = httpx.Client(base_url=server.http_url, headers=auth(server.register()))
+        with other:
+            stranger = other.post(f"/v1/executions/{min(created)}/claim", json={"worker_id": "x"})
+            assert stranger.status_code == 409, stranger.text
+    won: dict[str, list[str]] = {}
+    lost: Counter[str] = Counter()
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def worker(index: int) -> None:
+        name = f"w{index}"
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            listed = [
+                item["execution_id"] for item in client.get("/v1/executions/claimable").json()["executions"]
+            ]
+            start.wait(10)
+            for execution in listed:
+                response = client.post(f"/v1/executions/{execution}/claim", json={"worker_id": name})
+                with lock:
+                    if response.status_code == 200:
+                        assert response.json()["execution_id"] == execution
+                        won.setdefault(execution, []).append(name)
+                    else:
+                        assert response.status_code == 409, response.text
+                        assert response.json()["error"]["code"] == "claim_failed"
+                        lost[execution] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert set(won) == created and all(len(names) == 1 for names in won.values())
+    assert all(lost[execution] == 7 for execution in created)
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        for execution, (name,) in won.items():
+            stored = client.get(f"/v1/executions/{execution}").json()
+            assert (stored["status"], stored["claimed_by_worker"], stored["attempts"]) == (
+                "delivering",
+                name,
+                1,
+            )
+
+
 def test_a_silent_workers_expired_lease_is_recovered(fast_server: Server) -> None:
     key = fast_server.register()
     with httpx.Client(base_url=fast_server.http_url, headers=auth(key)) as client:

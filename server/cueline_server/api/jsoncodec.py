@@ -83,12 +83,19 @@ def _finite(text: str) -> float:
     return value
 
 
+_STRICT = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
+
+
 def loads(data: bytes | str) -> Any:
     """Strict JSON: NaN, Infinity and numbers beyond a double are refused, and so are
     lone UTF-16 surrogates (they cannot be stored); integers keep every digit.
     Every failure is a ValueError."""
+    # What json.loads does, with one decoder for every call instead of a new one each.
+    text = data.decode(json.detect_encoding(data), "surrogatepass") if isinstance(data, bytes) else data
+    if text.startswith("\ufeff"):
+        raise ValueError("Unexpected UTF-8 BOM")
     try:
-        value = json.loads(data, parse_constant=_reject_constant, parse_float=_finite)
+        value = _STRICT.decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     escapes = (b"\\ud", b"\\uD") if isinstance(data, bytes) else ("\\ud", "\\uD")
@@ -100,20 +107,23 @@ def loads(data: bytes | str) -> Any:
 # --- timestamps -----------------------------------------------------------------------------------
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def format_timestamp(value: dt.datetime) -> str:
     value = value.astimezone(dt.UTC)
-    text = value.strftime("%Y-%m-%dT%H:%M:%S")
-    if value.microsecond:
-        text += f".{value.microsecond:06d}".rstrip("0")
-    return text + "Z"
+    text = value.replace(tzinfo=None).isoformat()  # fractional digits only when microsecond != 0
+    return (text.rstrip("0") if value.microsecond else text) + "Z"
 
 
 def timestamp_to_datetime(ts: Timestamp) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ts.seconds, dt.UTC) + dt.timedelta(microseconds=ts.nanos // 1000)
+    return _EPOCH + dt.timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def set_timestamp(ts: Timestamp, value: dt.datetime) -> None:
-    ts.FromDatetime(value.astimezone(dt.UTC))
+    since = value - _EPOCH
+    ts.seconds = since.days * 86400 + since.seconds
+    ts.nanos = since.microseconds * 1000
 
 
 def parse_datetime(text: str) -> dt.datetime:

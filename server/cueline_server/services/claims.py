@@ -16,8 +16,9 @@ from cueline_server.services.accounts import Caller, now
 from cueline_server.services.cues import NewWork, WorkCreated, new_execution
 from cueline_server.services.identifiers import parse_uuid
 from cueline_server.services.outcomes import stale_claim
+from cueline_server.store.batching import Coalescer
 from cueline_server.store.database import Database, Repositories
-from cueline_server.store.repositories import AnyRow
+from cueline_server.store.repositories import AnyRow, ClaimRequest
 
 SWEEP_BATCH = 500
 RECHECK_SECONDS = 1.0
@@ -59,6 +60,7 @@ class ClaimService:
         self.lease = dt.timedelta(seconds=settings.worker_claim_lease_seconds)
         self._silence = dt.timedelta(seconds=settings.worker_heartbeat_timeout_seconds)
         self._unclaimed = dt.timedelta(seconds=settings.worker_unclaimed_timeout_seconds)
+        self._by_id: Coalescer[ClaimRequest, AnyRow | None] = Coalescer(self._claim_each)
 
     async def claimable(
         self, caller: Caller, task: str | None, limit: int | None, *, agent: str | None = None
@@ -140,10 +142,18 @@ class ClaimService:
         parsed = parse_uuid(execution_id)
         if parsed is None:
             raise execution_not_found()
-        rows = await self._claim(caller, worker_id, execution_id=parsed)
-        if not rows:
+        row = await self._by_id.submit(ClaimRequest(caller.account_id, parsed, worker_id))
+        if row is None:
             raise claim_failed("Execution not available for claiming")
-        return rows[0]
+        return row
+
+    async def _claim_each(self, requests: Sequence[ClaimRequest]) -> list[AnyRow | None]:
+        """Concurrent claims by id share one statement (one transaction on SQLite):
+        under the CueAPI worker protocol many workers claim from the same listed
+        page at once, and most of them ask for the same few executions."""
+        moment = now()
+        async with self._db.single_statement() as repos:
+            return await repos.claims.claim_each(requests, moment, self.lease, moment - self._silence)
 
     async def claim_next(self, caller: Caller, worker_id: str, task: str | None) -> AnyRow:
         rows = await self._claim(caller, worker_id, task=task)
@@ -152,23 +162,16 @@ class ClaimService:
         return rows[0]
 
     async def _claim(
-        self,
-        caller: Caller,
-        worker_id: str,
-        *,
-        execution_id: uuid.UUID | None = None,
-        task: str | None = None,
-        limit: int = 1,
+        self, caller: Caller, worker_id: str, *, task: str | None = None, limit: int = 1
     ) -> Sequence[AnyRow]:
         moment = now()
         async with self._db.single_statement() as repos:
-            return await repos.claims.claim(
+            return await repos.claims.claim_next(
                 caller.account_id,
                 worker_id,
                 moment,
                 self.lease,
                 moment - self._silence,
-                execution_id=execution_id,
                 task=task,
                 limit=limit,
             )

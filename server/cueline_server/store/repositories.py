@@ -35,6 +35,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     union_all,
     update,
 )
@@ -889,31 +890,12 @@ _CLAIMED_RETURNING = tuple(
 )
 
 
-def _claim_queue(
-    account_id: Any,
-    now: Any,
-    silent_since: Any,
-    limit: Any,
-    *conditions: ColumnElement[bool],
-    execution_id: Any = None,
-    lock: bool = False,
-) -> CTE:
-    """The ids of the oldest claimable executions, in claim order, or only
-    `execution_id` if it is claimable: the one definition of "claimable"
-    shared by the list, claim-by-id and claim-next, so a listed execution
-    fails a claim only by losing a race.
-
-    Claimable is pending and due, or delivering with a lapsed lease and a
-    silent claimer. Each half is its own index-ordered scan that stops after
-    `limit` rows (account, status, scheduled_for, created_at; and status,
-    lease_expires_at): an OR of the two would read and sort every claimable
-    row of the account on every call. One execution is found by its primary
-    key instead: in the ordered scan, an id that is not claimable (a lost race)
-    would read the account's whole queue. With `lock`, rows are skipped and
-    locked (FOR UPDATE SKIP LOCKED), so concurrent claimers never take the
-    same row; a locking CTE runs exactly once, so its LIMIT holds."""
-    order = (executions.c.scheduled_for, executions.c.created_at)
-    states = (
+def _claimable(now: Any, silent_since: Any) -> tuple[tuple[str, ColumnElement[bool]], ...]:
+    """A worker execution is claimable when it is pending and due, or delivering
+    with a lapsed lease and a silent claimer: the one definition shared by the
+    list, claim-by-id and claim-next, so a listed execution fails a claim only
+    by losing a race."""
+    return (
         ("due", and_(executions.c.status == "pending", executions.c.scheduled_for <= now)),
         (
             "lapsed",
@@ -924,15 +906,35 @@ def _claim_queue(
             ),
         ),
     )
-    worker_queue = (executions.c.account_id == account_id, executions.c.transport == "worker", *conditions)
-    if execution_id is not None:
-        one = select(executions.c.id).where(
-            executions.c.id == execution_id, *worker_queue, or_(*(state for _, state in states))
-        )
-        return (one.with_for_update(skip_locked=True) if lock else one).cte("picked")
+
+
+def _claim_queue(
+    account_id: Any,
+    now: Any,
+    silent_since: Any,
+    limit: Any,
+    *conditions: ColumnElement[bool],
+    lock: bool = False,
+) -> CTE:
+    """The ids of the account's oldest claimable executions, in claim order.
+
+    Each half of `_claimable` is its own index-ordered scan that stops after
+    `limit` rows (account, status, scheduled_for, created_at; and status,
+    lease_expires_at): an OR of the two would read and sort every claimable
+    row of the account on every call. With `lock`, each half skips and locks
+    rows (FOR UPDATE SKIP LOCKED), so concurrent claimers never take the same
+    row; a locking CTE runs exactly once, so its LIMIT holds."""
+    order = (executions.c.scheduled_for, executions.c.created_at)
     halves = []
-    for name, state in states:
-        half = select(executions.c.id, *order).where(*worker_queue, state).order_by(*order).limit(limit)
+    for name, state in _claimable(now, silent_since):
+        half = (
+            select(executions.c.id, *order)
+            .where(
+                executions.c.account_id == account_id, executions.c.transport == "worker", state, *conditions
+            )
+            .order_by(*order)
+            .limit(limit)
+        )
         if lock:
             half = half.with_for_update(skip_locked=True)
         halves.append(half.cte(name))
@@ -940,11 +942,45 @@ def _claim_queue(
     return select(both.c.id).order_by(both.c.scheduled_for, both.c.created_at).limit(limit).cte("picked")
 
 
+def _requested_claims(requests: Any, now: Any, silent_since: Any, *, lock: bool) -> CTE:
+    """Of the requested executions (`requests`: id, account_id, worker), those
+    that are claimable, with the worker that asked. Each is found by its
+    primary key: in the ordered queue scan, an id that is no longer claimable
+    (a lost race) would read the account's whole queue.
+
+    With `lock` (PostgreSQL), each is looked up on its own (LATERAL) and locked
+    with FOR UPDATE SKIP LOCKED. Joined to the requests as a set instead, the
+    generic plan scans every claimable execution and filters on the ids."""
+    one = select(executions.c.id).where(
+        executions.c.id == requests.c.id,
+        executions.c.account_id == requests.c.account_id,
+        executions.c.transport == "worker",
+        or_(*(state for _, state in _claimable(now, silent_since))),
+    )
+    if lock:
+        found = one.with_for_update(skip_locked=True).lateral("found")
+        return select(found.c.id, requests.c.worker).select_from(requests.join(found, true())).cte("picked")
+    return one.add_columns(requests.c.worker).cte("picked")
+
+
+def _claim_update_postgres(picked: CTE, worker: Any, now: Any) -> Any:
+    """Claim the picked rows and return them; each row's outcome deadline comes
+    from its cue."""
+    return (
+        update(executions)
+        .where(executions.c.id == picked.c.id, cues.c.id == executions.c.cue_id)
+        .values(
+            **_claimed(worker, now, bindparam("c_lease_until", type_=UTCDateTime)),
+            outcome_deadline_at=now + func.make_interval(0, 0, 0, 0, 0, 0, cues.c.outcome_deadline_seconds),
+        )
+        .returning(*_CLAIMED_RETURNING)
+    )
+
+
 @cache
-def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
-    """Pick, lock, claim and return the rows in one statement; each row's
-    outcome deadline comes from its cue. Built once per shape; every value is a
-    bound parameter."""
+def _claim_next_statement_postgres(by_task: bool) -> Any:
+    """Pick the oldest, lock, claim and return them in one statement. Built once
+    per shape; every value is a bound parameter."""
     now = bindparam("c_now", type_=UTCDateTime)
     conditions = []
     if by_task:
@@ -955,26 +991,38 @@ def _claim_statement_postgres(by_id: bool, by_task: bool) -> Any:
         bindparam("c_silent_since", type_=UTCDateTime),
         bindparam("c_limit", type_=BigInteger),
         *conditions,
-        execution_id=bindparam("c_id", type_=Uuid) if by_id else None,
         lock=True,
     )
-    return (
-        update(executions)
-        .where(executions.c.id == picked.c.id, cues.c.id == executions.c.cue_id)
-        .values(
-            **_claimed(
-                bindparam("c_worker", type_=String), now, bindparam("c_lease_until", type_=UTCDateTime)
-            ),
-            outcome_deadline_at=now + func.make_interval(0, 0, 0, 0, 0, 0, cues.c.outcome_deadline_seconds),
+    return _claim_update_postgres(picked, bindparam("c_worker", type_=String), now)
+
+
+@cache
+def _claim_each_statement_postgres() -> Any:
+    """Claims by id, for several workers at once: the requests are three arrays."""
+    now = bindparam("c_now", type_=UTCDateTime)
+    requests = (
+        func.unnest(
+            bindparam("c_ids", type_=postgresql.ARRAY(Uuid)),
+            bindparam("c_accounts", type_=postgresql.ARRAY(Uuid)),
+            bindparam("c_workers", type_=postgresql.ARRAY(String)),
         )
-        .returning(*_CLAIMED_RETURNING)
+        .table_valued("id", "account_id", "worker")
+        .render_derived(name="requests")
     )
+    picked = _requested_claims(requests, now, bindparam("c_silent_since", type_=UTCDateTime), lock=True)
+    return _claim_update_postgres(picked, picked.c.worker, now)
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    account_id: uuid.UUID
+    execution_id: uuid.UUID
+    worker_id: str
 
 
 # What the claimable list shows (ClaimableItem).
 _CLAIMABLE_COLUMNS = tuple(
-    executions.c[name]
-    for name in ("id", "cue_id", "task", "payload", "attempts", "scheduled_for", "created_at")
+    executions.c[name] for name in ("id", "cue_id", "task", "payload", "attempts", "scheduled_for")
 )
 
 
@@ -1035,7 +1083,7 @@ class ClaimRepository(_Repository):
         }
         return (await self.conn.execute(statement, parameters)).all()
 
-    async def claim(
+    async def claim_next(
         self,
         account_id: uuid.UUID,
         worker_id: str,
@@ -1043,14 +1091,13 @@ class ClaimRepository(_Repository):
         lease: dt.timedelta,
         silent_since: dt.datetime,
         *,
-        execution_id: uuid.UUID | None = None,
         task: str | None = None,
         limit: int = 1,
     ) -> Sequence[AnyRow]:
-        """Take up to `limit` claimable executions (that one, or the oldest).
-        Rows locked by a concurrent claimer are skipped, so two callers never
-        get the same one. The claim's fencing token is the new attempt count.
-        On PostgreSQL this is one statement, to be run in autocommit mode."""
+        """Take up to `limit` of the oldest claimable executions. Rows locked by
+        a concurrent claimer are skipped, so two callers never get the same one.
+        The claim's fencing token is the new attempt count. On PostgreSQL this
+        is one statement, to be run in autocommit mode."""
         if self.conn.dialect.name == "postgresql":
             parameters: dict[str, Any] = {
                 "c_account": account_id,
@@ -1060,27 +1107,92 @@ class ClaimRepository(_Repository):
                 "c_worker": worker_id,
                 "c_limit": limit,
             }
-            if execution_id is not None:
-                parameters["c_id"] = execution_id
             if task is not None:
                 parameters["c_task"] = task
-            statement = _claim_statement_postgres(execution_id is not None, task is not None)
-            result = await self.conn.execute(statement, parameters)
+            result = await self.conn.execute(_claim_next_statement_postgres(task is not None), parameters)
             return sorted(result.all(), key=lambda r: (r.scheduled_for, r.created_at))
-        conditions = []
-        if task is not None:
-            conditions.append(executions.c.task == task)
-        picked = _claim_queue(account_id, now, silent_since, limit, *conditions, execution_id=execution_id)
-        query = (
-            select(executions.c.id, cues.c.outcome_deadline_seconds)
-            .join(picked, picked.c.id == executions.c.id)
-            .join(cues, cues.c.id == executions.c.cue_id)
+        conditions = [] if task is None else [executions.c.task == task]
+        picked = _claim_queue(account_id, now, silent_since, limit, *conditions)
+        candidates = select(executions.c.id, cues.c.outcome_deadline_seconds).join(
+            picked, picked.c.id == executions.c.id
         )
-        by_deadline: dict[int, list[uuid.UUID]] = {}
-        for candidate in await self.conn.execute(query):
-            by_deadline.setdefault(candidate.outcome_deadline_seconds, []).append(candidate.id)
-        claimed: list[AnyRow] = []
-        for seconds, ids in by_deadline.items():
+        claimed = await self._claim_sqlite(
+            [
+                (row.id, worker_id, row.outcome_deadline_seconds)
+                for row in await self.conn.execute(candidates.join(cues, cues.c.id == executions.c.cue_id))
+            ],
+            now,
+            lease,
+        )
+        return sorted(claimed.values(), key=lambda r: (r.scheduled_for, r.created_at))
+
+    async def claim_each(
+        self,
+        requests: Sequence[ClaimRequest],
+        now: dt.datetime,
+        lease: dt.timedelta,
+        silent_since: dt.datetime,
+    ) -> list[AnyRow | None]:
+        """Claims of named executions, for several workers at once: per request,
+        the claimed row, or None when the execution is not claimable (or locked
+        by a concurrent claimer). Of several requests for one execution only the
+        first can win. On PostgreSQL this is one statement, to be run in
+        autocommit mode."""
+        first: dict[tuple[uuid.UUID, uuid.UUID], ClaimRequest] = {}
+        for request in requests:
+            first.setdefault((request.account_id, request.execution_id), request)
+        distinct = list(first.values())
+        if self.conn.dialect.name == "postgresql":
+            result = await self.conn.execute(
+                _claim_each_statement_postgres(),
+                {
+                    "c_ids": [r.execution_id for r in distinct],
+                    "c_accounts": [r.account_id for r in distinct],
+                    "c_workers": [r.worker_id for r in distinct],
+                    "c_now": now,
+                    "c_silent_since": silent_since,
+                    "c_lease_until": now + lease,
+                },
+            )
+            claimed = {row.id: row for row in result}
+        else:
+            batch = json.dumps(
+                [
+                    {"id": r.execution_id.hex, "account_id": r.account_id.hex, "worker": r.worker_id}
+                    for r in distinct
+                ]
+            )
+            entries = func.json_each(bindparam("batch", batch)).table_valued("value")
+            requests_sqlite = select(
+                *(
+                    func.json_extract(entries.c.value, f"$.{name}").label(name)
+                    for name in ("id", "account_id", "worker")
+                )
+            ).subquery("requests")
+            picked = _requested_claims(requests_sqlite, now, silent_since, lock=False)
+            candidates = (
+                select(executions.c.id, picked.c.worker, cues.c.outcome_deadline_seconds)
+                .join(picked, picked.c.id == executions.c.id)
+                .join(cues, cues.c.id == executions.c.cue_id)
+            )
+            claimed = await self._claim_sqlite(
+                [tuple(row) for row in await self.conn.execute(candidates)], now, lease
+            )
+        return [
+            claimed.get(r.execution_id) if first[(r.account_id, r.execution_id)] is r else None
+            for r in requests
+        ]
+
+    async def _claim_sqlite(
+        self, candidates: Sequence[tuple[uuid.UUID, str, int]], now: dt.datetime, lease: dt.timedelta
+    ) -> dict[uuid.UUID, AnyRow]:
+        """SQLite: claim (id, worker, the cue's outcome deadline seconds) rows found
+        in this write transaction, one UPDATE per worker and deadline."""
+        groups: dict[tuple[str, int], list[uuid.UUID]] = {}
+        for execution_id, worker_id, seconds in candidates:
+            groups.setdefault((worker_id, seconds), []).append(execution_id)
+        claimed: dict[uuid.UUID, AnyRow] = {}
+        for (worker_id, seconds), ids in groups.items():
             result = await self.conn.execute(
                 update(executions)
                 .where(executions.c.id.in_(ids))
@@ -1090,8 +1202,7 @@ class ClaimRepository(_Repository):
                 )
                 .returning(*_CLAIMED_RETURNING)
             )
-            claimed += result.all()
-        claimed.sort(key=lambda r: (r.scheduled_for, r.created_at))
+            claimed.update((row.id, row) for row in result)
         return claimed
 
     async def holder(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
