@@ -1113,16 +1113,13 @@ class ClaimRepository(_Repository):
             return sorted(result.all(), key=lambda r: (r.scheduled_for, r.created_at))
         conditions = [] if task is None else [executions.c.task == task]
         picked = _claim_queue(account_id, now, silent_since, limit, *conditions)
-        candidates = select(executions.c.id, cues.c.outcome_deadline_seconds).join(
-            picked, picked.c.id == executions.c.id
+        candidates = await self.conn.execute(
+            select(executions.c.id, cues.c.outcome_deadline_seconds)
+            .join(picked, picked.c.id == executions.c.id)
+            .join(cues, cues.c.id == executions.c.cue_id)
         )
         claimed = await self._claim_sqlite(
-            [
-                (row.id, worker_id, row.outcome_deadline_seconds)
-                for row in await self.conn.execute(candidates.join(cues, cues.c.id == executions.c.cue_id))
-            ],
-            now,
-            lease,
+            [(row.id, worker_id, row.outcome_deadline_seconds) for row in candidates], now, lease
         )
         return sorted(claimed.values(), key=lambda r: (r.scheduled_for, r.created_at))
 
