@@ -111,6 +111,22 @@ def test_a_stale_claim_in_a_batch_is_refused(account: Account) -> None:
     assert answer.results[0].refused.code == "stale_claim"
     assert account.stored(execution)["outcome"] is None
 
+    # Reports for one execution are tried in order until one applies: the stale one
+    # first does not keep the current holder's report after it from applying.
+    answer = account.record(
+        Report(execution_id=execution, success=False, fencing_token=claim.fencing_token + 1),
+        Report(execution_id=execution, success=True, result="mine", fencing_token=claim.fencing_token),
+        Report(execution_id=execution, success=False, fencing_token=claim.fencing_token),
+    )
+    assert [r.WhichOneof("result") for r in answer.results] == ["refused", "recorded", "refused"]
+    # A refusal is explained by the execution as the batch left it: it has an outcome now.
+    assert [r.refused.code for r in answer.results] == [
+        "outcome_already_recorded",
+        "",
+        "outcome_already_recorded",
+    ]
+    assert account.stored(execution)["outcome"]["result"] == "mine"
+
 
 def test_batches_over_rest(account: Account) -> None:
     client = account.client

@@ -425,32 +425,58 @@ class ExecutionRepository(_Repository):
 
     async def record_outcomes(self, writes: Sequence[OutcomeWrite]) -> list[AnyRow | None]:
         """The write-once guard for a batch of reports: each applies only while its
-        execution has no outcome (of several reports for one execution, exactly one
-        applies), and a worker execution's report also settles its cue. Returns,
-        per report, the recorded row, or None when it did not apply (no such
-        execution, an outcome is already there, or a stale fencing token)."""
-        if self.conn.dialect.name == "postgresql":
-            items = [write.parameters(index) for index, write in enumerate(writes)]
-            columns = {name: [item[name] for item in items] for name, _ in _BATCH_COLUMNS}
-            # The driver directly: this statement runs for every batch, and SQLAlchemy's
-            # per-execution work would otherwise cost about as much as the update.
-            raw = await self.conn.get_raw_connection()
-            cursor = raw.driver_connection.cursor(row_factory=namedtuple_row)  # type: ignore[union-attr]
-            await cursor.execute(_RECORD_OUTCOMES_PSYCOPG, columns)
-            by_index = {row.ord: row for row in await cursor.fetchall()}
-            return [by_index.get(index) for index in range(len(writes))]
-        return await self._record_outcomes_sqlite(writes)
+        execution has no outcome, and a worker execution's report also settles its
+        cue. Returns, per report, the recorded row, or None when it did not apply
+        (no such execution, an outcome is already there, or a stale fencing token).
 
-    async def _record_outcomes_sqlite(self, writes: Sequence[OutcomeWrite]) -> list[AnyRow | None]:
-        """SQLite: one UPDATE ... FROM json_each for the batch, then one settlement per
-        cue. SQLite's RETURNING cannot name the batch row that applied, so only the
-        first report per execution enters the statement; the others did not apply."""
-        first: dict[uuid.UUID, int] = {}
+        Several reports for one execution are tried in batch order until one
+        applies, as they would be one by one. A statement can apply only one
+        report per execution (which of several joined rows an UPDATE uses is not
+        defined), so each statement takes the earliest untried report of each
+        execution; a later one needs another statement only if the earlier did
+        not apply."""
+        results: list[AnyRow | None] = [None] * len(writes)
+        pending = list(range(len(writes)))
+        while pending:
+            first: dict[uuid.UUID, int] = {}
+            later = []
+            for index in pending:
+                if first.setdefault(writes[index].execution_id, index) != index:
+                    later.append(index)
+            tried = list(first.values())
+            if self.conn.dialect.name == "postgresql":
+                rows = await self._record_distinct_postgres(writes, tried)
+            else:
+                rows = await self._record_distinct_sqlite(writes, tried)
+            for index, row in zip(tried, rows, strict=True):
+                results[index] = row
+            pending = [index for index in later if results[first[writes[index].execution_id]] is None]
+        return results
+
+    async def _record_distinct_postgres(
+        self, writes: Sequence[OutcomeWrite], indexes: Sequence[int]
+    ) -> list[AnyRow | None]:
+        items = [writes[index].parameters(index) for index in indexes]
+        columns = {name: [item[name] for item in items] for name, _ in _BATCH_COLUMNS}
+        # The driver directly: this statement runs for every batch, and SQLAlchemy's
+        # per-execution work would otherwise cost about as much as the update.
+        raw = await self.conn.get_raw_connection()
+        cursor = raw.driver_connection.cursor(row_factory=namedtuple_row)  # type: ignore[union-attr]
+        await cursor.execute(_RECORD_OUTCOMES_PSYCOPG, columns)
+        by_index = {row.ord: row for row in await cursor.fetchall()}
+        return [by_index.get(index) for index in indexes]
+
+    async def _record_distinct_sqlite(
+        self, writes: Sequence[OutcomeWrite], indexes: Sequence[int]
+    ) -> list[AnyRow | None]:
+        """SQLite: one UPDATE ... FROM json_each for the reports (one per execution:
+        SQLite's RETURNING cannot name the batch row that applied), then one
+        settlement per cue."""
+        by_execution: dict[uuid.UUID, int] = {}
         items = []
-        for index, write in enumerate(writes):
-            if write.execution_id in first:
-                continue
-            first[write.execution_id] = index
+        for index in indexes:
+            write = writes[index]
+            by_execution[write.execution_id] = index
             item = write.parameters(index)
             item.update(
                 id=write.execution_id.hex,
@@ -460,11 +486,11 @@ class ExecutionRepository(_Repository):
             )
             items.append(item)
         rows = (await self.conn.execute(_RECORD_OUTCOMES_SQLITE, {"batch": json.dumps(items)})).all()
-        results: list[AnyRow | None] = [None] * len(writes)
+        recorded: dict[int, AnyRow] = {}
         settle: dict[str, dict[str, Any]] = {}
-        for row in sorted(rows, key=lambda r: first[r.id]):
-            index = first[row.id]
-            results[index] = row
+        for row in sorted(rows, key=lambda r: by_execution[r.id]):
+            index = by_execution[row.id]
+            recorded[index] = row
             if row.transport != "worker":
                 continue
             cue = settle.setdefault(
@@ -481,7 +507,7 @@ class ExecutionRepository(_Repository):
             cue["last_now"] = max(cue.get("last_now", writes[index].now), writes[index].now)
         if settle:
             await self.conn.execute(_SETTLE_CUES_SQLITE, list(settle.values()))
-        return results
+        return [recorded.get(index) for index in indexes]
 
 
 def _sqlite_time(value: dt.datetime | None) -> str | None:
