@@ -235,7 +235,9 @@ class OutcomeService:
         if parsed is None:
             raise execution_not_found()
         pending = _Pending.of(caller, parsed, request)
-        return await self._settle(caller, pending, await self._writes.submit(pending.write))
+        row = await self._writes.submit(pending.write)
+        found = await self._write_once_states(caller, [] if row is not None else [parsed])
+        return self._answer(pending, row, found)
 
     async def record_many(
         self, caller: Caller, reports: Sequence[ReportRequest]
@@ -255,25 +257,40 @@ class OutcomeService:
                 if exc.violations:
                     raise exc.within(f"outcomes.{index}") from None
                 raise ApiError(exc.code, f"outcomes.{index}: {exc.message}", exc.http_status) from None
-        writes = [p.write for p in pending if isinstance(p, _Pending)]
-        rows = iter(await self._writes.submit_many(writes))
+        written = [p for p in pending if isinstance(p, _Pending)]
+        rows = await self._writes.submit_many([p.write for p in written])
+        found = await self._write_once_states(
+            caller, [p.write.execution_id for p, row in zip(written, rows, strict=True) if row is None]
+        )
+        answers = iter(rows)
         results: list[RecordedOutcome | ApiError] = []
         for entry in pending:
             if isinstance(entry, ApiError):
                 results.append(entry)
                 continue
             try:
-                results.append(await self._settle(caller, entry, next(rows)))
+                results.append(self._answer(entry, next(answers), found))
             except ApiError as exc:
                 results.append(exc)
         return results
 
-    async def _settle(self, caller: Caller, pending: _Pending, row: AnyRow | None) -> RecordedOutcome:
+    async def _write_once_states(
+        self, caller: Caller, execution_ids: Sequence[uuid.UUID]
+    ) -> Mapping[uuid.UUID, AnyRow]:
+        """What the reports that did not apply found, read in one query."""
+        if not execution_ids:
+            return {}
+        async with self._db.unit_of_work(write=False) as uow:
+            return await uow.executions.write_once_states(caller.account_id, execution_ids)
+
+    def _answer(
+        self, pending: _Pending, row: AnyRow | None, found_by_id: Mapping[uuid.UUID, AnyRow]
+    ) -> RecordedOutcome:
         """The answer to a written report: the recorded outcome, the original one
-        for an idempotent repeat, or why it did not apply."""
+        for an idempotent repeat, or why it did not apply (`found_by_id` holds
+        what the reports that did not apply found)."""
         if row is None:
-            async with self._db.unit_of_work(write=False) as uow:
-                found = await uow.executions.write_once_state(caller.account_id, pending.write.execution_id)
+            found = found_by_id.get(pending.write.execution_id)
             if found is None:
                 raise execution_not_found()
             if found.outcome_recorded_at is None:

@@ -268,9 +268,12 @@ class ExecutionRepository(_Repository):
         )
         return result.first()
 
-    async def write_once_state(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
-        """Why a write-once UPDATE did not apply (the recorded report, its key and
-        the claim count), or None when there is no such execution."""
+    async def write_once_states(
+        self, account_id: uuid.UUID, execution_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, AnyRow]:
+        """Why write-once UPDATEs did not apply (the recorded report, its key and
+        the claim count), by execution; an id missing from the answer has no
+        such execution."""
         result = await self.conn.execute(
             select(
                 executions.c.id,
@@ -281,9 +284,9 @@ class ExecutionRepository(_Repository):
                 executions.c.outcome_reported_state,
                 executions.c.outcome_late,
                 executions.c.outcome_verification_mode,
-            ).where(executions.c.account_id == account_id, executions.c.id == execution_id)
+            ).where(executions.c.account_id == account_id, executions.c.id.in_(execution_ids))
         )
-        return result.first()
+        return {row.id: row for row in result}
 
     async def page(
         self,
