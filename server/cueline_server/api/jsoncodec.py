@@ -20,14 +20,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cueline_server.api.descriptors import FieldInfo, enum_info, message_info
+from cueline_server.api.descriptors import TIMESTAMP, FieldInfo, enum_info, message_info
 from cueline_server.errors import Violation
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -108,12 +110,21 @@ def loads(data: bytes | str) -> Any:
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_NAIVE_EPOCH = _EPOCH.replace(tzinfo=None)
 
 
 def format_timestamp(value: dt.datetime) -> str:
-    value = value.astimezone(dt.UTC)
-    text = value.replace(tzinfo=None).isoformat()  # fractional digits only when microsecond != 0
-    return (text.rstrip("0") if value.microsecond else text) + "Z"
+    return _rfc3339(value.astimezone(dt.UTC).replace(tzinfo=None))
+
+
+def render_timestamp(ts: Timestamp) -> str:
+    """format_timestamp(timestamp_to_datetime(ts)) without the time zone arithmetic."""
+    return _rfc3339(_NAIVE_EPOCH + dt.timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000))
+
+
+def _rfc3339(utc: dt.datetime) -> str:
+    text = utc.isoformat()  # fractional digits only when microsecond != 0
+    return (text.rstrip("0") if utc.microsecond else text) + "Z"
 
 
 def timestamp_to_datetime(ts: Timestamp) -> dt.datetime:
@@ -138,40 +149,74 @@ def parse_datetime(text: str) -> dt.datetime:
 
 
 def render(message: Message) -> dict[str, Any]:
-    if message.DESCRIPTOR.full_name == STRUCT:
+    """A message as the REST surfaces show it (the rules in the module docstring)."""
+    plan = _render_plan(message.DESCRIPTOR)
+    if plan is None:
         plain: dict[str, Any] = struct_to_json(message)
         return plain
     out: dict[str, Any] = {}
-    for f in message_info(message.DESCRIPTOR).fields:
-        if f.input_only or f.rules.http_status:
-            continue
-        value = getattr(message, f.name)
-        if f.rules.inline:
+    for name, mode, convert in plan:
+        value = getattr(message, name)
+        if mode == _SINGULAR:
+            out[name] = value if convert is None else convert(value)
+        elif mode == _OPTIONAL:
+            if message.HasField(name):
+                out[name] = value if convert is None else convert(value)
+            else:
+                out[name] = None
+        elif mode == _REPEATED:
+            out[name] = list(value) if convert is None else [convert(v) for v in value]
+        elif mode == _MAP:
+            out[name] = dict(value) if convert is None else {k: convert(v) for k, v in value.items()}
+        else:  # _INLINE
             out.update(render(value))
-        elif f.is_map:
-            value_field = f.message.fields_by_name["value"]  # type: ignore[union-attr]
-            out[f.name] = {k: _render_single(f, v, value_field) for k, v in value.items()}
-        elif f.repeated:
-            out[f.name] = [_render_single(f, v) for v in value]
-        elif (f.has_presence or f.message is not None) and not message.HasField(f.name):
-            out[f.name] = None
-        else:
-            out[f.name] = _render_single(f, value)
     return out
 
 
-def _render_single(f: FieldInfo, value: Any, map_value: Any = None) -> Any:
-    descriptor = map_value if map_value is not None else f.descriptor
+# How render emits a field: as it is, null when unset, a list, an object, or
+# merged into its parent; each with a converter for its values (None: as they are).
+_SINGULAR, _OPTIONAL, _REPEATED, _MAP, _INLINE = range(5)
+Converter = Callable[[Any], Any] | None
+
+
+@cache
+def _render_plan(descriptor: Descriptor) -> tuple[tuple[str, int, Converter], ...] | None:
+    """What render does with each field of a message type, worked out once per
+    type from the descriptors (None: a Struct, rendered as plain JSON)."""
+    if descriptor.full_name == STRUCT:
+        return None
+    plan: list[tuple[str, int, Converter]] = []
+    for f in message_info(descriptor).fields:
+        if f.input_only or f.rules.http_status:
+            continue
+        if f.rules.inline:
+            plan.append((f.name, _INLINE, None))
+        elif f.is_map:
+            plan.append((f.name, _MAP, _converter(f.message.fields_by_name["value"], json_text=False)))  # type: ignore[union-attr]
+        elif f.repeated:
+            plan.append((f.name, _REPEATED, _converter(f.descriptor, f.rules.json_text)))
+        elif f.has_presence or f.message is not None:
+            plan.append((f.name, _OPTIONAL, _converter(f.descriptor, f.rules.json_text)))
+        else:
+            plan.append((f.name, _SINGULAR, _converter(f.descriptor, f.rules.json_text)))
+    return tuple(plan)
+
+
+def _converter(descriptor: FieldDescriptor, json_text: bool) -> Converter:
     cpp = descriptor.cpp_type
     if cpp == _CPPTYPE_MESSAGE:
-        if descriptor.message_type.full_name == "google.protobuf.Timestamp":  # type: ignore[union-attr]
-            return format_timestamp(timestamp_to_datetime(value))
-        return render(value)
+        if descriptor.message_type.full_name == TIMESTAMP:  # type: ignore[union-attr]
+            return render_timestamp
+        return render
     if cpp == _CPPTYPE_ENUM:
-        return enum_info(descriptor.enum_type).to_wire.get(value)
-    if f.rules.json_text and map_value is None:
-        return loads(value) if value else None
-    return value
+        return enum_info(descriptor.enum_type).to_wire.get
+    if json_text:
+        return _json_text
+    return None
+
+
+def _json_text(value: str) -> Any:
+    return loads(value) if value else None
 
 
 # --- reading --------------------------------------------------------------------------------------
