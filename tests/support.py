@@ -51,7 +51,8 @@ class PostgresCluster:
 
     As root, the cluster runs as the `postgres` user (PostgreSQL refuses root).
     Tests turn fsync off (they check behaviour, not the test cluster's crash
-    safety); benchmarks keep PostgreSQL's durable defaults."""
+    safety); benchmarks keep PostgreSQL's durable defaults and record commit
+    timestamps (fire lag is measured at commit)."""
 
     def __init__(self, *, durable: bool = False) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="cueline-pg-"))
@@ -64,8 +65,7 @@ class PostgresCluster:
             pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"
         )
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=300"
-        if not durable:
-            options += " -c fsync=off -c full_page_writes=off"
+        options += " -c track_commit_timestamp=on" if durable else " -c fsync=off -c full_page_writes=off"
         self._run(
             pg_binary("pg_ctl"),
             "-D",
