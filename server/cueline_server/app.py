@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import signal
@@ -251,6 +252,12 @@ class Runtime:
         ]
         for name in ("", *service_names()):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # What starting built (modules, descriptors, the schema, about 100,000
+        # objects) lives as long as the process. Frozen, it is left out of the full
+        # collections that request garbage sets off; walking it took about 40 ms
+        # each time, a pause every call in flight waited out.
+        gc.collect()
+        gc.freeze()
         self.serving = True
         log.info(
             "cueline serving grpc=%s:%d http=%s:%d database=%s",
