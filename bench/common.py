@@ -253,7 +253,14 @@ def machine() -> dict[str, Any]:
     }
 
 
-POSTGRES_SETTINGS = ("synchronous_commit", "fsync", "shared_buffers", "max_connections", "wal_level")
+POSTGRES_SETTINGS = (
+    "synchronous_commit",
+    "fsync",
+    "shared_buffers",
+    "max_connections",
+    "wal_level",
+    "track_commit_timestamp",
+)
 
 
 def postgres_facts(server: Server) -> dict[str, Any]:
