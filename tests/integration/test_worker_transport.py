@@ -128,35 +128,48 @@ def test_work_is_listed_and_claimed_oldest_first(server: Server) -> None:
 
 
 def test_claim_next_hands_out_each_execution_once(server: Server) -> None:
-    key = server.register()
-    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
-        cue = worker_cue(client)
-        created = {fire(client, cue["id"]) for _ in range(40)}
-    got: Counter[str] = Counter()
-    conflicts: list[int] = []
-    lock = threading.Lock()
-
-    def worker(index: int) -> None:
+    """Concurrent claim-next calls share statements (one per account and task):
+    each execution goes to one caller, whose worker id its claim records, and
+    no account's call gets another account's execution."""
+    keys = [server.register(), server.register()]
+    created: list[set[str]] = []
+    for key in keys:
         with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            cue = worker_cue(client)
+            created.append({fire(client, cue["id"]) for _ in range(30)})
+    got: list[dict[str, list[str]]] = [{}, {}]
+    conflicts: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(12)
+
+    def worker(account: int, index: int) -> None:
+        name = f"a{account}w{index}"
+        with httpx.Client(base_url=server.http_url, headers=auth(keys[account])) as client:
+            start.wait(10)
             while True:
-                response = client.post(
-                    "/v1/executions/claim", json={"worker_id": f"w{index}", "task": "report"}
-                )
+                response = client.post("/v1/executions/claim", json={"worker_id": name, "task": "report"})
                 if response.status_code == 409:
                     with lock:
-                        conflicts.append(index)
+                        conflicts.append(name)
                     return
                 assert response.status_code == 200, response.text
                 with lock:
-                    got[response.json()["execution_id"]] += 1
+                    got[account].setdefault(response.json()["execution_id"], []).append(name)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=worker, args=(i % 2, i)) for i in range(12)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert set(got) == created and set(got.values()) == {1}  # every one claimed, none twice
-    assert len(conflicts) == 8  # each worker stopped only when nothing was left
+    assert len(conflicts) == 12  # each worker stopped only when nothing was left
+    for account, key in enumerate(keys):
+        # every one claimed, none twice, and only by the account's own workers
+        assert set(got[account]) == created[account]
+        assert all(len(names) == 1 for names in got[account].values())
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            for execution, (name,) in got[account].items():
+                stored = client.get(f"/v1/executions/{execution}").json()
+                assert (stored["status"], stored["claimed_by_worker"]) == ("delivering", name)
 
 
 def test_racing_claims_by_id_have_one_winner_each(server: Server) -> None:

@@ -9,6 +9,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError, execution_not_found
@@ -27,6 +28,15 @@ FINAL = ("success", "failed", "missed")
 
 def claim_failed(message: str) -> ApiError:
     return ApiError("claim_failed", message, 409)
+
+
+@dataclass(frozen=True)
+class _NextClaim:
+    """A claim-next call: the oldest claimable execution of the account (of the task, if named)."""
+
+    account_id: uuid.UUID
+    task: str | None
+    worker_id: str
 
 
 class _Waiter:
@@ -61,6 +71,7 @@ class ClaimService:
         self._silence = dt.timedelta(seconds=settings.worker_heartbeat_timeout_seconds)
         self._unclaimed = dt.timedelta(seconds=settings.worker_unclaimed_timeout_seconds)
         self._by_id: Coalescer[ClaimRequest, AnyRow | None] = Coalescer(self._claim_each)
+        self._next: Coalescer[_NextClaim, AnyRow | None] = Coalescer(self._claim_next_each)
 
     async def claimable(
         self, caller: Caller, task: str | None, limit: int | None, *, agent: str | None = None
@@ -156,10 +167,35 @@ class ClaimService:
             return await repos.claims.claim_each(requests, moment, self.lease, moment - self._silence)
 
     async def claim_next(self, caller: Caller, worker_id: str, task: str | None) -> AnyRow:
-        rows = await self._claim(caller, worker_id, task=task)
-        if not rows:
+        row = await self._next.submit(_NextClaim(caller.account_id, task, worker_id))
+        if row is None:
             raise claim_failed("No executions available for claiming")
-        return rows[0]
+        return row
+
+    async def _claim_next_each(self, requests: Sequence[_NextClaim]) -> list[AnyRow | None]:
+        """Concurrent claim-next calls of one account and task share one
+        statement: it takes as many of the oldest claimable executions as there
+        are calls, the oldest for the call that came first. Each account and
+        task is its own statement (autocommitted on PostgreSQL; on SQLite the
+        batch is one transaction)."""
+        groups: dict[tuple[uuid.UUID, str | None], list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault((request.account_id, request.task), []).append(index)
+        claimed: list[AnyRow | None] = [None] * len(requests)
+        moment = now()
+        async with self._db.single_statement() as repos:
+            for (account_id, task), indexes in groups.items():
+                rows = await repos.claims.claim_next(
+                    account_id,
+                    [requests[index].worker_id for index in indexes],
+                    moment,
+                    self.lease,
+                    moment - self._silence,
+                    task=task,
+                )
+                for index, row in zip(indexes, rows, strict=False):  # fewer rows: nothing more to claim
+                    claimed[index] = row
+        return claimed
 
     async def _claim(
         self, caller: Caller, worker_id: str, *, task: str | None = None, limit: int = 1
@@ -167,13 +203,7 @@ class ClaimService:
         moment = now()
         async with self._db.single_statement() as repos:
             return await repos.claims.claim_next(
-                caller.account_id,
-                worker_id,
-                moment,
-                self.lease,
-                moment - self._silence,
-                task=task,
-                limit=limit,
+                caller.account_id, [worker_id] * limit, moment, self.lease, moment - self._silence, task=task
             )
 
     async def heartbeat(

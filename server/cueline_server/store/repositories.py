@@ -945,7 +945,8 @@ def _claim_queue(
     *conditions: ColumnElement[bool],
     lock: bool = False,
 ) -> CTE:
-    """The ids of the account's oldest claimable executions, in claim order.
+    """The ids of the account's oldest claimable executions, in claim order,
+    with their rank in it (`n`, from 1).
 
     Each half of `_claimable` is its own index-ordered scan that stops after
     `limit` rows (account, status, scheduled_for, created_at; and status,
@@ -968,7 +969,9 @@ def _claim_queue(
             half = half.with_for_update(skip_locked=True)
         halves.append(half.cte(name))
     both = union_all(*(select(half) for half in halves)).subquery("claimable")
-    return select(both.c.id).order_by(both.c.scheduled_for, both.c.created_at).limit(limit).cte("picked")
+    in_order = (both.c.scheduled_for, both.c.created_at)
+    rank = func.row_number().over(order_by=in_order).label("n")
+    return select(both.c.id, rank).order_by(*in_order).limit(limit).cte("picked")
 
 
 def _requested_claims(requests: Any, now: Any, silent_since: Any, *, lock: bool) -> CTE:
@@ -1007,22 +1010,37 @@ def _claim_update_postgres(picked: CTE, worker: Any, now: Any) -> Any:
 
 
 @cache
-def _claim_next_statement_postgres(by_task: bool) -> Any:
-    """Pick the oldest, lock, claim and return them in one statement. Built once
-    per shape; every value is a bound parameter."""
+def _claim_next_statement_postgres(by_task: bool, one_worker: bool) -> Any:
+    """Pick the oldest, lock, claim and return them in one statement, each with
+    its rank n. For one worker, `c_limit` rows go to `c_worker`; otherwise the
+    n-th oldest goes to the n-th of `c_workers` (an array). Built once per
+    shape; every value is a bound parameter."""
     now = bindparam("c_now", type_=UTCDateTime)
     conditions = []
     if by_task:
         conditions.append(executions.c.task == bindparam("c_task", type_=String))
+    worker_ids = bindparam("c_workers", type_=postgresql.ARRAY(String))
     picked = _claim_queue(
         bindparam("c_account", type_=Uuid),
         now,
         bindparam("c_silent_since", type_=UTCDateTime),
-        bindparam("c_limit", type_=BigInteger),
+        bindparam("c_limit", type_=BigInteger) if one_worker else func.cardinality(worker_ids),
         *conditions,
         lock=True,
     )
-    return _claim_update_postgres(picked, bindparam("c_worker", type_=String), now)
+    if one_worker:
+        return _claim_update_postgres(picked, bindparam("c_worker", type_=String), now).returning(picked.c.n)
+    # Joining the workers costs more than the one-worker shape: a batch claim
+    # (ClaimExecutions) lost 10-15 % of its rate with it.
+    workers = (
+        func.unnest(worker_ids).table_valued("worker", with_ordinality="n").render_derived(name="workers")
+    )
+    assigned = (
+        select(picked.c.id, picked.c.n, workers.c.worker)
+        .join(workers, workers.c.n == picked.c.n)
+        .cte("assigned")
+    )
+    return _claim_update_postgres(assigned, assigned.c.worker, now).returning(assigned.c.n)
 
 
 @cache
@@ -1115,42 +1133,58 @@ class ClaimRepository(_Repository):
     async def claim_next(
         self,
         account_id: uuid.UUID,
-        worker_id: str,
+        workers: Sequence[str],
         now: dt.datetime,
         lease: dt.timedelta,
         silent_since: dt.datetime,
         *,
         task: str | None = None,
-        limit: int = 1,
-    ) -> Sequence[AnyRow]:
-        """Take up to `limit` of the oldest claimable executions. Rows locked by
-        a concurrent claimer are skipped, so two callers never get the same one.
-        The claim's fencing token is the new attempt count. On PostgreSQL this
-        is one statement, to be run in autocommit mode."""
+    ) -> list[AnyRow]:
+        """Take the oldest claimable executions, one for each of `workers` (a
+        worker named k times takes k): the i-th row returned is the i-th
+        worker's, and there are fewer rows than workers only when nothing more
+        is claimable. Rows locked by a concurrent claimer are skipped, so two
+        callers never get the same one. The claim's fencing token is the new
+        attempt count. On PostgreSQL this is one statement, to be run in
+        autocommit mode."""
+        if not workers:
+            return []
         if self.conn.dialect.name == "postgresql":
+            one_worker = len(set(workers)) == 1
             parameters: dict[str, Any] = {
                 "c_account": account_id,
                 "c_now": now,
                 "c_silent_since": silent_since,
                 "c_lease_until": now + lease,
-                "c_worker": worker_id,
-                "c_limit": limit,
             }
+            if one_worker:
+                parameters.update(c_worker=workers[0], c_limit=len(workers))
+            else:
+                parameters["c_workers"] = list(workers)
             if task is not None:
                 parameters["c_task"] = task
-            result = await self.conn.execute(_claim_next_statement_postgres(task is not None), parameters)
-            return sorted(result.all(), key=lambda r: (r.scheduled_for, r.created_at))
+            statement = _claim_next_statement_postgres(task is not None, one_worker)
+            result = await self.conn.execute(statement, parameters)
+            return sorted(result.all(), key=lambda r: r.n)
         conditions = [] if task is None else [executions.c.task == task]
-        picked = _claim_queue(account_id, now, silent_since, limit, *conditions)
-        candidates = await self.conn.execute(
-            select(executions.c.id, cues.c.outcome_deadline_seconds)
-            .join(picked, picked.c.id == executions.c.id)
-            .join(cues, cues.c.id == executions.c.cue_id)
-        )
+        picked = _claim_queue(account_id, now, silent_since, len(workers), *conditions)
+        candidates = (
+            await self.conn.execute(
+                select(executions.c.id, cues.c.outcome_deadline_seconds)
+                .join(picked, picked.c.id == executions.c.id)
+                .join(cues, cues.c.id == executions.c.cue_id)
+                .order_by(picked.c.n)
+            )
+        ).all()
         claimed = await self._claim_sqlite(
-            [(row.id, worker_id, row.outcome_deadline_seconds) for row in candidates], now, lease
+            [
+                (row.id, worker, row.outcome_deadline_seconds)
+                for row, worker in zip(candidates, workers[: len(candidates)], strict=True)
+            ],
+            now,
+            lease,
         )
-        return sorted(claimed.values(), key=lambda r: (r.scheduled_for, r.created_at))
+        return [claimed[row.id] for row in candidates]
 
     async def claim_each(
         self,
