@@ -59,7 +59,13 @@ def add_parser(commands: Any) -> None:
     user.add_parser("disable", help="disable a user and revoke its tokens").add_argument("username")
 
     token = kinds.add_parser("token", help="tokens").add_subparsers(dest="admin_action", required=True)
-    token.add_parser("revoke", help="revoke an access or refresh token").add_argument("token")
+    revoke = token.add_parser("revoke", help="revoke an access or refresh token")
+    revoke.add_argument(
+        "token",
+        nargs="?",
+        help="the token; read from stdin when left out. A token can begin with '-': "
+        "give it after `--`, or on stdin",
+    )
 
 
 def _call(args: argparse.Namespace, channel: grpc.Channel) -> tuple[Message, str]:
@@ -106,7 +112,8 @@ def _call(args: argparse.Namespace, channel: grpc.Channel) -> tuple[Message, str
     if command == ("user", "disable"):
         response = run(directory.DisableUser, directory_pb2.DisableUserRequest(username=args.username))
         return response, f"user {args.username} disabled, {response.revoked_tokens} tokens revoked"
-    response = run(auth.RevokeTokens, auth_pb2.RevokeTokensRequest(token=args.token))
+    token = args.token if args.token is not None else sys.stdin.readline().strip()
+    response = run(auth.RevokeTokens, auth_pb2.RevokeTokensRequest(token=token))
     return response, f"{response.revoked} tokens revoked"
 
 

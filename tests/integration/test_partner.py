@@ -753,7 +753,11 @@ def test_admin_commands(partner_server: Server) -> None:
         stdin="a long password\n",
     )
     assert user.returncode == 0, user.stderr
-    assert admin("token", "revoke", token).stdout.strip() == "1 tokens revoked"
+    # On stdin: a token can begin with "-", which argparse would take for an option.
+    revoked = admin("token", "revoke", stdin=token + "\n")
+    assert revoked.stdout.strip() == "1 tokens revoked", revoked.stderr
+    dashed = admin("token", "revoke", "--", "-" + uuid.uuid4().hex)
+    assert dashed.stdout.strip() == "0 tokens revoked", dashed.stderr
     assert "disabled" in admin("member", "disable", member_id).stdout
     assert "disabled" in admin("client", "disable", client_id).stdout
     unknown = admin("member", "create", "--org", str(uuid.uuid4()))
