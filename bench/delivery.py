@@ -273,11 +273,8 @@ def fire_lag(server: Server, key: str, count: int) -> dict[str, Any]:
     db.dispose()
     per_cue = Counter(r.cue_id for r in rows)
     seen = watcher.first_seen if watcher else {}
-    lags = [
-        ((r.committed_at if postgres else seen[r.cue_id]) - r.scheduled_for).total_seconds()
-        for r in rows
-        if postgres or r.cue_id in seen
-    ]
+    committed = [r.committed_at if postgres else seen.get(r.cue_id) for r in rows]
+    lags = [(at - r.scheduled_for).total_seconds() for r, at in zip(rows, committed, strict=True) if at]
     return {
         "cues": count,
         "fired": len(per_cue),

@@ -1019,16 +1019,16 @@ def _claim_next_statement_postgres(by_task: bool, one_worker: bool) -> Any:
     conditions = []
     if by_task:
         conditions.append(executions.c.task == bindparam("c_task", type_=String))
-    worker_ids = bindparam("c_workers", type_=postgresql.ARRAY(String))
+    worker_ids = None if one_worker else bindparam("c_workers", type_=postgresql.ARRAY(String))
     picked = _claim_queue(
         bindparam("c_account", type_=Uuid),
         now,
         bindparam("c_silent_since", type_=UTCDateTime),
-        bindparam("c_limit", type_=BigInteger) if one_worker else func.cardinality(worker_ids),
+        bindparam("c_limit", type_=BigInteger) if worker_ids is None else func.cardinality(worker_ids),
         *conditions,
         lock=True,
     )
-    if one_worker:
+    if worker_ids is None:
         return _claim_update_postgres(picked, bindparam("c_worker", type_=String), now).returning(picked.c.n)
     # Joining the workers costs more than the one-worker shape: a batch claim
     # (ClaimExecutions) lost 10-15 % of its rate with it.
@@ -1093,7 +1093,7 @@ def _claimable_page_statement(dialect: str, by_task: bool, by_agent: bool) -> An
         select(*_CLAIMABLE_COLUMNS, cues.c.name.label("cue_name"))
         .join(page, page.c.id == executions.c.id)
         .join(cues, cues.c.id == executions.c.cue_id)
-        .order_by(executions.c.scheduled_for, executions.c.created_at)
+        .order_by(page.c.n)
     )
 
 
