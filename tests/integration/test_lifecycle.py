@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,7 +19,7 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import ROOT, Server, auth
+from tests.support import ROOT, Server, auth, new_database
 
 
 def worker_execution(server: Server, key: str) -> str:
@@ -153,3 +154,54 @@ def test_keys_create_works_with_registration_off(database_url: str) -> None:
 def test_help_everywhere(args: list[str]) -> None:
     shown = cli(*args, "--help")
     assert shown.returncode == 0 and "usage: cueline" in shown.stdout
+
+
+@pytest.mark.postgres
+def test_recovers_when_postgresql_drops_its_connections(postgres_admin_url: str) -> None:
+    """Every server connection is terminated (a failover, a restarted
+    database). A call that meets a dead connection gets 503, never 500, and
+    its retry is served; once one call has met a dead connection, the others
+    idle beside it are not handed out again."""
+    database_url = new_database(postgres_admin_url)
+    server = Server(database_url).start()
+    try:
+        key = server.register()
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            cue = client.post(
+                "/v1/cues",
+                json={"name": "c", "transport": "worker", "schedule": {"type": "recurring", "cron": "0 0 1 1 *"}},
+            ).json()
+            first, second = (client.post(f"/v1/cues/{cue['id']}/fire").json()["id"] for _ in range(2))
+            assert client.post(f"/v1/executions/{first}/claim", json={"worker_id": "w"}).status_code == 200
+
+            def burst() -> set[int]:
+                """Eight concurrent calls, so that several connections are in use."""
+                with ThreadPoolExecutor(8) as pool:
+                    calls = [pool.submit(client.get, "/v1/executions/claimable") for _ in range(8)]
+                    return {call.result().status_code for call in calls}
+
+            assert burst() == {200}
+            with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
+                killed = admin.execute(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (database_url.rsplit("/", 1)[1],),
+                ).fetchone()
+            assert killed is not None and killed[0] > 1
+
+            def served(method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+                response = client.request(method, path, json=body)
+                if response.status_code == 503:
+                    assert response.json()["error"]["code"] == "service_unavailable"
+                    response = client.request(method, path, json=body)
+                assert response.status_code == 200, response.text
+                return response
+
+            served("POST", f"/v1/executions/{first}/outcome", {"success": True})
+            assert burst() == {200}
+            served("POST", f"/v1/executions/{second}/claim", {"worker_id": "w"})
+            served("POST", f"/v1/executions/{second}/outcome", {"success": False})
+            outcomes = [served("GET", f"/v1/executions/{e}").json()["outcome"]["success"] for e in (first, second)]
+            assert outcomes == [True, False]
+    finally:
+        server.stop()

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import aiosqlite
+import psycopg
 from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -157,12 +159,15 @@ class Database:
             hot: dict[str, Any] = {"prepare_threshold": None}
             if prepared_statements:
                 hot = {"prepare_threshold": 0, "options": "-c plan_cache_mode=force_generic_plan"}
-            self._autocommit_engine: AsyncEngine = create_async_engine(
-                self.url,
-                pool_size=pool_size,
-                max_overflow=0,
-                isolation_level="AUTOCOMMIT",
-                connect_args=hot,
+            self._autocommit = _HeldConnections(
+                create_async_engine(
+                    self.url,
+                    pool_size=pool_size,
+                    max_overflow=0,
+                    isolation_level="AUTOCOMMIT",
+                    connect_args=hot,
+                ),
+                pool_size,
             )
             self._writer = None
             self._write_lock = None
@@ -180,8 +185,8 @@ class Database:
                 yield uow
                 await uow.commit()
             return
-        async with self._autocommit_engine.connect() as conn:
-            yield Repositories(conn)
+        async with self._autocommit.repositories() as repos:
+            yield repos
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[Repositories]:
@@ -192,8 +197,8 @@ class Database:
             async with self.unit_of_work(write=False) as uow:
                 yield uow
             return
-        async with self._autocommit_engine.connect() as conn:
-            yield Repositories(conn)
+        async with self._autocommit.repositories() as repos:
+            yield repos
 
     async def ping(self) -> bool:
         try:
@@ -208,7 +213,68 @@ class Database:
         if self._writer is not None:
             await self._writer.dispose()
         if self.backend != "sqlite":
-            await self._autocommit_engine.dispose()
+            await self._autocommit.dispose()
+
+
+class _HeldConnections:
+    """PostgreSQL's autocommit connections, kept checked out of the engine's
+    pool between statements, each with its repositories.
+
+    A checkout from SQLAlchemy's pool and the checkin after it cost about
+    0.2 ms of CPU (greenlet switches and the pool's bookkeeping), as much as
+    the single statement run in between on the hot paths. An autocommit
+    connection keeps no state from one statement to the next, so after a
+    statement it goes straight back to the idle list.
+
+    A block that fails keeps its connection only when the error did not come
+    from the database. A database error, or a cancellation mid-statement,
+    leaves the connection in a state not known: it is dropped. A lost
+    connection means the others may be lost too (a failover, a restarted
+    database), so the idle ones are dropped with it, as SQLAlchemy's pool
+    does; the next statements connect afresh."""
+
+    def __init__(self, engine: AsyncEngine, size: int) -> None:
+        self._engine = engine
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[Repositories] = []
+
+    @asynccontextmanager
+    async def repositories(self) -> AsyncIterator[Repositories]:
+        async with self._slots:
+            repos = self._idle.pop() if self._idle else Repositories(await self._engine.connect())
+            try:
+                yield repos
+            except psycopg.OperationalError as exc:
+                # From a statement run on the driver directly, unseen by SQLAlchemy:
+                # raised as SQLAlchemy would have raised it.
+                await self._drop([repos, *self._take_idle()])
+                raise sa_exc.OperationalError(None, None, exc, connection_invalidated=True) from exc
+            except (sa_exc.DBAPIError, psycopg.Error) as exc:
+                lost = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+                await self._drop([repos, *(self._take_idle() if lost else ())])
+                raise
+            except Exception:
+                self._idle.append(repos)
+                raise
+            except BaseException:
+                await self._drop([repos])
+                raise
+            self._idle.append(repos)
+
+    def _take_idle(self) -> list[Repositories]:
+        idle, self._idle = self._idle, []
+        return idle
+
+    @staticmethod
+    async def _drop(held: Sequence[Repositories]) -> None:
+        for repos in held:
+            await repos.conn.invalidate()
+            await repos.conn.close()
+
+    async def dispose(self) -> None:
+        for repos in self._take_idle():
+            await repos.conn.close()
+        await self._engine.dispose()
 
 
 class Repositories:
