@@ -244,17 +244,22 @@ class _HeldConnections:
             repos = self._idle.pop() if self._idle else Repositories(await self._engine.connect())
             try:
                 yield repos
-            except psycopg.OperationalError as exc:
-                # From a statement run on the driver directly, unseen by SQLAlchemy:
-                # raised as SQLAlchemy would have raised it.
-                await self._drop([repos, *self._take_idle()])
-                raise sa_exc.OperationalError(None, None, exc, connection_invalidated=True) from exc
-            except (sa_exc.DBAPIError, psycopg.Error) as exc:
-                lost = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+            except psycopg.Error as exc:
+                # From a statement run on the driver directly, unseen by SQLAlchemy: a
+                # lost connection is raised as SQLAlchemy would have raised it.
+                driver = (await repos.conn.get_raw_connection()).driver_connection
+                lost = driver is None or driver.broken
                 await self._drop([repos, *(self._take_idle() if lost else ())])
+                if lost:
+                    raise sa_exc.OperationalError(None, None, exc, connection_invalidated=True) from exc
                 raise
-            except Exception:
-                self._idle.append(repos)
+            except Exception as exc:
+                if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+                    await self._drop([repos, *self._take_idle()])
+                elif isinstance(exc, sa_exc.DBAPIError) or repos.conn.invalidated:
+                    await self._drop([repos])
+                else:
+                    self._idle.append(repos)
                 raise
             except BaseException:
                 await self._drop([repos])
