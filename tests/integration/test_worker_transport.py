@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import threading
 import time
@@ -12,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from cueline_server.services.identifiers import hash_api_key
+from cueline_server.store.database import Database
 from tests.integration.test_scheduler import wait_for
 from tests.support import Server, auth
 
@@ -170,6 +173,37 @@ def test_claim_next_hands_out_each_execution_once(server: Server) -> None:
             for execution, (name,) in got[account].items():
                 stored = client.get(f"/v1/executions/{execution}").json()
                 assert (stored["status"], stored["claimed_by_worker"]) == ("delivering", name)
+
+
+def test_a_shared_claim_next_statement_gives_the_oldest_to_the_first_worker(server: Server) -> None:
+    """Claim-next calls that share a statement are paired with the queue in
+    order: the i-th worker named gets the i-th oldest, and a worker beyond the
+    claimable ones gets nothing."""
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = worker_cue(client)
+        oldest_first = [fire(client, cue["id"]) for _ in range(3)]
+
+    async def claim(workers: list[str]) -> list[str]:
+        db = Database(server.database_url)
+        try:
+            async with db.reader() as repos:
+                account = await repos.accounts.by_key_hash(hash_api_key(key))
+            assert account is not None
+            moment = dt.datetime.now(dt.UTC)
+            async with db.single_statement() as repos:
+                rows = await repos.claims.claim_next(
+                    account.id, workers, moment, dt.timedelta(minutes=5), moment - dt.timedelta(minutes=3)
+                )
+            return [str(row.id) for row in rows]
+        finally:
+            await db.dispose()
+
+    workers = ["first", "second", "third", "fourth"]
+    assert asyncio.run(claim(workers)) == oldest_first
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        holders = [client.get(f"/v1/executions/{e}").json()["claimed_by_worker"] for e in oldest_first]
+    assert holders == workers[:3]
 
 
 def test_racing_claims_by_id_have_one_winner_each(server: Server) -> None:
