@@ -123,6 +123,32 @@ def test_invalid_argument_names_the_field(channel: grpc.Channel) -> None:
     assert bad is not None and [v.field for v in bad.field_violations] == ["cue.retry.max_attempts"]
 
 
+def test_a_nul_character_is_invalid_argument_and_the_slot_stays_open(channel: grpc.Channel) -> None:
+    md = api_key(channel)
+    cues = cues_pb2_grpc.CueServiceStub(channel)
+    schedule = cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="*/5 * * * *")
+    cue = cues.CreateCue(
+        cues_pb2.CreateCueRequest(
+            cue=cues_pb2.Cue(name="nul", transport=cues_pb2.TRANSPORT_WORKER, schedule=schedule)
+        ),
+        metadata=md,
+    ).cue
+    execution_id = cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue.id), metadata=md).id
+    outcomes = outcomes_pb2_grpc.OutcomeServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        outcomes.RecordOutcome(
+            outcomes_pb2.RecordOutcomeRequest(execution_id=execution_id, success=True, summary="a\x00b"),
+            metadata=md,
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, bad = error_details(raised.value)
+    assert bad is not None and [v.field for v in bad.field_violations] == ["summary"]
+    recorded = outcomes.RecordOutcome(
+        outcomes_pb2.RecordOutcomeRequest(execution_id=execution_id, success=True), metadata=md
+    )
+    assert recorded.outcome_recorded
+
+
 def test_json_text_fields_must_hold_json(channel: grpc.Channel) -> None:
     """gRPC callers send free-form JSON as text; text that is not JSON is the caller's mistake."""
     md = api_key(channel)

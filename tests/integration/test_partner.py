@@ -787,6 +787,13 @@ def test_hostile_input_gets_4xx_never_5xx(partner_server: Server) -> None:
         response = httpx.post(state_url(url), content=raw, headers={"Content-Type": "application/json"})
         assert response.status_code == 400, raw[:40]
         assert response.json() == {"detail": "Cannot parse request body"}, raw[:40]
+    # A NUL cannot be stored: refused where it is, and a path holding one names no action.
+    nul = post(url, {**REAUTH_BODY, "successUrl": SUCCESS_URL + "\u0000"}, org.token)
+    assert nul.status_code == 422 and nul.json()["detail"][0]["loc"] == ["body", "successUrl"]
+    nested = post(state_url(url), {"state": "success", "payload": {"s": ["\u0000"]}})
+    assert nested.status_code == 422 and nested.json()["detail"][0]["loc"] == ["body", "payload", "s", "0"]
+    no_action = f"{state_base.rsplit('/', 2)[0]}/a%00/state?secret=x"
+    assert post(no_action, {"state": "success"}).status_code == 404
     # Nothing was half-written: the attempt is still open and reportable.
     assert post(state_url(url), {"state": "success"}).status_code == 200
     with grpc.insecure_channel(partner_server.grpc_target) as channel:

@@ -46,6 +46,9 @@ def error(response: httpx.Response) -> dict[str, Any]:
         ({**VALID, "schedule": {"type": "recurring", "cron": "* * * * *", "timezone": "Mars/Olympus"}}, 422,
          "invalid_timezone", None),
         ({**VALID, "payload": {"text": "nul\u0000"}}, 400, "invalid_payload", None),
+        ({**VALID, "name": "nul\u0000"}, 422, "validation_error", "body.name"),
+        ({**VALID, "callback": {"url": "https://x.example", "headers": {"X-Team": "\u0000"}}}, 422,
+         "validation_error", "body.callback.headers.X-Team"),
     ],
 )  # fmt: skip
 def test_create_cue_rejects(
@@ -119,6 +122,8 @@ def test_update_rejections(server: Server) -> None:
         ({"success": True, "metadata": {"blob": "x" * 10_240}}, 400, "metadata_too_large", None),
         ({"success": True, "metadata": "text"}, 422, "validation_error", "body.metadata"),
         ({"success": True, "artifacts": {"a": 1}}, 422, "validation_error", "body.artifacts"),
+        ({"success": True, "result": "a\u0000b"}, 422, "validation_error", "body.result"),
+        ({"success": True, "external_id": "\u0000"}, 422, "validation_error", "body.external_id"),
     ],
 )
 def test_outcome_rejects_and_keeps_the_slot(
@@ -135,6 +140,36 @@ def test_outcome_rejects_and_keeps_the_slot(
         if field:
             assert error(response)["details"][0]["field"] == field
         assert client.post(path, json={"success": True}).status_code == 200
+
+
+def test_nul_characters_are_refused_by_name_and_name_nothing_in_a_path(server: Server) -> None:
+    """PostgreSQL's text cannot hold U+0000: in a field it is the caller's mistake
+    (422 naming the field, on SQLite too), in a path it names no resource (404)."""
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        execution = client.post(f"/v1/cues/{client.post('/v1/cues', json=VALID).json()['id']}/fire").json()
+        refused = [
+            (client.post(f"/v1/executions/{execution['id']}/claim", json={"worker_id": "w\u0000"}), "body.worker_id"),
+            (client.post("/v1/executions/claim", json={"worker_id": "w", "task": "\u0000"}), "body.task"),
+            (client.post("/v1/worker/heartbeat", json={"worker_id": "w", "handlers": ["\u0000"]}),
+             "body.handlers.0"),
+            (client.get("/v1/executions/claimable", params={"task": "t\u0000"}), "query.task"),
+            (client.get("/v1/executions", params={"cue_id": "cue_\u0000"}), "query.cue_id"),
+        ]  # fmt: skip
+        for response, field in refused:
+            assert response.status_code == 422, (response.request.url, response.text)
+            assert error(response)["details"][0]["field"] == field
+        unknown = [
+            (client.get("/v1/cues/cue_a%00b"), "cue_not_found"),
+            (client.delete("/v1/workers/w%00"), "worker_not_found"),
+            (client.post("/v1/executions/a%00b/outcome", json={"success": True}), "execution_not_found"),
+        ]
+        for response, code in unknown:
+            assert response.status_code == 404, (response.request.url, response.text)
+            assert error(response)["code"] == code
+        # Nothing was taken: the execution is still there to claim.
+        claimed = client.post(f"/v1/executions/{execution['id']}/claim", json={"worker_id": "w"})
+        assert claimed.status_code == 200, claimed.text
 
 
 def test_transport_level_errors(server: Server) -> None:

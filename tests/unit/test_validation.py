@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.struct_pb2 import Struct
 
+from cueline.partner.v1 import actions_pb2
 from cueline.v1 import cues_pb2, outcomes_pb2, workers_pb2
 from cueline_server.api.validation import validate
 
@@ -36,3 +38,27 @@ def test_update_checks_only_what_the_mask_names() -> None:
     assert fields(request) == ["cue.name"]  # but a masked name must still be valid
     request.update_mask.paths[:] = ["transport", "bogus", "retry.max_attempts"]
     assert fields(request) == ["cue.bogus", "cue.transport", "cue.retry.max_attempts"]
+
+
+def test_no_string_may_hold_a_nul_and_the_violation_says_where() -> None:
+    assert fields(outcomes_pb2.RecordOutcomeRequest(execution_id="e", success=True, result="a\x00b")) == [
+        "result"
+    ]
+    handlers = workers_pb2.RecordWorkerHeartbeatRequest(worker_id="w", handlers=["ok", "n\x00"])
+    assert fields(handlers) == ["handlers.1"]
+    callback = cues_pb2.Callback(url="https://x.example", headers={"X-Team": "a\x00"})
+    cue = cues_pb2.Cue(name="n", schedule=cues_pb2.Schedule(), callback=callback)
+    assert fields(cues_pb2.CreateCueRequest(cue=cue)) == ["cue.callback.headers.X-Team"]
+    body = Struct()
+    body.update({"fine": "x", "nested": {"list": [1, "ok", {"deep": "\x00"}]}})
+    assert fields(actions_pb2.ReportActionStateRequest(cue_id="c", body=body)) == ["body.nested.list.2.deep"]
+    body = Struct()
+    body.update({"key\x00": 1})
+    assert fields(actions_pb2.ReportActionStateRequest(cue_id="c", body=body)) == ["body"]
+
+
+def test_a_nul_in_an_identifier_is_left_to_the_handler() -> None:
+    """A path variable names a resource; one holding a NUL names none (404, not 422)."""
+    request = workers_pb2.DeleteWorkerRequest(worker_id="w\x00")
+    assert validate(request, frozenset({"worker_id"})) == []
+    assert [v.field for v in validate(request)] == ["worker_id"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from types import ModuleType
 
 from google.api import annotations_pb2 as http_annotations
@@ -89,6 +89,11 @@ class MethodInfo:
     @property
     def success_status(self) -> int:
         return self.rules.http_success_status or 200
+
+    @cached_property
+    def path_fields(self) -> frozenset[str]:
+        """The request fields its REST paths bind: identifiers of resources."""
+        return frozenset(name for binding in self.bindings for name in binding.path_fields)
 
 
 def _bindings(rule: object) -> list[HttpBinding]:

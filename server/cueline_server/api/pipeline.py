@@ -100,7 +100,7 @@ class Pipeline:
                 caller = await self._authenticator.authenticate(metadata.get("authorization"))
             if rejection is not None:
                 raise rejection
-            violations = validate(request)
+            violations = validate(request, method.path_fields)
             if violations:
                 raise validation_error(violations)
             call = Call(caller, metadata, rid, partner, peer)

@@ -8,6 +8,11 @@ transcoder turns them into body/query/path locations.
 For an update (a request with an update_mask), fields inside the resource
 are checked when the mask names them, and REQUIRED applies only to the
 request's own top-level fields: an update need not repeat the resource.
+
+No string anywhere in a request may hold a NUL character (U+0000): neither a
+field, nor a map's keys and values, nor the contents of a free-form JSON body
+(google.protobuf.Struct). PostgreSQL's text cannot store one, and SQLite
+would keep what PostgreSQL refuses, so both databases refuse it here alike.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import ListValue, Struct, Value
 
 from cueline_server.api.descriptors import FieldInfo, message_info
 from cueline_server.api.jsoncodec import loads
@@ -31,7 +37,10 @@ _NUMBER_CPPTYPES = {
 }
 
 
-def validate(request: Message) -> list[Violation]:
+def validate(request: Message, ids: frozenset[str] = frozenset()) -> list[Violation]:
+    """`ids` are the paths of fields that name a resource (a REST method's path
+    variables): one holding a NUL names nothing, which the handler answers as
+    not found, the way it answers any other malformed id."""
     violations: list[Violation] = []
     info = message_info(request.DESCRIPTOR)
     mask: set[str] | None = None
@@ -39,7 +48,7 @@ def validate(request: Message) -> list[Violation]:
         mask = set(request.update_mask.paths)  # type: ignore[attr-defined]
         resource = next(f for f in info.fields if f.is_plain_message)
         violations += _check_mask(resource, mask)
-    _check(request, "", violations, mask, top=True)
+    _check(request, "", violations, mask, ids, top=True)
     return violations
 
 
@@ -74,7 +83,15 @@ def _in_mask(mask: set[str], path: str) -> bool:
     return any(p == path or p.startswith(path + ".") for p in mask)
 
 
-def _check(message: Message, prefix: str, out: list[Violation], mask: set[str] | None, *, top: bool) -> None:
+def _check(
+    message: Message,
+    prefix: str,
+    out: list[Violation],
+    mask: set[str] | None,
+    ids: frozenset[str],
+    *,
+    top: bool,
+) -> None:
     for f in message_info(message.DESCRIPTOR).fields:
         if f.output_only or f.is_field_mask:
             continue
@@ -87,16 +104,19 @@ def _check(message: Message, prefix: str, out: list[Violation], mask: set[str] |
             if f.required and (mask is None or top):
                 out.append(Violation(path, "Field required"))
             continue
+        if f.message is Struct.DESCRIPTOR:
+            _check_nul(getattr(message, f.name), path, out)
+            continue
         if f.is_plain_message and not f.repeated:
-            _check(getattr(message, f.name), path + ".", out, mask, top=False)
+            _check(getattr(message, f.name), path + ".", out, mask, ids, top=False)
             continue
         if f.is_plain_message and not f.is_map:
             items = getattr(message, f.name)
             if not _too_many(f, items, path, out):
                 for index, item in enumerate(items):
-                    _check(item, f"{path}.{index}.", out, mask, top=False)
+                    _check(item, f"{path}.{index}.", out, mask, ids, top=False)
             continue
-        _check_rules(f, getattr(message, f.name), path, out)
+        _check_rules(f, getattr(message, f.name), path, out, nul_allowed=path in ids)
 
 
 def _too_many(f: FieldInfo, value: Any, path: str, out: list[Violation]) -> bool:
@@ -106,10 +126,11 @@ def _too_many(f: FieldInfo, value: Any, path: str, out: list[Violation]) -> bool
     return False
 
 
-def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation]) -> None:
+def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation], *, nul_allowed: bool) -> None:
     rules = f.rules
     if f.is_map:
-        _too_many(f, value, path, out)
+        if not _too_many(f, value, path, out):
+            _check_nul(value, path, out)
         return
     if f.repeated and _too_many(f, value, path, out):
         return
@@ -122,7 +143,9 @@ def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation]) -> N
             except ValueError:
                 out.append(Violation(where, "Input should be valid JSON"))
         elif isinstance(item, str):
-            if rules.HasField("min_length") and len(item) < rules.min_length:
+            if "\x00" in item and not nul_allowed:
+                out.append(Violation(where, _NUL))
+            elif rules.HasField("min_length") and len(item) < rules.min_length:
                 noun = "character" if rules.min_length == 1 else "characters"
                 out.append(Violation(where, f"String should have at least {rules.min_length} {noun}"))
             elif rules.HasField("max_length") and len(item) > rules.max_length:
@@ -134,3 +157,39 @@ def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation]) -> N
                 out.append(Violation(where, f"Input should be greater than or equal to {rules.minimum}"))
             elif rules.HasField("maximum") and item > rules.maximum:
                 out.append(Violation(where, f"Input should be less than or equal to {rules.maximum}"))
+
+
+_NUL = "String should not contain NUL characters"
+
+
+def _check_nul(value: Any, path: str, out: list[Violation]) -> None:
+    where = _nul_in(value)
+    if where is not None:
+        out.append(Violation(".".join([path, *where]), _NUL))
+
+
+def _nul_in(value: Any) -> list[str] | None:
+    """Where a NUL is in a string, a map or a Struct: the keys and indexes that
+    lead to it ([] for the value itself, or for a key that holds one), or None."""
+    if isinstance(value, str):
+        return [] if "\x00" in value else None
+    if isinstance(value, Value):
+        kind = value.WhichOneof("kind")
+        if kind not in ("string_value", "struct_value", "list_value"):
+            return None
+        return _nul_in(getattr(value, kind))
+    if isinstance(value, ListValue):
+        items: Any = enumerate(value.values)
+    elif isinstance(value, Struct):
+        items = value.fields.items()
+    elif isinstance(value, Message):
+        return None
+    else:
+        items = value.items()
+    for key, item in items:
+        if isinstance(key, str) and "\x00" in key:
+            return []
+        below = _nul_in(item)
+        if below is not None:
+            return [str(key), *below]
+    return None
