@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -191,3 +192,30 @@ def test_a_malformed_batch_over_grpc_names_the_report(account: Account) -> None:
     _, bad = error_details(raised.value)
     assert bad is not None
     assert {v.field for v in bad.field_violations} == {"outcomes.1.success", "outcomes.1.result"}
+
+
+def test_text_comes_back_as_it_was_sent(account: Account) -> None:
+    """The batch statement carries text as array literals on PostgreSQL and as
+    JSON on SQLite: what those must escape is stored as sent."""
+    awkward = ['a "quoted" \\ back\\slash', "NULL", "", "{a,b}", " x ", "line\nbreak\ttab", "é ☃ 𝄞", "'"]
+    _, executions = account.work(len(awkward))
+    reports = [
+        Report(
+            execution_id=execution,
+            success=True,
+            result=text,
+            external_id=text or "-",
+            result_ref=text or "-",
+            result_type=text or "-",
+            summary=text,
+            result_url=f"https://x.example/{index}",
+            metadata=json.dumps({"k": text}),
+        )
+        for index, (execution, text) in enumerate(zip(executions, awkward, strict=True))
+    ]
+    answer = account.record(*reports)
+    assert all(r.HasField("recorded") for r in answer.results), answer
+    for execution, text in zip(executions, awkward, strict=True):
+        outcome = account.stored(execution)["outcome"]
+        assert outcome["result"] == text and outcome["summary"] == text and outcome["metadata"] == {"k": text}
+        assert outcome["external_id"] == outcome["result_ref"] == outcome["result_type"] == (text or "-")
