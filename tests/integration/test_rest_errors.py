@@ -45,6 +45,8 @@ def error(response: httpx.Response) -> dict[str, Any]:
         ({**VALID, "schedule": {"type": "once", "at": "tomorrow"}}, 422, "validation_error", "body.schedule.at"),
         ({**VALID, "schedule": {"type": "recurring", "cron": "* * * * *", "timezone": "Mars/Olympus"}}, 422,
          "invalid_timezone", None),
+        ({**VALID, "schedule": {"type": "recurring", "cron": "* * * * *", "timezone": "America"}}, 422,
+         "invalid_timezone", None),
         ({**VALID, "payload": {"text": "nul\u0000"}}, 400, "invalid_payload", None),
         ({**VALID, "name": "nul\u0000"}, 422, "validation_error", "body.name"),
         ({**VALID, "callback": {"url": "https://x.example", "headers": {"X-Team": "\u0000"}}}, 422,

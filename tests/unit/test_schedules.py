@@ -24,9 +24,12 @@ def test_bad_cron_is_invalid_schedule(expression: str) -> None:
     assert (raised.value.code, raised.value.http_status) == ("invalid_schedule", 400)
 
 
-def test_unknown_zone_is_invalid_timezone() -> None:
+@pytest.mark.parametrize("name", ["Mars/Olympus", "America", "Etc", "x" * 300, "zone.tab", "UTC/", " UTC"])
+def test_unknown_zone_is_invalid_timezone(name: str) -> None:
+    """Names the zone database refuses in other ways (a directory, a name too long
+    for a file, a file that holds no zone) are unknown zones too."""
     with pytest.raises(ApiError) as raised:
-        zone("Mars/Olympus")
+        zone(name)
     assert (raised.value.code, raised.value.http_status) == ("invalid_timezone", 422)
 
 

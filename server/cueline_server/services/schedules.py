@@ -28,7 +28,9 @@ def zone(name: str) -> ZoneInfo:
         if not name or name != name.strip():
             raise ValueError(name)
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    # A name that is a directory of the zone database ("America") or too long for
+    # a file name fails as OSError.
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ApiError("invalid_timezone", f"Invalid timezone: '{name}'", 422) from None
 
 
