@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
@@ -147,6 +148,27 @@ def test_a_nul_character_is_invalid_argument_and_the_slot_stays_open(channel: gr
         outcomes_pb2.RecordOutcomeRequest(execution_id=execution_id, success=True), metadata=md
     )
     assert recorded.outcome_recorded
+
+
+def test_a_timestamp_beyond_its_range_is_invalid_argument(channel: grpc.Channel) -> None:
+    """REST's RFC 3339 strings stay within years 1-9999; gRPC seconds need not."""
+    md = api_key(channel)
+    cues = cues_pb2_grpc.CueServiceStub(channel)
+    schedule = cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="*/5 * * * *")
+    cue = cues.CreateCue(
+        cues_pb2.CreateCueRequest(
+            cue=cues_pb2.Cue(name="far", transport=cues_pb2.TRANSPORT_WORKER, schedule=schedule)
+        ),
+        metadata=md,
+    ).cue
+    with pytest.raises(grpc.RpcError) as raised:
+        cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue.id, send_at=Timestamp(seconds=10**15)), metadata=md)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, bad = error_details(raised.value)
+    assert bad is not None and [v.field for v in bad.field_violations] == ["send_at"]
+    latest = Timestamp(seconds=253_402_300_799, nanos=999_999_999)
+    fired = cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue.id, send_at=latest), metadata=md)
+    assert fired.scheduled_for.seconds == latest.seconds
 
 
 def test_json_text_fields_must_hold_json(channel: grpc.Channel) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from cueline.partner.v1 import actions_pb2
 from cueline.v1 import cues_pb2, outcomes_pb2, workers_pb2
@@ -62,3 +63,13 @@ def test_a_nul_in_an_identifier_is_left_to_the_handler() -> None:
     request = workers_pb2.DeleteWorkerRequest(worker_id="w\x00")
     assert validate(request, frozenset({"worker_id"})) == []
     assert [v.field for v in validate(request)] == ["worker_id"]
+
+
+def test_a_timestamp_must_lie_in_the_range_protobuf_defines() -> None:
+    def fire(seconds: int, nanos: int = 0) -> list[str]:
+        return fields(cues_pb2.FireCueRequest(cue_id="c", send_at=Timestamp(seconds=seconds, nanos=nanos)))
+
+    assert fire(-62_135_596_800) == [] and fire(253_402_300_799, 999_999_999) == []
+    outside = ((-62_135_596_801, 0), (253_402_300_800, 0), (10**15, 0), (0, 1_000_000_000), (0, -1))
+    for seconds, nanos in outside:
+        assert fire(seconds, nanos) == ["send_at"], (seconds, nanos)

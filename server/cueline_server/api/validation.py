@@ -22,6 +22,7 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from cueline_server.api.descriptors import FieldInfo, message_info
 from cueline_server.api.jsoncodec import loads
@@ -152,6 +153,9 @@ def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation], *, n
                 out.append(Violation(where, f"String should have at most {rules.max_length} characters"))
             elif rules.not_blank and not item.strip():
                 out.append(Violation(where, "Value must not be blank"))
+        elif isinstance(item, Timestamp):
+            if not (_MIN_SECONDS <= item.seconds <= _MAX_SECONDS and 0 <= item.nanos < 1_000_000_000):
+                out.append(Violation(where, _TIME_RANGE))
         elif f.descriptor.cpp_type in _NUMBER_CPPTYPES and not f.enum:
             if rules.HasField("minimum") and item < rules.minimum:
                 out.append(Violation(where, f"Input should be greater than or equal to {rules.minimum}"))
@@ -160,6 +164,13 @@ def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation], *, n
 
 
 _NUL = "String should not contain NUL characters"
+
+# What a Timestamp may hold (google/protobuf/timestamp.proto): 0001-01-01T00:00:00Z to
+# 9999-12-31T23:59:59.999999999Z, nanos 0-999,999,999. REST's RFC 3339 strings cannot
+# leave that range; a gRPC caller's seconds and nanos can.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+_TIME_RANGE = "Timestamp should be from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z"
 
 
 def _check_nul(value: Any, path: str, out: list[Violation]) -> None:
