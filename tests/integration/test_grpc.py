@@ -171,6 +171,19 @@ def test_a_timestamp_beyond_its_range_is_invalid_argument(channel: grpc.Channel)
     assert fired.scheduled_for.seconds == latest.seconds
 
 
+def test_an_undefined_enum_number_is_invalid_argument_not_unset(channel: grpc.Channel) -> None:
+    """A filter with a value this server does not know must not list everything."""
+    executions = executions_pb2_grpc.ExecutionServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        executions.ListExecutions(
+            executions_pb2.ListExecutionsRequest(status=99),  # type: ignore[arg-type]
+            metadata=api_key(channel),
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, bad = error_details(raised.value)
+    assert bad is not None and [v.field for v in bad.field_violations] == ["status"]
+
+
 def test_json_text_fields_must_hold_json(channel: grpc.Channel) -> None:
     """gRPC callers send free-form JSON as text; text that is not JSON is the caller's mistake."""
     md = api_key(channel)

@@ -5,7 +5,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cueline.partner.v1 import actions_pb2
-from cueline.v1 import cues_pb2, outcomes_pb2, workers_pb2
+from cueline.v1 import cues_pb2, executions_pb2, outcomes_pb2, workers_pb2
 from cueline_server.api.validation import validate
 
 
@@ -73,3 +73,11 @@ def test_a_timestamp_must_lie_in_the_range_protobuf_defines() -> None:
     outside = ((-62_135_596_801, 0), (253_402_300_800, 0), (10**15, 0), (0, 1_000_000_000), (0, -1))
     for seconds, nanos in outside:
         assert fire(seconds, nanos) == ["send_at"], (seconds, nanos)
+
+
+def test_an_enum_number_the_proto_does_not_define_is_refused() -> None:
+    """gRPC callers can send any number; an undefined one is not read as unset."""
+    assert fields(executions_pb2.ListExecutionsRequest(status=99)) == ["status"]  # type: ignore[arg-type]
+    assert fields(executions_pb2.ListExecutionsRequest(status=executions_pb2.EXECUTION_STATUS_FAILED)) == []
+    lenient = cues_pb2.Cue(name="n", schedule=cues_pb2.Schedule(type=99))  # type: ignore[arg-type]
+    assert fields(cues_pb2.CreateCueRequest(cue=lenient)) == []  # the service answers invalid_schedule

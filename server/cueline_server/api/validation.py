@@ -156,6 +156,9 @@ def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation], *, n
         elif isinstance(item, Timestamp):
             if not (_MIN_SECONDS <= item.seconds <= _MAX_SECONDS and 0 <= item.nanos < 1_000_000_000):
                 out.append(Violation(where, _TIME_RANGE))
+        elif f.enum is not None and item not in f.enum.values_by_number and not rules.lenient:
+            # A gRPC caller can send any number; REST's names are checked as they are read.
+            out.append(Violation(where, f"Unknown value {item} of {f.enum.full_name}"))
         elif f.descriptor.cpp_type in _NUMBER_CPPTYPES and not f.enum:
             if rules.HasField("minimum") and item < rules.minimum:
                 out.append(Violation(where, f"Input should be greater than or equal to {rules.minimum}"))
