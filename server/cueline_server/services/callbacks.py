@@ -74,7 +74,11 @@ class CallbackPolicy:
             prefix = "on_failure.webhook: " if field == "on_failure.webhook" else ""
             return ApiError("invalid_callback_url", prefix + message, 400)
 
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (reading it checks it)
+        except ValueError:  # an invalid or unclosed IPv6 bracket, a port that is no port
+            raise refuse("URL is malformed") from None
         scheme = parts.scheme.lower()
         if scheme != "https" and not (scheme == "http" and self.allow_http):
             raise refuse("URL must use https://")

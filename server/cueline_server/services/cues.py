@@ -153,8 +153,13 @@ def payload_task(payload: str) -> str | None:
 
 
 def _check_url(url: str, field: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+        absolute = parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
+        parts.port  # noqa: B018 (reading it checks it: a number from 0 to 65535)
+    except ValueError:  # an invalid or unclosed IPv6 bracket, a port that is no port
+        absolute = False
+    if not absolute:
         raise field_error(field, "URL must be an absolute http:// or https:// URL")
 
 
