@@ -459,7 +459,7 @@ class ExecutionRepository(_Repository):
         self, writes: Sequence[OutcomeWrite], indexes: Sequence[int]
     ) -> list[AnyRow | None]:
         items = [writes[index].parameters(index) for index in indexes]
-        columns = {name: pg_array(kind, [item[name] for item in items]) for name, kind in _BATCH_COLUMNS}
+        columns = {name: _pg_array(kind, [item[name] for item in items]) for name, kind in _BATCH_COLUMNS}
         # The driver directly: this statement runs for every batch, and SQLAlchemy's
         # per-execution work would otherwise cost about as much as the update.
         raw = await self.conn.get_raw_connection()
@@ -704,7 +704,7 @@ FROM recorded
 """
 )
 
-# For psycopg directly. Each parameter is an array literal (`pg_array`), which
+# For psycopg directly. Each parameter is an array literal (`_pg_array`), which
 # PostgreSQL parses: psycopg's adaptation of 20 lists (finding each one's element
 # type) cost more than the rest of a one-report batch's Python.
 _RECORD_OUTCOMES_PSYCOPG = str(_RECORD_OUTCOMES.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
@@ -724,7 +724,7 @@ _ELEMENT: dict[str, Callable[[Any], str]] = {
 }
 
 
-def pg_array(kind: str, values: Sequence[Any]) -> str:
+def _pg_array(kind: str, values: Sequence[Any]) -> str:
     """`values` as a PostgreSQL array literal of `kind` (what `CAST(... AS kind[])`
     reads), None as NULL."""
     element = _ELEMENT.get(kind, str)
