@@ -124,3 +124,55 @@ def test_concurrent_reports_settle_their_cue_exactly(server: Server) -> None:
                 and answers[execution_id]
                 == f"OUTCOME_STATE_REPORTED_{'SUCCESS' if index % 2 == 0 else 'FAILURE'}"
             )
+
+
+Request = tuple[str, str, str, dict[str, object] | None]  # kind, verb, path, JSON body
+
+
+def test_a_cue_deleted_amid_its_work_gets_only_documented_answers(server: Server) -> None:
+    """Fires, claims, reports and edits racing the cue's deletion: each is answered as
+    if it came before the delete or after it, never with a server error. (An edit
+    that found the cue gone, and a report that deadlocked with the delete's cascade,
+    got 500s.)"""
+    key = server.register()
+    allowed = {
+        "fire": {200, 404},
+        "claim": {200, 409},
+        "outcome": {200, 404, 409},
+        "patch": {200, 404},
+        "delete": {204},
+    }
+    seen: Counter[tuple[str, int]] = Counter()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        for round_ in range(20):
+            body = {"name": f"doomed-{round_}", "transport": "worker", "schedule": {"type": "recurring",
+                    "cron": "* * * * *"}}  # fmt: skip
+            cue = client.post("/v1/cues", json=body).json()["id"]
+            executions = [client.post(f"/v1/cues/{cue}/fire").json()["id"] for _ in range(3)]
+            requests: list[Request] = [("delete", "DELETE", f"/v1/cues/{cue}", None)]
+            for i in range(11):
+                execution = executions[i % 3]
+                kinds: list[Request] = [
+                    ("fire", "POST", f"/v1/cues/{cue}/fire", {}),
+                    ("claim", "POST", f"/v1/executions/{execution}/claim", {"worker_id": f"w{i}"}),
+                    ("outcome", "POST", f"/v1/executions/{execution}/outcome", {"success": True}),
+                    ("patch", "PATCH", f"/v1/cues/{cue}", {"description": f"edit {i}"}),
+                ]
+                requests.append(kinds[i % 4])
+            start = threading.Barrier(len(requests))
+
+            def send(
+                start: threading.Barrier, kind: str, verb: str, path: str, body: dict[str, object] | None
+            ) -> None:
+                with httpx.Client(base_url=server.http_url, headers=auth(key)) as own:
+                    start.wait()
+                    seen[(kind, own.request(verb, path, json=body).status_code)] += 1
+
+            threads = [threading.Thread(target=send, args=(start, *request)) for request in requests]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    unexpected = {k: n for k, n in seen.items() if k[1] not in allowed[k[0]]}
+    assert not unexpected, (unexpected, seen)
+    assert seen[("delete", 204)] == 20

@@ -350,7 +350,8 @@ class CueService:
                     updated = await uow.cues.update(caller.account_id, cue_id, changes)
                 except DuplicateError:
                     raise _duplicate_name(draft["name"]) from None
-                assert updated is not None
+                if updated is None:  # deleted since it was read
+                    raise cue_not_found()
                 row = updated
             warning = await self._warning(uow, caller, row.transport)
             await uow.commit()

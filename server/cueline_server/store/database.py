@@ -245,14 +245,15 @@ class _HeldConnections:
             try:
                 yield repos
             except psycopg.Error as exc:
-                # From a statement run on the driver directly, unseen by SQLAlchemy: a
-                # lost connection is raised as SQLAlchemy would have raised it.
+                # From a statement run on the driver directly, unseen by SQLAlchemy:
+                # raised as SQLAlchemy would have raised it (a deadlock as its
+                # OperationalError, a lost connection marked invalidated).
                 driver = (await repos.conn.get_raw_connection()).driver_connection
                 lost = driver is None or driver.broken
                 await self._drop([repos, *(self._take_idle() if lost else ())])
-                if lost:
-                    raise sa_exc.OperationalError(None, None, exc, connection_invalidated=True) from exc
-                raise
+                raise sa_exc.DBAPIError.instance(
+                    None, None, exc, psycopg.Error, connection_invalidated=lost
+                ) from exc
             except Exception as exc:
                 if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
                     await self._drop([repos, *self._take_idle()])

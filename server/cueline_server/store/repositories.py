@@ -212,6 +212,12 @@ class CueRepository(_Repository):
             )
 
     async def delete(self, account_id: uuid.UUID, cue_id: str) -> bool:
+        # The executions first, then the cue: the order an outcome report takes its
+        # locks in (the execution, then its cue's counters). The other order, the
+        # cascade's, deadlocked against reports arriving during the delete.
+        await self.conn.execute(
+            delete(executions).where(executions.c.account_id == account_id, executions.c.cue_id == cue_id)
+        )
         result = await self.conn.execute(
             delete(cues).where(cues.c.account_id == account_id, cues.c.id == cue_id).returning(cues.c.id)
         )
