@@ -46,6 +46,19 @@ def api_key(channel: grpc.Channel) -> tuple[tuple[str, str], ...]:
     return bearer(key)
 
 
+def worker_cue(
+    cues: cues_pb2_grpc.CueServiceStub, md: tuple[tuple[str, str], ...], name: str
+) -> cues_pb2.Cue:
+    """A recurring worker cue (every five minutes), created over gRPC."""
+    schedule = cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="*/5 * * * *")
+    return cues.CreateCue(
+        cues_pb2.CreateCueRequest(
+            cue=cues_pb2.Cue(name=name, transport=cues_pb2.TRANSPORT_WORKER, schedule=schedule)
+        ),
+        metadata=md,
+    ).cue
+
+
 def test_health_overall_and_per_service(channel: grpc.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     for name in ["", *SERVICES]:
@@ -127,13 +140,7 @@ def test_invalid_argument_names_the_field(channel: grpc.Channel) -> None:
 def test_a_nul_character_is_invalid_argument_and_the_slot_stays_open(channel: grpc.Channel) -> None:
     md = api_key(channel)
     cues = cues_pb2_grpc.CueServiceStub(channel)
-    schedule = cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="*/5 * * * *")
-    cue = cues.CreateCue(
-        cues_pb2.CreateCueRequest(
-            cue=cues_pb2.Cue(name="nul", transport=cues_pb2.TRANSPORT_WORKER, schedule=schedule)
-        ),
-        metadata=md,
-    ).cue
+    cue = worker_cue(cues, md, "nul")
     execution_id = cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue.id), metadata=md).id
     outcomes = outcomes_pb2_grpc.OutcomeServiceStub(channel)
     with pytest.raises(grpc.RpcError) as raised:
@@ -154,13 +161,7 @@ def test_a_timestamp_beyond_its_range_is_invalid_argument(channel: grpc.Channel)
     """REST's RFC 3339 strings stay within years 1-9999; gRPC seconds need not."""
     md = api_key(channel)
     cues = cues_pb2_grpc.CueServiceStub(channel)
-    schedule = cues_pb2.Schedule(type=cues_pb2.SCHEDULE_TYPE_RECURRING, cron="*/5 * * * *")
-    cue = cues.CreateCue(
-        cues_pb2.CreateCueRequest(
-            cue=cues_pb2.Cue(name="far", transport=cues_pb2.TRANSPORT_WORKER, schedule=schedule)
-        ),
-        metadata=md,
-    ).cue
+    cue = worker_cue(cues, md, "far")
     with pytest.raises(grpc.RpcError) as raised:
         cues.FireCue(cues_pb2.FireCueRequest(cue_id=cue.id, send_at=Timestamp(seconds=10**15)), metadata=md)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
