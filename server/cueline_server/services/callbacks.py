@@ -18,7 +18,7 @@ import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cueline_server.errors import ApiError
 
@@ -49,6 +49,17 @@ RESOLVE_TIMEOUT = 5.0
 _EMBEDDED_V4 = [ipaddress.ip_network("::ffff:0:0/96"), ipaddress.ip_network("64:ff9b::/96")]
 
 
+def split_url(url: str) -> SplitResult | None:
+    """The URL's parts, or None when they cannot be read: an invalid or unclosed
+    IPv6 bracket, a port that is not a number from 0 to 65535."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (reading it checks it)
+    except ValueError:
+        return None
+    return parts
+
+
 class BlockedTarget(Exception):
     """A delivery-time block: counts as a failed attempt."""
 
@@ -74,11 +85,9 @@ class CallbackPolicy:
             prefix = "on_failure.webhook: " if field == "on_failure.webhook" else ""
             return ApiError("invalid_callback_url", prefix + message, 400)
 
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 (reading it checks it)
-        except ValueError:  # an invalid or unclosed IPv6 bracket, a port that is no port
-            raise refuse("URL is malformed") from None
+        parts = split_url(url)
+        if parts is None:
+            raise refuse("URL is malformed")
         scheme = parts.scheme.lower()
         if scheme != "https" and not (scheme == "http" and self.allow_http):
             raise refuse("URL must use https://")

@@ -17,12 +17,11 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError, cue_not_found, field_error, idempotency_key_conflict
 from cueline_server.services.accounts import Caller, now
-from cueline_server.services.callbacks import CallbackPolicy
+from cueline_server.services.callbacks import CallbackPolicy, split_url
 from cueline_server.services.identifiers import is_cue_id, new_cue_id
 from cueline_server.services.schedules import check_cron, invalid_schedule, next_cron_time, zone
 from cueline_server.store.batching import Coalescer
@@ -153,13 +152,8 @@ def payload_task(payload: str) -> str | None:
 
 
 def _check_url(url: str, field: str) -> None:
-    try:
-        parts = urlsplit(url)
-        absolute = parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
-        parts.port  # noqa: B018 (reading it checks it: a number from 0 to 65535)
-    except ValueError:  # an invalid or unclosed IPv6 bracket, a port that is no port
-        absolute = False
-    if not absolute:
+    parts = split_url(url)
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         raise field_error(field, "URL must be an absolute http:// or https:// URL")
 
 
