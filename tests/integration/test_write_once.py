@@ -126,6 +126,82 @@ def test_concurrent_reports_settle_their_cue_exactly(server: Server) -> None:
             )
 
 
+def test_refused_reports_of_two_accounts_get_their_own_answers(server: Server) -> None:
+    """Why a report was refused is read for many reports at once, across
+    accounts: each still learns only about its own account's executions
+    (409 for its own, 404 for another's, which stays unreported)."""
+    keys = [server.register(), server.register()]
+    recorded: dict[str, list[str]] = {}
+    pending: dict[str, str] = {}
+    for key in keys:
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            cue = client.post(
+                "/v1/cues",
+                json={
+                    "name": "refusals",
+                    "transport": "worker",
+                    "schedule": {"type": "recurring", "cron": "0 0 1 1 *"},
+                },
+            ).json()
+            fired = [client.post(f"/v1/cues/{cue['id']}/fire").json()["id"] for _ in range(EXECUTIONS + 1)]
+            for execution_id in fired[:-1]:
+                assert (
+                    client.post(f"/v1/executions/{execution_id}/outcome", json={"success": True}).status_code
+                    == 200
+                )
+            recorded[key], pending[key] = fired[:-1], fired[-1]
+    answers: Counter[tuple[str, str]] = Counter()  # (whose execution, answer)
+    lock = threading.Lock()
+    start = threading.Barrier(WRITERS)
+
+    def writer(index: int) -> None:
+        key = keys[index % 2]
+        targets = [
+            (owner, e)
+            for owner in keys
+            for e in (*recorded[owner], pending[owner])
+            if owner != key or e != pending[key]
+        ]
+        rest = httpx.Client(base_url=server.http_url, headers=auth(key), timeout=30)
+        channel = grpc.insecure_channel(server.grpc_target)
+        stub = outcomes_pb2_grpc.OutcomeServiceStub(channel)
+        start.wait()
+        for owner, execution_id in targets:
+            whose = "own" if owner == key else "other's"
+            if index % 4 < 2:
+                response = rest.post(f"/v1/executions/{execution_id}/outcome", json={"success": False})
+                answer = str(response.status_code)
+            else:
+                try:
+                    stub.RecordOutcome(
+                        outcomes_pb2.RecordOutcomeRequest(execution_id=execution_id, success=False),
+                        metadata=bearer(key),
+                    )
+                    answer = "OK"
+                except grpc.RpcError as error:
+                    answer = error.code().name
+            with lock:
+                answers[whose, answer] += 1
+        rest.close()
+        channel.close()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(WRITERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    per_transport = WRITERS // 2
+    assert answers == {
+        ("own", "409"): per_transport * EXECUTIONS,
+        ("own", "ALREADY_EXISTS"): per_transport * EXECUTIONS,
+        ("other's", "404"): per_transport * (EXECUTIONS + 1),
+        ("other's", "NOT_FOUND"): per_transport * (EXECUTIONS + 1),
+    }
+    for key in keys:
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            assert client.get(f"/v1/executions/{pending[key]}").json()["outcome"] is None
+
+
 Request = tuple[str, str, str, dict[str, object] | None]  # kind, verb, path, JSON body
 
 

@@ -167,6 +167,9 @@ class ReportRequest:
     request_id: str | None = None
 
 
+_Key = tuple[uuid.UUID, uuid.UUID]  # (account, execution)
+
+
 @dataclass(frozen=True)
 class _Pending:
     """A checked report, ready for the write-once statement, and what its answer needs."""
@@ -225,10 +228,18 @@ class OutcomeService:
         self._alerts = alerts
         # Concurrent reports share one statement (group commit).
         self._writes: Coalescer[OutcomeWrite, AnyRow | None] = Coalescer(self._write_batch)
+        # Why the reports that did not apply were refused, read together too: a
+        # race of many writers (or a client's retries) is mostly refusals.
+        self._refusals: Coalescer[_Key, AnyRow | None] = Coalescer(self._read_refusals)
 
     async def _write_batch(self, writes: Sequence[OutcomeWrite]) -> Sequence[AnyRow | None]:
         async with self._db.single_statement() as repos:
             return await repos.executions.record_outcomes(writes)
+
+    async def _read_refusals(self, keys: Sequence[_Key]) -> list[AnyRow | None]:
+        async with self._db.reader() as repos:
+            found = await repos.executions.write_once_states(keys)
+        return [found.get(key) for key in keys]
 
     async def record(self, caller: Caller, request: ReportRequest) -> RecordedOutcome:
         parsed = parse_uuid(request.execution_id)
@@ -236,7 +247,7 @@ class OutcomeService:
             raise execution_not_found()
         pending = _Pending.of(caller, parsed, request)
         row = await self._writes.submit(pending.write)
-        found = await self._write_once_states(caller, [] if row is not None else [parsed])
+        found = None if row is not None else await self._refusals.submit((caller.account_id, parsed))
         return self._answer(pending, row, found)
 
     async def record_many(
@@ -259,38 +270,29 @@ class OutcomeService:
                 raise ApiError(exc.code, f"outcomes.{index}: {exc.message}", exc.http_status) from None
         written = [p for p in pending if isinstance(p, _Pending)]
         rows = await self._writes.submit_many([p.write for p in written])
-        found = await self._write_once_states(
-            caller, [p.write.execution_id for p, row in zip(written, rows, strict=True) if row is None]
-        )
+        refused = [p.write.execution_id for p, row in zip(written, rows, strict=True) if row is None]
+        found: dict[uuid.UUID, AnyRow | None] = {}
+        if refused:
+            states = await self._refusals.submit_many([(caller.account_id, i) for i in refused])
+            found = dict(zip(refused, states, strict=True))
         answers = iter(rows)
         results: list[RecordedOutcome | ApiError] = []
         for entry in pending:
             if isinstance(entry, ApiError):
                 results.append(entry)
                 continue
+            row = next(answers)
             try:
-                results.append(self._answer(entry, next(answers), found))
+                results.append(self._answer(entry, row, found.get(entry.write.execution_id)))
             except ApiError as exc:
                 results.append(exc)
         return results
 
-    async def _write_once_states(
-        self, caller: Caller, execution_ids: Sequence[uuid.UUID]
-    ) -> Mapping[uuid.UUID, AnyRow]:
-        """What the reports that did not apply found, read in one query."""
-        if not execution_ids:
-            return {}
-        async with self._db.unit_of_work(write=False) as uow:
-            return await uow.executions.write_once_states(caller.account_id, execution_ids)
-
-    def _answer(
-        self, pending: _Pending, row: AnyRow | None, found_by_id: Mapping[uuid.UUID, AnyRow]
-    ) -> RecordedOutcome:
+    def _answer(self, pending: _Pending, row: AnyRow | None, found: AnyRow | None) -> RecordedOutcome:
         """The answer to a written report: the recorded outcome, the original one
-        for an idempotent repeat, or why it did not apply (`found_by_id` holds
-        what the reports that did not apply found)."""
+        for an idempotent repeat, or why it did not apply (`found`: what a report
+        that did not apply found, None if no such execution)."""
         if row is None:
-            found = found_by_id.get(pending.write.execution_id)
             if found is None:
                 raise execution_not_found()
             if found.outcome_recorded_at is None:

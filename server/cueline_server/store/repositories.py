@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Uuid,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -274,24 +275,19 @@ class ExecutionRepository(_Repository):
         return result.first()
 
     async def write_once_states(
-        self, account_id: uuid.UUID, execution_ids: Sequence[uuid.UUID]
-    ) -> dict[uuid.UUID, AnyRow]:
+        self, keys: Sequence[tuple[uuid.UUID, uuid.UUID]]
+    ) -> dict[tuple[uuid.UUID, uuid.UUID], AnyRow]:
         """Why write-once UPDATEs did not apply (the recorded report, its key and
-        the claim count), by execution; an id missing from the answer has no
-        such execution."""
+        the claim count), by (account, execution); a key missing from the
+        answer has no such execution in that account."""
+        ids = list({execution_id for _, execution_id in keys})
+        dialect = self.conn.dialect.name
         result = await self.conn.execute(
-            select(
-                executions.c.id,
-                executions.c.outcome_recorded_at,
-                executions.c.attempts,
-                executions.c.outcome_request_key,
-                executions.c.outcome_request_hash,
-                executions.c.outcome_reported_state,
-                executions.c.outcome_late,
-                executions.c.outcome_verification_mode,
-            ).where(executions.c.account_id == account_id, executions.c.id.in_(execution_ids))
+            _write_once_states_statement(dialect),
+            {"w_ids": _pg_array("uuid", ids) if dialect == "postgresql" else ids},
         )
-        return {row.id: row for row in result}
+        wanted = set(keys)
+        return {key: row for row in result if (key := (row.account_id, row.id)) in wanted}
 
     async def page(
         self,
@@ -714,6 +710,29 @@ FROM recorded
 # PostgreSQL parses: psycopg's adaptation of 20 lists (finding each one's element
 # type) cost more than the rest of a one-report batch's Python.
 _RECORD_OUTCOMES_PSYCOPG = str(_RECORD_OUTCOMES.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
+
+
+@cache
+def _write_once_states_statement(dialect: str) -> Any:
+    """The state of executions by id; on PostgreSQL the ids are one array
+    literal, so every batch size is the same statement."""
+    if dialect == "postgresql":
+        ids: ColumnElement[bool] = executions.c.id == any_(
+            cast(bindparam("w_ids", type_=String), postgresql.ARRAY(Uuid))
+        )
+    else:
+        ids = executions.c.id.in_(bindparam("w_ids", expanding=True))
+    return select(
+        executions.c.account_id,
+        executions.c.id,
+        executions.c.outcome_recorded_at,
+        executions.c.attempts,
+        executions.c.outcome_request_key,
+        executions.c.outcome_request_hash,
+        executions.c.outcome_reported_state,
+        executions.c.outcome_late,
+        executions.c.outcome_verification_mode,
+    ).where(ids)
 
 
 def _quoted(value: str) -> str:
