@@ -28,7 +28,7 @@ from cueline_server.services.accounts import Caller, now
 from cueline_server.services.alerts import AlertService
 from cueline_server.services.identifiers import parse_uuid
 from cueline_server.store.batching import Coalescer
-from cueline_server.store.database import Database
+from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import VERIFICATION_MODES as MODES
 from cueline_server.store.repositories import AnyRow, OutcomeWrite
 
@@ -167,7 +167,9 @@ class ReportRequest:
     request_id: str | None = None
 
 
-_Key = tuple[uuid.UUID, uuid.UUID]  # (account, execution)
+# A written report: the recorded row, or None and what the report found instead
+# (None: no such execution in the caller's account; an exception: the reading failed).
+_Written = tuple[AnyRow | None, AnyRow | Exception | None]
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,17 @@ class _Pending:
         return cls(write, verdicts, report.success, request_id, digest)
 
 
+async def _with_refusals(
+    repos: Repositories, writes: Sequence[OutcomeWrite], rows: Sequence[AnyRow | None]
+) -> list[_Written]:
+    refused = [(w.account_id, w.execution_id) for w, row in zip(writes, rows, strict=True) if row is None]
+    found = await repos.executions.write_once_states(refused)
+    return [
+        (row, None if row is not None else found.get((w.account_id, w.execution_id)))
+        for w, row in zip(writes, rows, strict=True)
+    ]
+
+
 class OutcomeService:
     def __init__(
         self,
@@ -227,27 +240,32 @@ class OutcomeService:
         self._failed = failed
         self._alerts = alerts
         # Concurrent reports share one statement (group commit).
-        self._writes: Coalescer[OutcomeWrite, AnyRow | None] = Coalescer(self._write_batch)
-        # Why the reports that did not apply were refused, read together too: a
-        # race of many writers (or a client's retries) is mostly refusals.
-        self._refusals: Coalescer[_Key, AnyRow | None] = Coalescer(self._read_refusals)
+        self._writes: Coalescer[OutcomeWrite, _Written] = Coalescer(self._write_batch)
 
-    async def _write_batch(self, writes: Sequence[OutcomeWrite]) -> Sequence[AnyRow | None]:
+    async def _write_batch(self, writes: Sequence[OutcomeWrite]) -> list[_Written]:
+        """The batch's statement, then, for the reports that did not apply, why
+        not (read at once after it: a race of many writers, or a client's
+        retries, is mostly refusals)."""
         async with self._db.single_statement() as repos:
-            return await repos.executions.record_outcomes(writes)
-
-    async def _read_refusals(self, keys: Sequence[_Key]) -> list[AnyRow | None]:
-        async with self._db.reader() as repos:
-            found = await repos.executions.write_once_states(keys)
-        return [found.get(key) for key in keys]
+            rows = await repos.executions.record_outcomes(writes)
+            if all(row is not None for row in rows):
+                return [(row, None) for row in rows]
+            if self._db.backend == "sqlite":  # in the write's transaction, on the writer's connection
+                return await _with_refusals(repos, writes, rows)
+        # PostgreSQL: the statement has committed, so a failure to read the refusals
+        # is their answer alone; the reports that applied keep theirs.
+        try:
+            async with self._db.reader() as repos:
+                return await _with_refusals(repos, writes, rows)
+        except Exception as exc:
+            return [(row, exc if row is None else None) for row in rows]
 
     async def record(self, caller: Caller, request: ReportRequest) -> RecordedOutcome:
         parsed = parse_uuid(request.execution_id)
         if parsed is None:
             raise execution_not_found()
         pending = _Pending.of(caller, parsed, request)
-        row = await self._writes.submit(pending.write)
-        found = None if row is not None else await self._refusals.submit((caller.account_id, parsed))
+        row, found = await self._writes.submit(pending.write)
         return self._answer(pending, row, found)
 
     async def record_many(
@@ -269,30 +287,27 @@ class OutcomeService:
                     raise exc.within(f"outcomes.{index}") from None
                 raise ApiError(exc.code, f"outcomes.{index}: {exc.message}", exc.http_status) from None
         written = [p for p in pending if isinstance(p, _Pending)]
-        rows = await self._writes.submit_many([p.write for p in written])
-        refused = [p.write.execution_id for p, row in zip(written, rows, strict=True) if row is None]
-        found: dict[uuid.UUID, AnyRow | None] = {}
-        if refused:
-            states = await self._refusals.submit_many([(caller.account_id, i) for i in refused])
-            found = dict(zip(refused, states, strict=True))
-        answers = iter(rows)
+        answers = iter(await self._writes.submit_many([p.write for p in written]))
         results: list[RecordedOutcome | ApiError] = []
         for entry in pending:
             if isinstance(entry, ApiError):
                 results.append(entry)
                 continue
-            row = next(answers)
             try:
-                results.append(self._answer(entry, row, found.get(entry.write.execution_id)))
+                results.append(self._answer(entry, *next(answers)))
             except ApiError as exc:
                 results.append(exc)
         return results
 
-    def _answer(self, pending: _Pending, row: AnyRow | None, found: AnyRow | None) -> RecordedOutcome:
+    def _answer(
+        self, pending: _Pending, row: AnyRow | None, found: AnyRow | Exception | None
+    ) -> RecordedOutcome:
         """The answer to a written report: the recorded outcome, the original one
         for an idempotent repeat, or why it did not apply (`found`: what a report
         that did not apply found, None if no such execution)."""
         if row is None:
+            if isinstance(found, Exception):
+                raise found
             if found is None:
                 raise execution_not_found()
             if found.outcome_recorded_at is None:
