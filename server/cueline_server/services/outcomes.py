@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -23,7 +24,13 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from cueline_server.errors import ApiError, execution_not_found, field_error, idempotency_key_conflict
+from cueline_server.errors import (
+    ApiError,
+    execution_not_found,
+    field_error,
+    idempotency_key_conflict,
+    service_unavailable,
+)
 from cueline_server.services.accounts import Caller, now
 from cueline_server.services.alerts import AlertService
 from cueline_server.services.identifiers import parse_uuid
@@ -31,6 +38,8 @@ from cueline_server.store.batching import Coalescer
 from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import VERIFICATION_MODES as MODES
 from cueline_server.store.repositories import AnyRow, OutcomeWrite
+
+log = logging.getLogger("cueline.outcomes")
 
 MAX_METADATA_BYTES = 10_240
 _REQUIREMENT = {
@@ -168,8 +177,8 @@ class ReportRequest:
 
 
 # A written report: the recorded row, or None and what the report found instead
-# (None: no such execution in the caller's account; an exception: the reading failed).
-_Written = tuple[AnyRow | None, AnyRow | Exception | None]
+# (None: no such execution in the caller's account; an error: reading it failed).
+_Written = tuple[AnyRow | None, AnyRow | ApiError | None]
 
 
 @dataclass(frozen=True)
@@ -253,12 +262,13 @@ class OutcomeService:
             if self._db.backend == "sqlite":  # in the write's transaction, on the writer's connection
                 return await _with_refusals(repos, writes, rows)
         # PostgreSQL: the statement has committed, so a failure to read the refusals
-        # is their answer alone; the reports that applied keep theirs.
+        # is their answer alone (503: retry); the reports that applied keep theirs.
         try:
             async with self._db.reader() as repos:
                 return await _with_refusals(repos, writes, rows)
-        except Exception as exc:
-            return [(row, exc if row is None else None) for row in rows]
+        except Exception:
+            log.exception("reading why %d reports did not apply failed", sum(row is None for row in rows))
+            return [(row, service_unavailable() if row is None else None) for row in rows]
 
     async def record(self, caller: Caller, request: ReportRequest) -> RecordedOutcome:
         parsed = parse_uuid(request.execution_id)
@@ -300,13 +310,13 @@ class OutcomeService:
         return results
 
     def _answer(
-        self, pending: _Pending, row: AnyRow | None, found: AnyRow | Exception | None
+        self, pending: _Pending, row: AnyRow | None, found: AnyRow | ApiError | None
     ) -> RecordedOutcome:
         """The answer to a written report: the recorded outcome, the original one
         for an idempotent repeat, or why it did not apply (`found`: what a report
         that did not apply found, None if no such execution)."""
         if row is None:
-            if isinstance(found, Exception):
+            if isinstance(found, ApiError):
                 raise found
             if found is None:
                 raise execution_not_found()
