@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import httpx
@@ -278,7 +279,12 @@ def test_probes_and_openapi(server: Server) -> None:
 
 def test_health_and_status_probes(server: Server) -> None:
     with httpx.Client(base_url=server.http_url) as client:
-        health = client.get("/health")
+        deadline = time.monotonic() + 10
+        while (health := client.get("/health")).json()["services"]["scheduler"] == "unknown":
+            assert time.monotonic() < deadline, (
+                "the scheduler has not finished a pass"
+            )  # "unknown" until then
+            time.sleep(0.05)
         assert health.status_code == 200
         body = health.json()
         assert body["status"] == "healthy" and body["services"] == {"database": "ok", "scheduler": "ok"}
@@ -291,3 +297,14 @@ def test_health_and_status_probes(server: Server) -> None:
         assert all(isinstance(v, int) for v in body["queue"].values())
         status = client.get("/status")
         assert status.status_code == 200 and status.json() == {"status": "healthy", "reason": None}
+
+        # The counts are read at most once a second, whoever asks: new work shows within a few.
+        before = body["queue"]["pending_worker_claims"]
+        key = server.register()
+        cue = worker_cue(client, key)
+        for _ in range(2):
+            assert client.post(f"/v1/cues/{cue['id']}/fire", headers=auth(key)).status_code == 200
+        deadline = time.monotonic() + 10
+        while (counted := client.get("/health").json()["queue"]["pending_worker_claims"]) < before + 2:
+            assert time.monotonic() < deadline, f"/health still counts {counted} pending worker claims"
+            time.sleep(0.1)
