@@ -26,7 +26,7 @@ from cueline_server.api import openapi
 from cueline_server.api.descriptors import methods
 from cueline_server.api.grpc_server import build_server, service_names
 from cueline_server.api.pipeline import Handler, Pipeline
-from cueline_server.api.ratelimit import RestRateLimit, SlidingWindowLimiter
+from cueline_server.api.ratelimit import GrpcRateLimit, RestRateLimit, SlidingWindowLimiter
 from cueline_server.api.transcoder import Transcoder
 from cueline_server.config import Settings
 from cueline_server.dispatch import Dispatcher
@@ -198,7 +198,14 @@ class Runtime:
             access_log=settings.access_log,
         )
         health_servicer = health.aio.HealthServicer()
-        grpc_server = build_server(pipeline, health_servicer, settings.max_request_bytes + 64 * 1024)
+        grpc_limit = (
+            None
+            if parts.limiter is None
+            else GrpcRateLimit(parts.limiter, settings.default_rate_limit_per_minute)
+        )
+        grpc_server = build_server(
+            pipeline, health_servicer, settings.max_request_bytes + 64 * 1024, grpc_limit
+        )
         grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
         trusted_proxies = trusted_networks(settings.trusted_proxies)
         transcoder = Transcoder(

@@ -8,7 +8,9 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
+from google.protobuf.struct_pb2 import Struct
 
+from cueline.partner.v1 import auth_pb2, auth_pb2_grpc
 from cueline.v1 import accounts_pb2, accounts_pb2_grpc
 from tests.support import Server, auth, bearer
 
@@ -103,6 +105,41 @@ def test_accounts_are_limited_apart_and_requests_without_a_valid_key_per_ip(limi
         # Both credential endpoints share the budget; /oauth2/token/ refuses the RFC 6749 way.
         oauth = client.post("/oauth2/token/", json={"grant_type": "client_credentials"})
         assert oauth.status_code == 429 and oauth.json() == {"error": "slow_down"}
+
+
+def test_grpc_calls_without_credentials_spend_the_same_per_ip_budgets(limited: Server) -> None:
+    """Register and the partner token grants need no credentials over gRPC
+    either: they spend their REST routes' budgets for the client's IP."""
+    with grpc.insecure_channel(limited.grpc_target) as channel:
+        accounts = accounts_pb2_grpc.AccountServiceStub(channel)
+        tokens = auth_pb2_grpc.PartnerAuthServiceStub(channel)
+        for index in range(LIMIT):
+            accounts.Register(accounts_pb2.RegisterRequest(email=f"grpc{index}@example.com"))
+        with pytest.raises(grpc.RpcError) as refused:
+            accounts.Register(accounts_pb2.RegisterRequest(email="late@example.com"))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Retry after" in (refused.value.details() or "")
+        with httpx.Client(base_url=limited.http_url) as client:
+            rest = client.post("/v1/auth/register", json={"email": "rest@example.com"})
+            assert rest.status_code == 429 and rest.json()["error"]["code"] == "rate_limit_exceeded"
+
+            # The credential grants: wrong guesses until the budget is spent, over gRPC, then REST.
+            guess = Struct()
+            guess.update({"grant_type": "password", "username": "nobody", "password": "guess"})
+            answers = []
+            for _ in range(LIMIT + 1):
+                try:
+                    tokens.IssueToken(auth_pb2.IssueTokenRequest(body=guess))
+                    answers.append(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    answers.append(error.code())
+            assert (
+                grpc.StatusCode.RESOURCE_EXHAUSTED not in answers[:LIMIT]
+                and grpc.StatusCode.OK not in answers
+            )
+            assert answers[LIMIT] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            oauth = client.post("/oauth2/token/", json={"grant_type": "client_credentials"})
+            assert oauth.status_code == 429 and oauth.json() == {"error": "slow_down"}
 
 
 def test_the_switch_turns_limiting_and_its_headers_off(database_url: str) -> None:

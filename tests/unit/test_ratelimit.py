@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from cueline_server.api.ratelimit import SlidingWindowLimiter
+from cueline_server.api.descriptors import methods
+from cueline_server.api.ratelimit import GRPC_PER_IP, SlidingWindowLimiter
 
 
 class Clock:
@@ -73,3 +74,16 @@ def test_concurrent_hits_count_exactly() -> None:
         thread.join()
     assert allowed.count(True) == 1_000 and allowed.count(False) == 600
     assert limiter.usage("shared") == 1_000
+
+
+def test_every_grpc_method_without_credentials_is_a_probe_or_has_a_budget() -> None:
+    """A new public method must be given a per-IP budget, or be exempt as its
+    REST route is: gRPC is otherwise not limited."""
+    public = {m.full_name for m in methods() if m.public}
+    exempt = {
+        "/cueline.v1.ProbeService/GetHealth",
+        "/cueline.v1.ProbeService/GetStatus",
+        # The partner surface, unlimited on REST too; a link's secret is checked by an HMAC.
+        "/cueline.partner.v1.PartnerActionService/ReportActionState",
+    }
+    assert public - exempt == set(GRPC_PER_IP)

@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 
 from cueline_server.api.descriptors import MethodInfo, methods, services
 from cueline_server.api.pipeline import Pipeline
+from cueline_server.api.ratelimit import GrpcRateLimit
 from cueline_server.errors import ApiError
 
 ERROR_DOMAIN = "cueline"
@@ -77,7 +78,7 @@ def status_proto(error: ApiError) -> status_pb2.Status:
 
 
 def _unary(
-    pipeline: Pipeline, method: MethodInfo
+    pipeline: Pipeline, method: MethodInfo, rate_limit: GrpcRateLimit | None
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]:
     async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
         metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
@@ -87,6 +88,8 @@ def _unary(
         trailer = (("x-request-id", rid),)
         try:
             peer = peer_address(context.peer())
+            if rate_limit is not None:
+                rate_limit.check(method.full_name, peer)
             response = await pipeline.invoke(method, request, metadata, rid, peer=peer)
         except ApiError as error:
             status = rpc_status.to_status(status_proto(error))
@@ -124,13 +127,16 @@ def new_server(max_message_bytes: int) -> grpc.aio.Server:
 
 
 def build_server(
-    pipeline: Pipeline, health_servicer: health.aio.HealthServicer, max_message_bytes: int
+    pipeline: Pipeline,
+    health_servicer: health.aio.HealthServicer,
+    max_message_bytes: int,
+    rate_limit: GrpcRateLimit | None = None,
 ) -> grpc.aio.Server:
     server = new_server(max_message_bytes)
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
     for method in methods():
         by_service.setdefault(method.service, {})[method.name] = grpc.unary_unary_rpc_method_handler(
-            _unary(pipeline, method),
+            _unary(pipeline, method, rate_limit),
             request_deserializer=method.request_class.FromString,
             response_serializer=method.response_class.SerializeToString,
         )

@@ -11,7 +11,8 @@ The window is kept per key as counts per whole second, so memory per key is
 bounded by the window length, whatever the limit, and keys idle for a whole
 window are dropped. The state lives in this process: N replicas allow up to
 N times the limit. gRPC calls and the partner surface are not limited (see
-docs/contract-notes.md).
+docs/contract-notes.md), except what needs no credentials and costs the
+server: registering, and the partner token grants, on either transport.
 """
 
 from __future__ import annotations
@@ -157,12 +158,40 @@ class SlidingWindowLimiter:
             del self._windows[key]
 
 
+# The gRPC methods that need no credentials and cost the server (a new account;
+# a PBKDF2 hash per password guess), with the per-IP budget of their REST routes:
+# a caller spends one budget whichever transport it uses.
+GRPC_PER_IP = {
+    "/cueline.v1.AccountService/Register": "ip",
+    "/cueline.partner.v1.PartnerAuthService/IssueToken": "credentials",
+    "/cueline.partner.v1.PartnerAuthService/IssueClientToken": "credentials",
+}
+
+
+class GrpcRateLimit:
+    """The per-IP budgets of GRPC_PER_IP for gRPC calls; other methods pass."""
+
+    def __init__(self, limiter: SlidingWindowLimiter, default_limit: int) -> None:
+        self._limiter = limiter
+        self._default_limit = default_limit
+
+    def check(self, method: str, address: str) -> None:
+        """Count a call of `method` (a full name) from `address`; raises 429
+        `rate_limit_exceeded` when its budget is spent."""
+        kind = GRPC_PER_IP.get(method)
+        if kind is None:
+            return
+        quota = self._limiter.hit((kind, address), self._default_limit)
+        if quota.retry_after is not None:
+            raise rate_limit_exceeded(quota.retry_after)
+
+
 def account_key(account_id: uuid.UUID) -> Hashable:
     return ("account", account_id)
 
 
 def _ip_key(scope: Scope, trusted_proxies: Networks) -> Hashable:
-    return ("ip", client_address(scope, trusted_proxies))
+    return ("ip", client_address(scope, trusted_proxies))  # the key GrpcRateLimit gives Register
 
 
 ASGIApp = Callable[[Scope, Receive, Send], Any]
@@ -190,7 +219,7 @@ class RestRateLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = _path(scope) if scope["type"] == "http" else ""
         if path in CREDENTIAL_PATHS:
-            key: Hashable = ("credentials", client_address(scope, self._trusted_proxies))
+            key: Hashable = ("credentials", client_address(scope, self._trusted_proxies))  # as GRPC_PER_IP
             limit = self._default_limit
         elif not path or path in EXEMPT_PATHS or path.startswith(UNLIMITED_PREFIXES):
             await self._app(scope, receive, send)
