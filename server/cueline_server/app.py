@@ -203,11 +203,11 @@ class Runtime:
             if parts.limiter is None
             else GrpcRateLimit(parts.limiter, settings.default_rate_limit_per_minute)
         )
+        trusted_proxies = trusted_networks(settings.trusted_proxies)
         grpc_server = build_server(
-            pipeline, health_servicer, settings.max_request_bytes + 64 * 1024, grpc_limit
+            pipeline, health_servicer, settings.max_request_bytes + 64 * 1024, grpc_limit, trusted_proxies
         )
         grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
-        trusted_proxies = trusted_networks(settings.trusted_proxies)
         transcoder = Transcoder(
             pipeline,
             max_request_bytes=settings.max_request_bytes,

@@ -115,8 +115,11 @@ def test_grpc_calls_without_credentials_spend_the_same_per_ip_budgets(limited: S
         tokens = auth_pb2_grpc.PartnerAuthServiceStub(channel)
         for index in range(LIMIT):
             accounts.Register(accounts_pb2.RegisterRequest(email=f"grpc{index}@example.com"))
-        with pytest.raises(grpc.RpcError) as refused:
-            accounts.Register(accounts_pb2.RegisterRequest(email="late@example.com"))
+        with pytest.raises(grpc.RpcError) as refused:  # a forged X-Forwarded-For changes nothing
+            accounts.Register(
+                accounts_pb2.RegisterRequest(email="late@example.com"),
+                metadata=(("x-forwarded-for", "203.0.113.9"),),
+            )
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "Retry after" in (refused.value.details() or "")
         with httpx.Client(base_url=limited.http_url) as client:
@@ -140,6 +143,35 @@ def test_grpc_calls_without_credentials_spend_the_same_per_ip_budgets(limited: S
             assert answers[LIMIT] == grpc.StatusCode.RESOURCE_EXHAUSTED
             oauth = client.post("/oauth2/token/", json={"grant_type": "client_credentials"})
             assert oauth.status_code == 429 and oauth.json() == {"error": "slow_down"}
+
+
+def test_behind_a_trusted_proxy_grpc_budgets_are_per_forwarded_client(database_url: str) -> None:
+    """gRPC metadata's X-Forwarded-For names the client when the peer is a
+    trusted proxy, as the HTTP header does; from any other peer it is ignored."""
+    proxied = Server(
+        database_url,
+        env={"CUELINE_DEFAULT_RATE_LIMIT_PER_MINUTE": str(LIMIT), "CUELINE_TRUSTED_PROXIES": "127.0.0.1/32"},
+    ).start()
+    try:
+        with grpc.insecure_channel(proxied.grpc_target) as channel:
+            accounts = accounts_pb2_grpc.AccountServiceStub(channel)
+
+            def register(client: str) -> grpc.StatusCode:
+                try:
+                    accounts.Register(
+                        accounts_pb2.RegisterRequest(email=f"{uuid.uuid4().hex}@example.com"),
+                        metadata=(("x-forwarded-for", f"{client}, 10.0.0.1"),),
+                    )
+                except grpc.RpcError as error:
+                    return error.code()
+                return grpc.StatusCode.OK
+
+            assert [register("203.0.113.7") for _ in range(LIMIT + 1)] == [grpc.StatusCode.OK] * LIMIT + [
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+            ]
+            assert register("203.0.113.8") == grpc.StatusCode.OK
+    finally:
+        proxied.stop()
 
 
 def test_the_switch_turns_limiting_and_its_headers_off(database_url: str) -> None:

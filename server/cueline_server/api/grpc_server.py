@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 from cueline_server.api.descriptors import MethodInfo, methods, services
 from cueline_server.api.pipeline import Pipeline
 from cueline_server.api.ratelimit import GrpcRateLimit
+from cueline_server.api.transcoder import Networks, forwarded_client
 from cueline_server.errors import ApiError
 
 ERROR_DOMAIN = "cueline"
@@ -78,7 +79,7 @@ def status_proto(error: ApiError) -> status_pb2.Status:
 
 
 def _unary(
-    pipeline: Pipeline, method: MethodInfo, rate_limit: GrpcRateLimit | None
+    pipeline: Pipeline, method: MethodInfo, rate_limit: GrpcRateLimit | None, trusted_proxies: Networks
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]:
     async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
         metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
@@ -87,7 +88,9 @@ def _unary(
         # status; initial metadata would cost a separate send on every call.
         trailer = (("x-request-id", rid),)
         try:
-            peer = peer_address(context.peer())
+            peer = forwarded_client(
+                peer_address(context.peer()), metadata.get("x-forwarded-for"), trusted_proxies
+            )
             if rate_limit is not None:
                 rate_limit.check(method.full_name, peer)
             response = await pipeline.invoke(method, request, metadata, rid, peer=peer)
@@ -131,12 +134,13 @@ def build_server(
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     rate_limit: GrpcRateLimit | None = None,
+    trusted_proxies: Networks = (),
 ) -> grpc.aio.Server:
     server = new_server(max_message_bytes)
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
     for method in methods():
         by_service.setdefault(method.service, {})[method.name] = grpc.unary_unary_rpc_method_handler(
-            _unary(pipeline, method, rate_limit),
+            _unary(pipeline, method, rate_limit, trusted_proxies),
             request_deserializer=method.request_class.FromString,
             response_serializer=method.response_class.SerializeToString,
         )

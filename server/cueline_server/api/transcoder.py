@@ -183,21 +183,27 @@ Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
 def client_address(scope: Scope, trusted_proxies: Networks) -> str:
-    """The HTTP client's address; when the peer is a trusted proxy, the
-    left-most X-Forwarded-For entry."""
+    """The HTTP client's address (see `forwarded_client`)."""
     client = scope.get("client")
-    peer = str(client[0]) if client else ""
-    if not trusted_proxies or not peer:
-        return peer
+    if not trusted_proxies or not client:
+        return str(client[0]) if client else ""
     forwarded = next((v for k, v in scope["headers"] if k.lower() == b"x-forwarded-for"), None)
-    if forwarded is None:
+    return forwarded_client(
+        str(client[0]), forwarded.decode("latin-1") if forwarded else None, trusted_proxies
+    )
+
+
+def forwarded_client(peer: str, forwarded_for: str | None, trusted_proxies: Networks) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted proxy,
+    the left-most X-Forwarded-For entry (an HTTP header, or gRPC metadata)."""
+    if not trusted_proxies or not peer or forwarded_for is None:
         return peer
     try:
         address = ipaddress.ip_address(peer)
     except ValueError:
         return peer
     if any(address in network for network in trusted_proxies):
-        return forwarded.decode("latin-1").split(",")[0].strip() or peer
+        return forwarded_for.split(",")[0].strip() or peer
     return peer
 
 
