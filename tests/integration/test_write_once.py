@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import httpx
@@ -15,18 +17,56 @@ WRITERS = 16
 EXECUTIONS = 10
 
 
+def fire_worker_cue(
+    client: httpx.Client, name: str, count: int, cron: str = "0 0 1 1 *"
+) -> tuple[str, list[str]]:
+    """A new worker cue's id, and the ids of `count` executions fired from it."""
+    body = {"name": name, "transport": "worker", "schedule": {"type": "recurring", "cron": cron}}
+    cue = client.post("/v1/cues", json=body).json()["id"]
+    return cue, [client.post(f"/v1/cues/{cue}/fire").json()["id"] for _ in range(count)]
+
+
+class Reporter:
+    """One writer's connections: reports an outcome over REST or gRPC and
+    answers with the HTTP status ("409") or the gRPC code's name ("ALREADY_EXISTS")."""
+
+    def __init__(self, server: Server, key: str) -> None:
+        self._key = key
+        self._rest = httpx.Client(base_url=server.http_url, headers=auth(key), timeout=30)
+        self._channel = grpc.insecure_channel(server.grpc_target)
+        self._stub = outcomes_pb2_grpc.OutcomeServiceStub(self._channel)
+
+    def report(self, execution_id: str, *, over_rest: bool, **outcome: Any) -> str:
+        if over_rest:
+            response = self._rest.post(f"/v1/executions/{execution_id}/outcome", json=outcome)
+            return str(response.status_code)
+        try:
+            self._stub.RecordOutcome(
+                outcomes_pb2.RecordOutcomeRequest(execution_id=execution_id, **outcome),
+                metadata=bearer(self._key),
+            )
+        except grpc.RpcError as error:
+            return str(error.code().name)
+        return "OK"
+
+    def close(self) -> None:
+        self._rest.close()
+        self._channel.close()
+
+
+def run_at_once(target: Callable[[int], None], count: int) -> None:
+    """target(0) … target(count - 1), each on a thread of its own."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+
 def test_sixteen_racing_writers_one_winner_each(server: Server) -> None:
     key = server.register()
     with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
-        cue = client.post(
-            "/v1/cues",
-            json={
-                "name": "race",
-                "transport": "worker",
-                "schedule": {"type": "recurring", "cron": "* * * * *"},
-            },
-        ).json()
-        executions = [client.post(f"/v1/cues/{cue['id']}/fire").json()["id"] for _ in range(EXECUTIONS)]
+        _, executions = fire_worker_cue(client, "race", EXECUTIONS, cron="* * * * *")
     results: Counter[str] = Counter()
     winners: Counter[str] = Counter()
     winner_of: dict[str, str] = {}
@@ -34,45 +74,23 @@ def test_sixteen_racing_writers_one_winner_each(server: Server) -> None:
     start = threading.Barrier(WRITERS)
 
     def writer(index: int) -> None:
-        rest = httpx.Client(base_url=server.http_url, headers=auth(key), timeout=30)
-        channel = grpc.insecure_channel(server.grpc_target)
-        stub = outcomes_pb2_grpc.OutcomeServiceStub(channel)
+        reporter = Reporter(server, key)
         start.wait()
         for execution_id in executions:
-            if index % 2:
-                response = rest.post(
-                    f"/v1/executions/{execution_id}/outcome",
-                    json={"success": True, "result": f"writer {index}"},
-                )
-                outcome = {200: "won", 409: "conflict"}.get(
-                    response.status_code, f"http {response.status_code}"
-                )
-            else:
-                try:
-                    stub.RecordOutcome(
-                        outcomes_pb2.RecordOutcomeRequest(
-                            execution_id=execution_id, success=True, result=f"writer {index}"
-                        ),
-                        metadata=bearer(key),
-                    )
-                    outcome = "won"
-                except grpc.RpcError as error:
-                    outcome = (
-                        "conflict" if error.code() == grpc.StatusCode.ALREADY_EXISTS else str(error.code())
-                    )
+            answer = reporter.report(
+                execution_id, over_rest=index % 2 == 1, success=True, result=f"writer {index}"
+            )
+            outcome = {"200": "won", "OK": "won", "409": "conflict", "ALREADY_EXISTS": "conflict"}.get(
+                answer, answer
+            )
             with lock:
                 results[outcome] += 1
                 if outcome == "won":
                     winners[execution_id] += 1
                     winner_of[execution_id] = f"writer {index}"
-        rest.close()
-        channel.close()
+        reporter.close()
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(WRITERS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    run_at_once(writer, WRITERS)
     assert results == {"won": EXECUTIONS, "conflict": EXECUTIONS * (WRITERS - 1)}
     assert winners == dict.fromkeys(executions, 1)
     with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
@@ -86,15 +104,7 @@ def test_concurrent_reports_settle_their_cue_exactly(server: Server) -> None:
     key = server.register()
     count = 30
     with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
-        cue = client.post(
-            "/v1/cues",
-            json={
-                "name": "settle",
-                "transport": "worker",
-                "schedule": {"type": "recurring", "cron": "0 0 1 1 *"},
-            },
-        ).json()
-        executions = [client.post(f"/v1/cues/{cue['id']}/fire").json()["id"] for _ in range(count)]
+        cue, executions = fire_worker_cue(client, "settle", count)
     start = threading.Barrier(count)
     answers: dict[str, str] = {}
 
@@ -108,14 +118,10 @@ def test_concurrent_reports_settle_their_cue_exactly(server: Server) -> None:
             )
             answers[executions[index]] = outcomes_pb2.OutcomeState.Name(response.outcome_state)
 
-    threads = [threading.Thread(target=report, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    run_at_once(report, count)
     assert len(answers) == count
     with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
-        assert client.get(f"/v1/cues/{cue['id']}").json()["run_count"] == count // 2
+        assert client.get(f"/v1/cues/{cue}").json()["run_count"] == count // 2
         for index, execution_id in enumerate(executions):
             stored = client.get(f"/v1/executions/{execution_id}").json()
             expected = "success" if index % 2 == 0 else "failed"
@@ -135,15 +141,7 @@ def test_refused_reports_of_two_accounts_get_their_own_answers(server: Server) -
     pending: dict[str, str] = {}
     for key in keys:
         with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
-            cue = client.post(
-                "/v1/cues",
-                json={
-                    "name": "refusals",
-                    "transport": "worker",
-                    "schedule": {"type": "recurring", "cron": "0 0 1 1 *"},
-                },
-            ).json()
-            fired = [client.post(f"/v1/cues/{cue['id']}/fire").json()["id"] for _ in range(EXECUTIONS + 1)]
+            _, fired = fire_worker_cue(client, "refusals", EXECUTIONS + 1)
             for execution_id in fired[:-1]:
                 assert (
                     client.post(f"/v1/executions/{execution_id}/outcome", json={"success": True}).status_code
@@ -162,34 +160,15 @@ def test_refused_reports_of_two_accounts_get_their_own_answers(server: Server) -
             for e in (*recorded[owner], pending[owner])
             if owner != key or e != pending[key]
         ]
-        rest = httpx.Client(base_url=server.http_url, headers=auth(key), timeout=30)
-        channel = grpc.insecure_channel(server.grpc_target)
-        stub = outcomes_pb2_grpc.OutcomeServiceStub(channel)
+        reporter = Reporter(server, key)
         start.wait()
         for owner, execution_id in targets:
-            whose = "own" if owner == key else "other's"
-            if index % 4 < 2:
-                response = rest.post(f"/v1/executions/{execution_id}/outcome", json={"success": False})
-                answer = str(response.status_code)
-            else:
-                try:
-                    stub.RecordOutcome(
-                        outcomes_pb2.RecordOutcomeRequest(execution_id=execution_id, success=False),
-                        metadata=bearer(key),
-                    )
-                    answer = "OK"
-                except grpc.RpcError as error:
-                    answer = error.code().name
+            answer = reporter.report(execution_id, over_rest=index % 4 < 2, success=False)
             with lock:
-                answers[whose, answer] += 1
-        rest.close()
-        channel.close()
+                answers["own" if owner == key else "other's", answer] += 1
+        reporter.close()
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(WRITERS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    run_at_once(writer, WRITERS)
     per_transport = WRITERS // 2
     assert answers == {
         ("own", "409"): per_transport * EXECUTIONS,
@@ -221,10 +200,7 @@ def test_a_cue_deleted_amid_its_work_gets_only_documented_answers(server: Server
     seen: Counter[tuple[str, int]] = Counter()
     with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
         for round_ in range(20):
-            body = {"name": f"doomed-{round_}", "transport": "worker", "schedule": {"type": "recurring",
-                    "cron": "* * * * *"}}  # fmt: skip
-            cue = client.post("/v1/cues", json=body).json()["id"]
-            executions = [client.post(f"/v1/cues/{cue}/fire").json()["id"] for _ in range(3)]
+            cue, executions = fire_worker_cue(client, f"doomed-{round_}", 3, cron="* * * * *")
             requests: list[Request] = [("delete", "DELETE", f"/v1/cues/{cue}", None)]
             for i in range(11):
                 execution = executions[i % 3]
