@@ -158,13 +158,17 @@ class SlidingWindowLimiter:
             del self._windows[key]
 
 
+# The budgets per client IP (the first element of a limiter key): requests
+# without a valid API key, and the partner credential grants.
+_PER_IP, _CREDENTIALS = "ip", "credentials"
+
 # The gRPC methods that need no credentials and cost the server (a new account;
 # a PBKDF2 hash per password guess), with the per-IP budget of their REST routes:
 # a caller spends one budget whichever transport it uses.
 GRPC_PER_IP = {
-    "/cueline.v1.AccountService/Register": "ip",
-    "/cueline.partner.v1.PartnerAuthService/IssueToken": "credentials",
-    "/cueline.partner.v1.PartnerAuthService/IssueClientToken": "credentials",
+    "/cueline.v1.AccountService/Register": _PER_IP,
+    "/cueline.partner.v1.PartnerAuthService/IssueToken": _CREDENTIALS,
+    "/cueline.partner.v1.PartnerAuthService/IssueClientToken": _CREDENTIALS,
 }
 
 
@@ -191,7 +195,7 @@ def account_key(account_id: uuid.UUID) -> Hashable:
 
 
 def _ip_key(scope: Scope, trusted_proxies: Networks) -> Hashable:
-    return ("ip", client_address(scope, trusted_proxies))  # the key GrpcRateLimit gives Register
+    return (_PER_IP, client_address(scope, trusted_proxies))
 
 
 ASGIApp = Callable[[Scope, Receive, Send], Any]
@@ -219,7 +223,7 @@ class RestRateLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = _path(scope) if scope["type"] == "http" else ""
         if path in CREDENTIAL_PATHS:
-            key: Hashable = ("credentials", client_address(scope, self._trusted_proxies))  # as GRPC_PER_IP
+            key: Hashable = (_CREDENTIALS, client_address(scope, self._trusted_proxies))
             limit = self._default_limit
         elif not path or path in EXEMPT_PATHS or path.startswith(UNLIMITED_PREFIXES):
             await self._app(scope, receive, send)
