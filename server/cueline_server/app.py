@@ -14,6 +14,7 @@ import gc
 import ipaddress
 import logging
 import signal
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,8 +58,11 @@ from cueline_server.services.secrets import codec_from_settings
 from cueline_server.services.workers import WorkerService
 from cueline_server.store import migrate
 from cueline_server.store.database import Database
+from cueline_server.store.work_signal import WorkSignal
 
 log = logging.getLogger("cueline")
+
+HTTP_BACKLOG = 4096
 
 
 class StartupError(Exception):
@@ -76,6 +80,7 @@ class Components:
     scheduler: Scheduler
     dispatcher: Dispatcher
     handlers: dict[str, Handler]
+    work_signal: WorkSignal | None  # PostgreSQL: new work announced to the other processes
 
 
 def assemble(db: Database, settings: Settings) -> Components:
@@ -99,8 +104,11 @@ def assemble(db: Database, settings: Settings) -> Components:
         if created is None or any(work.transport == "webhook" for work in created):
             dispatcher.wake()
         claims.work_arrived(created)
+        if work_signal is not None:
+            work_signal.announce(created)
 
     claims = ClaimService(db, settings, work_created=work_created, failed=failed)
+    work_signal = WorkSignal(db.connect_args(), claims.work_arrived) if db.backend == "postgresql" else None
     scheduler = Scheduler(
         db,
         settings,
@@ -145,7 +153,7 @@ def assemble(db: Database, settings: Settings) -> Components:
                 break
         else:
             raise StartupError(f"no servicer implements {method.full_name}")
-    return Components(authenticator, tokens, actions, limiter, scheduler, dispatcher, found)
+    return Components(authenticator, tokens, actions, limiter, scheduler, dispatcher, found, work_signal)
 
 
 def trusted_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -167,6 +175,24 @@ async def prepare_schema(settings: Settings) -> None:
         raise StartupError(
             f"database schema is at revision {current}, this version needs {head}: run `cueline db upgrade`"
         )
+
+
+def bind_reuse_port(host: str, port: int) -> socket.socket:
+    """A TCP socket bound with SO_REUSEPORT, so other processes can bind the same port.
+    Its protocol is named (IPPROTO_TCP), not left 0: asyncio sets TCP_NODELAY only
+    on sockets that say they are TCP, and without it small answers wait out delayed ACKs."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -205,7 +231,12 @@ class Runtime:
         )
         trusted_proxies = trusted_networks(settings.trusted_proxies)
         grpc_server = build_server(
-            pipeline, health_servicer, settings.max_request_bytes + 64 * 1024, grpc_limit, trusted_proxies
+            pipeline,
+            health_servicer,
+            settings.max_request_bytes + 64 * 1024,
+            grpc_limit,
+            trusted_proxies,
+            reuse_port=settings.reuse_port,
         )
         grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
         transcoder = Transcoder(
@@ -236,14 +267,18 @@ class Runtime:
                 server_header=False,
                 proxy_headers=False,  # X-Forwarded-For is judged by CUELINE_TRUSTED_PROXIES alone
                 timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
-                backlog=4096,
+                backlog=HTTP_BACKLOG,
             )
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        sockets = None
+        if settings.reuse_port:
+            sockets = [bind_reuse_port(settings.host, settings.http_port)]
+            sockets[0].listen(HTTP_BACKLOG)
         await grpc_server.start()
-        http_task = asyncio.create_task(http.serve())
+        http_task = asyncio.create_task(http.serve(sockets))
         while not http.started:
             if http_task.done():
                 await grpc_server.stop(None)
@@ -257,6 +292,8 @@ class Runtime:
             asyncio.create_task(parts.scheduler.run(self.stopping)),
             asyncio.create_task(parts.dispatcher.run(self.stopping)),
         ]
+        if parts.work_signal is not None:
+            background.append(asyncio.create_task(parts.work_signal.run(self.stopping)))
         for name in ("", *service_names()):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         # What starting built (modules, descriptors, the schema, about 100,000

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--http-port", type=int, help="REST port (env CUELINE_HTTP_PORT; default 8080; 0 picks one)"
     )
+    serve.add_argument(
+        "--processes",
+        type=int,
+        help="server processes sharing the ports, PostgreSQL only (env CUELINE_PROCESSES; default 1)",
+    )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env CUELINE_LOG_LEVEL)")
     _database_options(serve)
 
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         name: getattr(args, name, None)
-        for name in ("host", "grpc_port", "http_port", "database_url", "data_dir", "log_level")
+        for name in ("host", "grpc_port", "http_port", "processes", "database_url", "data_dir", "log_level")
     }
     return Settings.from_env(**overrides)
 
@@ -97,10 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     from cueline_server.app import Runtime, StartupError
     from cueline_server.errors import ApiError
     from cueline_server.store import migrate
+    from cueline_server.supervisor import supervise
 
     if args.command == "admin":
         return admin.main(args)
     try:
+        if args.command == "serve" and settings.processes != 1:
+            if settings.processes < 1:
+                raise StartupError(f"CUELINE_PROCESSES must be at least 1, not {settings.processes}")
+            return supervise(settings)
         if args.command == "serve":
             asyncio.run(Runtime(settings).run())
         elif args.command == "db" and args.db_command == "upgrade":

@@ -22,6 +22,12 @@ class Settings:
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int = 8080
+    # Server processes sharing both ports (PostgreSQL only): one process uses
+    # about one core. Each is a full replica with its own pools and rate-limit windows.
+    processes: int = 1
+    # Bind both ports with SO_REUSEPORT, so several processes can share them
+    # (set for each of the processes above; also for running replicas side by side).
+    reuse_port: bool = False
     # Empty: a SQLite file in data_dir.
     database_url: str = ""
     data_dir: Path = field(default_factory=default_data_dir)

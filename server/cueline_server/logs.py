@@ -19,7 +19,9 @@ def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [request_id=%(request_id)s] %(message)s")
+        logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [pid=%(process)d request_id=%(request_id)s] %(message)s"
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -204,3 +205,13 @@ def test_recovers_when_postgresql_drops_its_connections(postgres_admin_url: str)
             assert [outcome["success"] for outcome in stored] == [True, False]
     finally:
         server.stop()
+
+
+def test_several_processes_need_postgresql(tmp_path: Path) -> None:
+    server = Server(f"sqlite:///{tmp_path / 'cueline.db'}", env={"CUELINE_PROCESSES": "2"})
+    with pytest.raises(RuntimeError, match="CUELINE_PROCESSES above 1 needs PostgreSQL"):
+        server.start()
+    assert server.process is not None and server.process.returncode == 1
+    server = Server(f"sqlite:///{tmp_path / 'cueline.db'}", env={"CUELINE_PROCESSES": "0"})
+    with pytest.raises(RuntimeError, match="CUELINE_PROCESSES must be at least 1"):
+        server.start()

@@ -1,16 +1,28 @@
-"""Three `cueline serve` replicas on one PostgreSQL: no double claim, no double
-delivery of an attempt, while workers and the webhook dispatcher of every
-replica compete for the same executions."""
+"""Replicas on one PostgreSQL: three `cueline serve` never double-claim or
+double-deliver; the processes of one `cueline serve` share its ports and stop
+together; new work is announced from one process to the others."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import os
+import re
+import signal
 import threading
+import uuid
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cueline_server.services.cues import NewWork
+from cueline_server.store.database import Database
+from cueline_server.store.work_signal import WorkSignal
 from tests.integration.test_scheduler import wait_for
 from tests.integration.test_webhooks import LOCAL
 from tests.support import Receiver, Server, auth, new_database
@@ -70,3 +82,95 @@ def test_three_replicas_never_double_claim_or_double_deliver(postgres_admin_url:
         for replica in replicas:
             replica.stop()
         receiver.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
+def test_processes_share_the_ports_and_stop_together(postgres_admin_url: str) -> None:
+    """CUELINE_PROCESSES=2: two children serve the same ports with one action
+    secret key; when one dies, the other is stopped and the supervisor fails."""
+    server = Server(
+        new_database(postgres_admin_url), env={"CUELINE_PROCESSES": "2", "CUELINE_ACCESS_LOG": "true"}
+    )
+    server.start()
+    try:
+        assert server.process is not None
+        wait_for(lambda: server.log().count("cueline serving") == 2)
+        children = _children(server.process.pid)
+        assert len(children) == 2
+        secrets = {_environment(child)["CUELINE_ACTION_SECRET_KEYS"] for child in children}
+        assert len(secrets) == 1 and secrets != {""}
+
+        key = server.register()
+        for _ in range(40):  # a new connection each: the kernel spreads them over the children
+            assert httpx.get(f"{server.http_url}/v1/auth/me", headers=auth(key)).status_code == 200
+        for _ in range(10):
+            with grpc.insecure_channel(server.grpc_target) as channel:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        answered_by = set(
+            re.findall(r"\[pid=(\d+) [^]]*\] /cueline\.v1\.AccountService/GetAccount ok", server.log())
+        )
+        assert answered_by == {str(child) for child in children}
+
+        os.kill(children[0], signal.SIGKILL)
+        assert server.process.wait(30) == 1
+        assert not Path(f"/proc/{children[1]}").exists()
+        assert f"server process {children[0]} exited -9: stopping the others" in server.log()
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.stop()
+
+
+def test_new_work_is_announced_to_the_other_processes(postgres_admin_url: str) -> None:
+    """WorkSignal on a real PostgreSQL: what one process announces wakes the
+    other's waiters, never its own; webhook work is not announced; a payload
+    too large for NOTIFY becomes "everything"."""
+    url = new_database(postgres_admin_url)
+    account = uuid.uuid4()
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        db = Database(url)
+        heard: tuple[list[Any], list[Any]] = ([], [])
+        signals = [WorkSignal(db.connect_args(), heard[i].append) for i in (0, 1)]
+        stopping = asyncio.Event()
+        running = [asyncio.create_task(s.run(stopping)) for s in signals]
+
+        async def until(check: Any) -> None:
+            for _ in range(1000):
+                if check():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("condition not met in time")
+
+        try:
+            await until(lambda: heard[0] == [None] and heard[1] == [None])  # each listening, wakes all once
+            heard[1].clear()
+            signals[0].announce([NewWork(account, "worker", "t1"), NewWork(account, "webhook", None)])
+            signals[0].announce([NewWork(account, "worker", None)])
+
+            def tasks_heard() -> set[str | None]:
+                return {
+                    work.task for batch in heard[1] if batch for work in batch if work.account_id == account
+                }
+
+            await until(lambda: tasks_heard() == {"t1", None})
+            assert all(work.transport == "worker" for batch in heard[1] for work in batch)
+            signals[0].announce([NewWork(uuid.uuid4(), "worker", "x" * 100) for _ in range(200)])
+            await until(lambda: heard[1][-1] is None)
+        finally:
+            stopping.set()
+            await asyncio.gather(*running)
+            await db.dispose()
+        return heard
+
+    own, other = asyncio.run(scenario())
+    assert own == [None]  # the listener's start; none of its own announcements
+    assert other[-1] is None

@@ -118,13 +118,14 @@ def service_names() -> list[str]:
     return [s.full_name for s in services()]
 
 
-def new_server(max_message_bytes: int) -> grpc.aio.Server:
+def new_server(max_message_bytes: int, reuse_port: bool = False) -> grpc.aio.Server:
     """The bare grpc.aio server with cueline's options (also what the
-    benchmark's echo ceiling serves on, so both run with the same settings)."""
+    benchmark's echo ceiling serves on, so both run with the same settings).
+    Without reuse_port, a port another process serves is refused at start."""
     return grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ]
     )
 
@@ -135,8 +136,9 @@ def build_server(
     max_message_bytes: int,
     rate_limit: GrpcRateLimit | None = None,
     trusted_proxies: Networks = (),
+    reuse_port: bool = False,
 ) -> grpc.aio.Server:
-    server = new_server(max_message_bytes)
+    server = new_server(max_message_bytes, reuse_port)
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
     for method in methods():
         by_service.setdefault(method.service, {})[method.name] = grpc.unary_unary_rpc_method_handler(

@@ -172,6 +172,12 @@ class Database:
             self._writer = None
             self._write_lock = None
 
+    def connect_args(self) -> dict[str, Any]:
+        """PostgreSQL: psycopg's connection parameters, for connections outside the pools."""
+        _, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
+        kwargs.pop("context", None)  # SQLAlchemy's adapters, not a connection parameter
+        return dict(kwargs)
+
     def unit_of_work(self, *, write: bool = True) -> UnitOfWork:
         return UnitOfWork(self, write=write)
 
