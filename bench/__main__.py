@@ -47,7 +47,10 @@ def main() -> int:
     claims = delivery.main(argv)
     claims_md = "### Claims, pickup, firing, webhooks (G4-G9)\n\n" + delivery.render(claims)
     write("delivery", claims, claims_md)
-    summary = f"{ingest_md}\n\n{claims_md}"
+    servers = (
+        f"The server runs {plan.processes} processes on PostgreSQL (`CUELINE_PROCESSES`), one on SQLite."
+    )
+    summary = f"{servers}\n\n{ingest_md}\n\n{claims_md}"
     (RESULTS / "summary.md").write_text(summary + "\n")
     with phase("plots"):
         drawn = plots.draw(ingest, claims, RESULTS if plan.smoke else PLOTS)

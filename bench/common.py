@@ -39,16 +39,22 @@ SERVER_ENV = {
     "CUELINE_ALLOW_HTTP_CALLBACKS": "true",
 }
 
+# One per core of the machines the goals are set for (two). A gRPC channel is one
+# connection, so the gRPC benchmarks, each on one channel, reach one of them.
+POSTGRES_PROCESSES = 2
+
 
 @contextmanager
-def running(backend: str) -> Iterator[Server]:
-    """A fresh `cueline serve` on SQLite (WAL, synchronous=FULL) or on a
-    throwaway PostgreSQL with durable defaults (fsync, synchronous_commit on)."""
+def running(backend: str, processes: int = 1) -> Iterator[Server]:
+    """A fresh `cueline serve` on SQLite (WAL, synchronous=FULL; one process) or
+    on a throwaway PostgreSQL with durable defaults (fsync, synchronous_commit on)
+    and `processes` server processes."""
     cluster = PostgresCluster(durable=True) if backend == "postgres" else None
     work = RESULTS / "work" / uuid.uuid4().hex
     try:
         url = new_database(cluster.admin_url) if cluster else f"sqlite:///{work / 'cueline.db'}"
-        server = Server(url, env=SERVER_ENV).start()
+        env = {**SERVER_ENV, "CUELINE_PROCESSES": str(processes if cluster else 1)}
+        server = Server(url, env=env).start()
         try:
             yield server
         finally:
@@ -148,6 +154,7 @@ class Plan:
 
     smoke: bool
     backends: list[str]
+    processes: int
     callers: list[int]
     seconds: float
     warmup: float
@@ -161,6 +168,12 @@ class Plan:
         )
         parser.add_argument("--backends", default="sqlite,postgres")
         parser.add_argument(
+            "--processes",
+            type=int,
+            default=POSTGRES_PROCESSES,
+            help=f"server processes on PostgreSQL (default {POSTGRES_PROCESSES}; SQLite runs one)",
+        )
+        parser.add_argument(
             "--callers", help="concurrent callers for the gRPC ingest sweep (default 1,4,16,64; smoke 8,64)"
         )
         parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed run")
@@ -170,6 +183,7 @@ class Plan:
         return cls(
             smoke=options.smoke,
             backends=options.backends.split(","),
+            processes=options.processes,
             callers=sorted(int(n) for n in callers.split(",")),
             seconds=1.0 if options.smoke else options.seconds,
             warmup=0.3 if options.smoke else 1.0,

@@ -400,9 +400,15 @@ async def webhooks(server: Server, key: str, secret: str, rate: float, seconds: 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = Plan.parse(argv, __doc__.splitlines()[0])
     scale = 0.1 if plan.smoke else 1.0
-    document: dict[str, Any] = {"benchmark": "delivery", "smoke": plan.smoke, "results": {}, "ceilings": {}}
+    document: dict[str, Any] = {
+        "benchmark": "delivery",
+        "smoke": plan.smoke,
+        "postgres_processes": plan.processes,
+        "results": {},
+        "ceilings": {},
+    }
     for backend in plan.backends:
-        with running(backend) as server:
+        with running(backend, plan.processes) as server:
             key = server.register()
             secret = httpx.get(f"{server.http_url}/v1/auth/webhook-secret", headers=auth(key)).json()
             results: dict[str, Any] = {}

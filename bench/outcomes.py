@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     document: dict[str, Any] = {
         "benchmark": "outcomes",
         "smoke": plan.smoke,
+        "postgres_processes": plan.processes,
         "callers": plan.callers,
         "runs": [],
         "fixed_rate": {},
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ceilings": {"grpc_echo": echo_sweep(plan)},
     }
     for backend in plan.backends:
-        with running(backend) as server:
+        with running(backend, plan.processes) as server:
             key = server.register()
             for callers in plan.callers:
                 document["runs"].append(ingest(server, key, backend, "grpc", callers, plan))
