@@ -32,6 +32,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -1493,8 +1494,8 @@ class DeliveryRepository(_Repository):
         result = await self.conn.execute(
             update(executions)
             .where(
-                executions.c.transport == "webhook",
-                executions.c.status == "retrying",
+                executions.c.transport == _inline("webhook"),
+                executions.c.status == _inline("retrying"),
                 executions.c.next_retry <= now,
             )
             .values(status="retry_ready", updated_at=now)
@@ -1506,8 +1507,8 @@ class DeliveryRepository(_Repository):
         rows = await self.conn.execute(
             _delivery_view()
             .where(
-                executions.c.transport == "webhook",
-                executions.c.status == "delivering",
+                executions.c.transport == _inline("webhook"),
+                executions.c.status == _inline("delivering"),
                 executions.c.last_attempt_at < now - dt.timedelta(seconds=stale_after_seconds),
             )
             .limit(500)
@@ -1537,6 +1538,12 @@ class DeliveryRepository(_Repository):
             .where(executions.c.id == execution_id)
         )
         return result.first()
+
+
+def _inline(value: str) -> Any:
+    """A value written into the SQL, not bound: a partial index whose predicate
+    names it (tables.RETRYING_WEBHOOKS, DELIVERING_WEBHOOKS) is then usable."""
+    return literal(value, literal_execute=True)
 
 
 # What a delivery needs of its execution (with its cue's columns, _delivery_cue_columns).

@@ -124,6 +124,12 @@ cues = Table(
 
 # Executions the outcome-deadline sweep looks at (a partial index's predicate).
 AWAITING_OUTCOME = "outcome_deadline_at IS NOT NULL AND outcome_recorded_at IS NULL AND outcome_state IS NULL"
+# Webhook executions the retry and stale-delivery sweeps look at. Partial indexes
+# hold only these, so each sweep is an index look-up whatever the planner's
+# statistics say; the queries spell the same values as literals, which is how a
+# planner can tell that an index's predicate covers them.
+RETRYING_WEBHOOKS = "transport = 'webhook' AND status = 'retrying'"
+DELIVERING_WEBHOOKS = "transport = 'webhook' AND status = 'delivering'"
 
 executions = Table(
     "executions",
@@ -195,6 +201,18 @@ executions = Table(
         "outcome_deadline_at",
         postgresql_where=text(AWAITING_OUTCOME),
         sqlite_where=text(AWAITING_OUTCOME),
+    ),
+    Index(
+        "ix_executions_retrying_webhooks",
+        "next_retry",
+        postgresql_where=text(RETRYING_WEBHOOKS),
+        sqlite_where=text(RETRYING_WEBHOOKS),
+    ),
+    Index(
+        "ix_executions_delivering_webhooks",
+        "last_attempt_at",
+        postgresql_where=text(DELIVERING_WEBHOOKS),
+        sqlite_where=text(DELIVERING_WEBHOOKS),
     ),
     # Exactly one scheduled execution per cron slot, across replicas and restarts.
     Index(
