@@ -86,6 +86,8 @@ class Components:
 def assemble(db: Database, settings: Settings) -> Components:
     """Build the services and servicers. Every RPC must have a handler; an RPC
     without one is a start-up error, not a runtime surprise."""
+    if settings.claim_recheck_seconds <= 0:
+        raise StartupError("CUELINE_CLAIM_RECHECK_SECONDS must be above 0")
     authenticator = Authenticator(db, settings.auth_cache_seconds)
     limiter = SlidingWindowLimiter() if settings.rate_limit_enabled else None
     alerts = AlertService(db)

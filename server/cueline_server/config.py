@@ -52,6 +52,9 @@ class Settings:
     worker_heartbeat_timeout_seconds: int = 180
     # A claim's lease (reported as lease_seconds); heartbeats extend it.
     worker_claim_lease_seconds: int = 900
+    # How often a long-polling claim looks again for work no wake-up announced
+    # (a send_at that came due; work from a replica it did not hear from).
+    claim_recheck_seconds: float = 1.0
     # A worker execution nobody claims this long after it became claimable is missed.
     worker_unclaimed_timeout_seconds: int = 900
     # Callback URL safety switches for self-hosting and tests: admit loopback and

@@ -10,7 +10,8 @@ rate-limit windows), which is why this needs PostgreSQL: SQLite has one writer.
 The supervisor holds both ports (bound, never listening) for as long as it
 runs, so a port of 0 is chosen once and no other program takes it between
 children. SIGTERM or SIGINT is passed on to every child, and each shuts down
-gracefully. If a child exits on its own, the others are stopped and the
+gracefully; one still running well after its drain and grace periods is
+killed. If a child exits on its own, the others are stopped and the
 supervisor exits 1, so whatever restarts the service sees it fail.
 """
 
@@ -34,6 +35,7 @@ from cueline_server.services.secrets import new_key
 log = logging.getLogger("cueline")
 
 POLL_SECONDS = 0.2
+STOP_MARGIN_SECONDS = 15.0
 
 
 def child_environment(settings: Settings, grpc_port: int, http_port: int) -> dict[str, str]:
@@ -71,13 +73,15 @@ def supervise(settings: Settings) -> int:
     try:
         grpc_port, http_port = (sock.getsockname()[1] for sock in held)
         env = child_environment(settings, grpc_port, http_port)
-        return _run_children(settings.processes, env)
+        # A child's own shutdown: drain, then grace for calls in flight, then closing.
+        stop_seconds = settings.shutdown_drain_seconds + settings.shutdown_grace_seconds + STOP_MARGIN_SECONDS
+        return _run_children(settings.processes, env, stop_seconds)
     finally:
         for sock in held:
             sock.close()
 
 
-def _run_children(count: int, env: dict[str, str]) -> int:
+def _run_children(count: int, env: dict[str, str], stop_seconds: float) -> int:
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -85,22 +89,36 @@ def _run_children(count: int, env: dict[str, str]) -> int:
         stopping = True
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    children = [
-        subprocess.Popen([sys.executable, "-m", "cueline_server", "serve"], env=env) for _ in range(count)
-    ]
-    log.info("supervising %d server processes: %s", count, " ".join(str(c.pid) for c in children))
+    children: list[subprocess.Popen[bytes]] = []
     failed = None
     try:
+        for _ in range(count):
+            children.append(subprocess.Popen([sys.executable, "-m", "cueline_server", "serve"], env=env))
+        log.info("supervising %d server processes: %s", count, " ".join(str(c.pid) for c in children))
         while not stopping and failed is None:
             failed = next((c for c in children if c.poll() is not None), None)
             time.sleep(POLL_SECONDS)
     finally:
         if failed is not None:
             log.error("server process %d exited %s: stopping the others", failed.pid, failed.returncode)
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        codes = [child.wait() for child in children]
+        codes = _stop(children, stop_seconds)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 1 if failed is not None or any(codes) else 0
+    # A child stopped by the signal itself (one that came before its handlers were set) stopped cleanly.
+    clean = {0, -signal.SIGTERM, -signal.SIGINT} if stopping else {0}
+    return 1 if failed is not None or any(code not in clean for code in codes) else 0
+
+
+def _stop(children: list[subprocess.Popen[bytes]], seconds: float) -> list[int]:
+    """SIGTERM to each child still running; SIGKILL to any still running `seconds` later."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + seconds
+    for child in children:
+        try:
+            child.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.error("server process %d did not stop in %.0fs: killing it", child.pid, seconds)
+            child.kill()
+    return [child.wait() for child in children]

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import threading
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -17,15 +18,17 @@ from typing import Any
 
 import grpc
 import httpx
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cueline.v1 import executions_pb2, executions_pb2_grpc
 from cueline_server.services.cues import NewWork
 from cueline_server.store.database import Database
 from cueline_server.store.work_signal import WorkSignal
 from tests.integration.test_scheduler import wait_for
 from tests.integration.test_webhooks import LOCAL
-from tests.support import Receiver, Server, auth, new_database
+from tests.support import Receiver, Server, auth, bearer, new_database
 
 pytestmark = pytest.mark.postgres
 
@@ -131,8 +134,9 @@ def test_processes_share_the_ports_and_stop_together(postgres_admin_url: str) ->
 
 def test_new_work_is_announced_to_the_other_processes(postgres_admin_url: str) -> None:
     """WorkSignal on a real PostgreSQL: what one process announces wakes the
-    other's waiters, never its own; webhook work is not announced; a payload
-    too large for NOTIFY becomes "everything"."""
+    other's waiters (one wake per execution), never its own; webhook work is not
+    announced; a payload too large for NOTIFY becomes "everything"; a malformed
+    notification is ignored and listening goes on."""
     url = new_database(postgres_admin_url)
     account = uuid.uuid4()
 
@@ -148,23 +152,28 @@ def test_new_work_is_announced_to_the_other_processes(postgres_admin_url: str) -
                 if check():
                     return
                 await asyncio.sleep(0.01)
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"condition not met in time: {heard}")
+
+        def tasks_heard(index: int) -> Counter[str | None]:
+            return Counter(work.task for batch in heard[index] if batch for work in batch)
 
         try:
-            await until(lambda: heard[0] == [None] and heard[1] == [None])  # each listening, wakes all once
+            await until(lambda: heard[0] == [None] and heard[1] == [None])  # listening: each wakes all once
             heard[1].clear()
             signals[0].announce([NewWork(account, "worker", "t1"), NewWork(account, "webhook", None)])
-            signals[0].announce([NewWork(account, "worker", None)])
+            signals[0].announce([NewWork(account, "worker", None), NewWork(account, "worker", "t1")])
+            await until(lambda: tasks_heard(1) == Counter({"t1": 2, None: 1}))
+            assert {work.account_id for batch in heard[1] for work in batch} == {account}
 
-            def tasks_heard() -> set[str | None]:
-                return {
-                    work.task for batch in heard[1] if batch for work in batch if work.account_id == account
-                }
-
-            await until(lambda: tasks_heard() == {"t1", None})
-            assert all(work.transport == "worker" for batch in heard[1] for work in batch)
+            async with await psycopg.AsyncConnection.connect(**db.connect_args(), autocommit=True) as conn:
+                await conn.execute("SELECT pg_notify('cueline_work', '{\"from\": 1, \"work\": [[1, 2, 3]]}')")
             signals[0].announce([NewWork(uuid.uuid4(), "worker", "x" * 100) for _ in range(200)])
             await until(lambda: heard[1][-1] is None)
+
+            # Notifications reach each listener in the order they were sent: once
+            # process 0 hears process 1, it has had every one of its own.
+            signals[1].announce([NewWork(account, "worker", "from-1")])
+            await until(lambda: tasks_heard(0)["from-1"] == 1)
         finally:
             stopping.set()
             await asyncio.gather(*running)
@@ -172,5 +181,43 @@ def test_new_work_is_announced_to_the_other_processes(postgres_admin_url: str) -
         return heard
 
     own, other = asyncio.run(scenario())
-    assert own == [None]  # the listener's start; none of its own announcements
+    assert own[0] is None and [work.task for work in own[1]] == ["from-1"] and len(own) == 2
     assert other[-1] is None
+
+
+def test_a_long_poll_on_one_replica_wakes_for_work_fired_on_another(postgres_admin_url: str) -> None:
+    """The waiting replica re-checks only every 60 s and its claim waits up to
+    60 s: without the announcement, the answer could come no sooner than that,
+    so the test's 30 s bound (a wide margin, not a speed goal) tells a wake-up
+    from the final look."""
+    url = new_database(postgres_admin_url)
+    firing = Server(url).start()
+    waiting = Server(url, env={"CUELINE_CLAIM_RECHECK_SECONDS": "60"}).start()
+    try:
+        key = firing.register()
+        with httpx.Client(base_url=firing.http_url, headers=auth(key)) as client:
+            cue = client.post(
+                "/v1/cues",
+                json={
+                    "name": "w",
+                    "transport": "worker",
+                    "payload": {"task": "wake"},
+                    "schedule": {"type": "recurring", "cron": "0 0 1 1 *"},
+                },
+            ).json()
+            with (
+                grpc.insecure_channel(waiting.grpc_target) as channel,
+                concurrent.futures.ThreadPoolExecutor(1) as pool,
+            ):
+                claims = executions_pb2_grpc.ExecutionServiceStub(channel)
+                request = executions_pb2.ClaimExecutionsRequest(
+                    worker_id="w1", task="wake", max_executions=5, wait_seconds=60
+                )
+                waiter = pool.submit(claims.ClaimExecutions, request, metadata=bearer(key))
+                time.sleep(1)  # its first look finds nothing, and it parks
+                fired = client.post(f"/v1/cues/{cue['id']}/fire").json()["id"]
+                answer = waiter.result(timeout=30)  # concurrent.futures.TimeoutError without a wake-up
+        assert [c.execution_id for c in answer.claims] == [fired]
+    finally:
+        firing.stop()
+        waiting.stop()

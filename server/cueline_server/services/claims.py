@@ -22,7 +22,6 @@ from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import AnyRow, ClaimRequest
 
 SWEEP_BATCH = 500
-RECHECK_SECONDS = 1.0
 FINAL = ("success", "failed", "missed")
 
 
@@ -70,6 +69,7 @@ class ClaimService:
         self.lease = dt.timedelta(seconds=settings.worker_claim_lease_seconds)
         self._silence = dt.timedelta(seconds=settings.worker_heartbeat_timeout_seconds)
         self._unclaimed = dt.timedelta(seconds=settings.worker_unclaimed_timeout_seconds)
+        self._recheck = settings.claim_recheck_seconds
         self._by_id: Coalescer[ClaimRequest, AnyRow | None] = Coalescer(self._claim_each)
         self._next: Coalescer[_NextClaim, AnyRow | None] = Coalescer(self._claim_next_each)
 
@@ -116,9 +116,9 @@ class ClaimService:
         self, caller: Caller, worker_id: str, task: str | None, limit: int, wait_seconds: float
     ) -> Sequence[AnyRow]:
         """Up to `limit` claims; with nothing claimable, wait up to wait_seconds.
-        Waiters wake at once for work created on this process, and re-check at
-        least every second for work created elsewhere (another replica, or a
-        send_at that came due)."""
+        Waiters wake at once for work created on this process or announced by
+        another (PostgreSQL), and re-check every claim_recheck_seconds for work
+        nothing announced (a send_at that came due, a missed announcement)."""
         if wait_seconds <= 0:
             return await self._claim(caller, worker_id, task=task, limit=limit)
         deadline = time.monotonic() + wait_seconds
@@ -136,7 +136,7 @@ class ClaimService:
                 waiter.parked = True
                 try:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(waiter.woken.wait(), min(remaining, RECHECK_SECONDS))
+                        await asyncio.wait_for(waiter.woken.wait(), min(remaining, self._recheck))
                 finally:
                     waiter.parked = False
         finally:
