@@ -28,6 +28,7 @@ from cueline_server.store.database import Database
 from cueline_server.store.work_signal import WorkSignal
 from tests.integration.test_scheduler import wait_for
 from tests.integration.test_webhooks import LOCAL
+from tests.integration.test_worker_transport import fire, worker_cue
 from tests.support import Receiver, Server, auth, bearer, new_database
 
 pytestmark = pytest.mark.postgres
@@ -196,15 +197,7 @@ def test_a_long_poll_on_one_replica_wakes_for_work_fired_on_another(postgres_adm
     try:
         key = firing.register()
         with httpx.Client(base_url=firing.http_url, headers=auth(key)) as client:
-            cue = client.post(
-                "/v1/cues",
-                json={
-                    "name": "w",
-                    "transport": "worker",
-                    "payload": {"task": "wake"},
-                    "schedule": {"type": "recurring", "cron": "0 0 1 1 *"},
-                },
-            ).json()
+            cue = worker_cue(client, task="wake")
             with (
                 grpc.insecure_channel(waiting.grpc_target) as channel,
                 concurrent.futures.ThreadPoolExecutor(1) as pool,
@@ -215,7 +208,7 @@ def test_a_long_poll_on_one_replica_wakes_for_work_fired_on_another(postgres_adm
                 )
                 waiter = pool.submit(claims.ClaimExecutions, request, metadata=bearer(key))
                 time.sleep(1)  # its first look finds nothing, and it parks
-                fired = client.post(f"/v1/cues/{cue['id']}/fire").json()["id"]
+                fired = fire(client, cue["id"])
                 answer = waiter.result(timeout=30)  # concurrent.futures.TimeoutError without a wake-up
         assert [c.execution_id for c in answer.claims] == [fired]
     finally:
