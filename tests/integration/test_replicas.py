@@ -133,6 +133,18 @@ def test_processes_share_the_ports_and_stop_together(postgres_admin_url: str) ->
             server.stop()
 
 
+def test_processes_stop_cleanly_on_sigterm(postgres_admin_url: str) -> None:
+    """SIGTERM to the supervisor reaches every child; each shuts down gracefully
+    and the supervisor exits 0."""
+    server = Server(new_database(postgres_admin_url), env={"CUELINE_PROCESSES": "2"}).start()
+    assert server.process is not None
+    wait_for(lambda: server.log().count("cueline serving") == 2)
+    children = _children(server.process.pid)
+    assert server.stop() == 0
+    assert len(re.findall(r"^.*\[pid=\d+ [^]]*\] stopped$", server.log(), re.MULTILINE)) == 2
+    assert not any(Path(f"/proc/{child}").exists() for child in children)
+
+
 def test_new_work_is_announced_to_the_other_processes(postgres_admin_url: str) -> None:
     """WorkSignal on a real PostgreSQL: what one process announces wakes the
     other's waiters (one wake per execution), never its own; webhook work is not
