@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from typing import Any
 
 import httpx
 
+from tests.integration.test_scheduler import wait_for
 from tests.support import Server, auth
 
 CUE_FIELDS = {
@@ -279,12 +279,12 @@ def test_probes_and_openapi(server: Server) -> None:
 
 def test_health_and_status_probes(server: Server) -> None:
     with httpx.Client(base_url=server.http_url) as client:
-        deadline = time.monotonic() + 10
-        while (health := client.get("/health")).json()["services"]["scheduler"] == "unknown":
-            assert time.monotonic() < deadline, (
-                "the scheduler has not finished a pass"
-            )  # "unknown" until then
-            time.sleep(0.05)
+
+        def after_first_pass() -> httpx.Response | None:  # the scheduler is "unknown" until then
+            response = client.get("/health")
+            return None if response.json()["services"]["scheduler"] == "unknown" else response
+
+        health = wait_for(after_first_pass, timeout=10)
         assert health.status_code == 200
         body = health.json()
         assert body["status"] == "healthy" and body["services"] == {"database": "ok", "scheduler": "ok"}
@@ -304,7 +304,6 @@ def test_health_and_status_probes(server: Server) -> None:
         cue = worker_cue(client, key)
         for _ in range(2):
             assert client.post(f"/v1/cues/{cue['id']}/fire", headers=auth(key)).status_code == 200
-        deadline = time.monotonic() + 10
-        while (counted := client.get("/health").json()["queue"]["pending_worker_claims"]) < before + 2:
-            assert time.monotonic() < deadline, f"/health still counts {counted} pending worker claims"
-            time.sleep(0.1)
+        wait_for(
+            lambda: client.get("/health").json()["queue"]["pending_worker_claims"] >= before + 2, timeout=10
+        )
