@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 import uuid
@@ -42,13 +43,19 @@ class Authenticator:
     """Resolves `Authorization: Bearer cue_sk_...` to an account.
 
     Verified keys are remembered for `auth_cache_seconds`, which keeps the
-    database off the hot path; `forget` drops an account's entries at once
-    when its key is rotated on this process."""
+    database off the hot path. When an entry expires, the calls that miss it
+    together share one look-up instead of each reading the account (64 callers
+    on one key would otherwise queue 64 reads for the pool at once). `forget`
+    drops an account's entries at once when its key is rotated on this process;
+    a look-up already under way then neither caches what it read nor serves
+    later calls."""
 
     def __init__(self, db: Database, cache_seconds: float) -> None:
         self._db = db
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[Caller, float]] = {}
+        self._lookups: dict[str, asyncio.Future[Caller]] = {}
+        self._generation = 0  # moves on with every `forget`
 
     async def authenticate(self, header: str | None) -> Caller:
         if not header:
@@ -63,6 +70,15 @@ class Authenticator:
         cached = self._cache.get(key_hash)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
+        lookup = self._lookups.get(key_hash)
+        if lookup is None:
+            lookup = self._lookups[key_hash] = asyncio.ensure_future(self._look_up(key_hash))
+            lookup.add_done_callback(lambda done: self._finished(key_hash, done))
+        # Shielded: a caller that goes away does not cancel the others' look-up.
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, key_hash: str) -> Caller:
+        generation = self._generation
         async with self._db.unit_of_work(write=False) as uow:
             row = await uow.accounts.by_key_hash(key_hash)
             if row is None:
@@ -71,13 +87,21 @@ class Authenticator:
                     raise key_rotated()
                 raise invalid_api_key()
         caller = Caller(row.id, row.rate_limit_per_minute)
-        if self._cache_seconds > 0:
+        if self._cache_seconds > 0 and generation == self._generation:
             if len(self._cache) > 100_000:
                 self._cache.clear()
             self._cache[key_hash] = (caller, time.monotonic() + self._cache_seconds)
         return caller
 
+    def _finished(self, key_hash: str, lookup: asyncio.Future[Caller]) -> None:
+        if self._lookups.get(key_hash) is lookup:
+            del self._lookups[key_hash]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved here too, in case every caller went away
+
     def forget(self, account_id: uuid.UUID) -> None:
+        self._generation += 1
+        self._lookups.clear()  # later calls read the account afresh
         for key, (caller, _) in list(self._cache.items()):
             if caller.account_id == account_id:
                 del self._cache[key]
