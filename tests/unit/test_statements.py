@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import itertools
+
 from psycopg import _queries
-from sqlalchemy.dialects import postgresql
 
-from cueline_server.store.repositories import _BATCH_COLUMNS, _RECORD_OUTCOMES
+from cueline_server.store.repositories import (
+    _BATCH_COLUMNS,
+    _RECORD_OUTCOMES,
+    _RECORD_OUTCOMES_DIRECT,
+    _claim_each_statement_postgres,
+    _claim_next_statement_postgres,
+    _claimable_page_direct,
+    _write_once_states_direct,
+)
 
 
-def test_the_batch_write_once_statement_fits_psycopgs_parse_cache() -> None:
+def test_the_statements_run_on_the_driver_fit_psycopgs_parse_cache() -> None:
     """psycopg caches the parsing of statements up to a size and a number of
     parameters; beyond, a statement is re-parsed in Python on every call."""
-    compiled = str(_RECORD_OUTCOMES.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
-    assert len(compiled.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
-    assert len(_BATCH_COLUMNS) <= _queries.MAX_CACHED_STATEMENT_PARAMS
+    shapes = list(itertools.product((False, True), repeat=2))
+    direct = [
+        _RECORD_OUTCOMES_DIRECT,
+        _claim_each_statement_postgres(),
+        *(_claim_next_statement_postgres(*shape) for shape in shapes),
+        *(_claimable_page_direct(*shape) for shape in shapes),
+        _write_once_states_direct(),
+    ]
+    for statement in direct:
+        assert len(statement.sql.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH, statement.sql
+        assert statement.sql.count("%(") <= _queries.MAX_CACHED_STATEMENT_PARAMS, statement.sql
     assert set(_RECORD_OUTCOMES.compile().params) == {name for name, _ in _BATCH_COLUMNS}

@@ -282,11 +282,11 @@ class ExecutionRepository(_Repository):
         the claim count), by (account, execution); a key missing from the
         answer has no such execution in that account."""
         ids = list({execution_id for _, execution_id in keys})
-        dialect = self.conn.dialect.name
-        result = await self.conn.execute(
-            _write_once_states_statement(dialect),
-            {"w_ids": _pg_array("uuid", ids) if dialect == "postgresql" else ids},
-        )
+        result: Sequence[AnyRow]
+        if self.conn.dialect.name == "postgresql":
+            result = await _write_once_states_direct().rows(self.conn, {"w_ids": _pg_array("uuid", ids)})
+        else:
+            result = (await self.conn.execute(_write_once_states_statement("sqlite"), {"w_ids": ids})).all()
         wanted = set(keys)
         return {key: row for row in result if (key := (row.account_id, row.id)) in wanted}
 
@@ -463,12 +463,7 @@ class ExecutionRepository(_Repository):
     ) -> list[AnyRow | None]:
         items = [writes[index].parameters(index) for index in indexes]
         columns = {name: _pg_array(kind, [item[name] for item in items]) for name, kind in _BATCH_COLUMNS}
-        # The driver directly: this statement runs for every batch, and SQLAlchemy's
-        # per-execution work would otherwise cost about as much as the update.
-        raw = await self.conn.get_raw_connection()
-        cursor = raw.driver_connection.cursor(row_factory=namedtuple_row)  # type: ignore[union-attr]
-        await cursor.execute(_RECORD_OUTCOMES_PSYCOPG, columns)
-        by_index = {row.ord: row for row in await cursor.fetchall()}
+        by_index = {row.ord: row for row in await _RECORD_OUTCOMES_DIRECT.rows(self.conn, columns)}
         return [by_index.get(index) for index in indexes]
 
     async def _record_distinct_sqlite(
@@ -707,11 +702,6 @@ FROM recorded
 """
 )
 
-# For psycopg directly. Each parameter is an array literal (`_pg_array`), which
-# PostgreSQL parses: psycopg's adaptation of 20 lists (finding each one's element
-# type) cost more than the rest of a one-report batch's Python.
-_RECORD_OUTCOMES_PSYCOPG = str(_RECORD_OUTCOMES.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
-
 
 @cache
 def _write_once_states_statement(dialect: str) -> Any:
@@ -736,6 +726,11 @@ def _write_once_states_statement(dialect: str) -> Any:
     ).where(ids)
 
 
+@cache
+def _write_once_states_direct() -> _Direct:
+    return _Direct(_write_once_states_statement("postgresql"))
+
+
 def _quoted(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -756,6 +751,42 @@ def _pg_array(kind: str, values: Sequence[Any]) -> str:
     element = _ELEMENT.get(kind, str)
     return "{" + ",".join("NULL" if value is None else element(value) for value in values) + "}"
 
+
+def _utc_rows(cursor: Any) -> Callable[[Sequence[Any]], Any]:
+    """psycopg's named tuples, with timestamps in UTC as the tables' UTCDateTime
+    reads them (the driver gives them in the session's time zone)."""
+    make = namedtuple_row(cursor)
+
+    def row(values: Sequence[Any]) -> Any:
+        return make([v.astimezone(dt.UTC) if isinstance(v, dt.datetime) else v for v in values])
+
+    return row
+
+
+class _Direct:
+    """A statement built once and run on psycopg directly, for the hot paths on
+    PostgreSQL's autocommit connections (`Database.single_statement` and
+    `Database.reader`, which turn the driver's errors into SQLAlchemy's).
+    SQLAlchemy's own work per execution (processing every parameter and every
+    result value, setting up the cursor and result) cost about as much as a
+    short statement's round trip. Array parameters are passed as literals
+    (`_pg_array`): psycopg's adaptation of a list costs more than the parse."""
+
+    def __init__(self, statement: Any) -> None:
+        compiled = statement.compile(dialect=postgresql.psycopg.dialect())  # type: ignore[no-untyped-call]
+        self.sql = str(compiled)
+        self._defaults = dict(compiled.params)
+
+    async def rows(self, conn: AsyncConnection, parameters: Mapping[str, Any]) -> list[Any]:
+        raw = await conn.get_raw_connection()
+        cursor = raw.driver_connection.cursor(row_factory=_utc_rows)  # type: ignore[union-attr]
+        await cursor.execute(self.sql, {**self._defaults, **parameters})
+        rows: list[Any] = await cursor.fetchall()
+        return rows
+
+
+# Every batch runs it; each parameter is an array literal.
+_RECORD_OUTCOMES_DIRECT = _Direct(_RECORD_OUTCOMES)
 
 # SQLite: the batch is one JSON array of report objects (json_each), in the
 # formats SQLAlchemy stores (hex UUIDs, naive UTC datetimes, 0/1 booleans).
@@ -1053,7 +1084,7 @@ def _claim_update_postgres(picked: CTE, worker: Any, now: Any) -> Any:
 
 
 @cache
-def _claim_next_statement_postgres(by_task: bool, one_worker: bool) -> Any:
+def _claim_next_statement_postgres(by_task: bool, one_worker: bool) -> _Direct:
     """Pick the oldest, lock, claim and return them in one statement, each with
     its rank n. For one worker, `c_limit` rows go to `c_worker`; otherwise the
     n-th oldest goes to the n-th of `c_workers` (an array). Built once per
@@ -1072,7 +1103,8 @@ def _claim_next_statement_postgres(by_task: bool, one_worker: bool) -> Any:
         lock=True,
     )
     if worker_ids is None:
-        return _claim_update_postgres(picked, bindparam("c_worker", type_=String), now).returning(picked.c.n)
+        claimed = _claim_update_postgres(picked, bindparam("c_worker", type_=String), now)
+        return _Direct(claimed.returning(picked.c.n))
     # Joining the workers costs more than the one-worker shape: a batch claim
     # (ClaimExecutions) lost 10-15 % of its rate with it.
     workers = (
@@ -1083,11 +1115,11 @@ def _claim_next_statement_postgres(by_task: bool, one_worker: bool) -> Any:
         .join(workers, workers.c.n == picked.c.n)
         .cte("assigned")
     )
-    return _claim_update_postgres(assigned, assigned.c.worker, now).returning(assigned.c.n)
+    return _Direct(_claim_update_postgres(assigned, assigned.c.worker, now).returning(assigned.c.n))
 
 
 @cache
-def _claim_each_statement_postgres() -> Any:
+def _claim_each_statement_postgres() -> _Direct:
     """Claims by id, for several workers at once: the requests are three arrays."""
     now = bindparam("c_now", type_=UTCDateTime)
     requests = (
@@ -1100,7 +1132,7 @@ def _claim_each_statement_postgres() -> Any:
         .render_derived(name="requests")
     )
     picked = _requested_claims(requests, now, bindparam("c_silent_since", type_=UTCDateTime), lock=True)
-    return _claim_update_postgres(picked, picked.c.worker, now)
+    return _Direct(_claim_update_postgres(picked, picked.c.worker, now))
 
 
 @dataclass(frozen=True)
@@ -1140,6 +1172,11 @@ def _claimable_page_statement(dialect: str, by_task: bool, by_agent: bool) -> An
     )
 
 
+@cache
+def _claimable_page_direct(by_task: bool, by_agent: bool) -> _Direct:
+    return _Direct(_claimable_page_statement("postgresql", by_task, by_agent))
+
+
 def _payload_string(dialect: str, key: str) -> ColumnElement[Any]:
     """The payload snapshot's top-level `key` when it is a string, else NULL."""
     if dialect == "postgresql":
@@ -1162,7 +1199,6 @@ class ClaimRepository(_Repository):
         limit: int,
         agent: str | None = None,
     ) -> Sequence[AnyRow]:
-        statement = _claimable_page_statement(self.conn.dialect.name, task is not None, agent is not None)
         parameters = {
             "l_account": account_id,
             "l_now": now,
@@ -1171,6 +1207,10 @@ class ClaimRepository(_Repository):
             "l_task": task,
             "l_agent": agent,
         }
+        by_task, by_agent = task is not None, agent is not None
+        if self.conn.dialect.name == "postgresql":
+            return await _claimable_page_direct(by_task, by_agent).rows(self.conn, parameters)
+        statement = _claimable_page_statement("sqlite", by_task, by_agent)
         return (await self.conn.execute(statement, parameters)).all()
 
     async def claim_next(
@@ -1203,12 +1243,11 @@ class ClaimRepository(_Repository):
             if one_worker:
                 parameters.update(c_worker=workers[0], c_limit=len(workers))
             else:
-                parameters["c_workers"] = list(workers)
+                parameters["c_workers"] = _pg_array("text", workers)
             if task is not None:
                 parameters["c_task"] = task
             statement = _claim_next_statement_postgres(task is not None, one_worker)
-            result = await self.conn.execute(statement, parameters)
-            return sorted(result.all(), key=lambda r: r.n)
+            return sorted(await statement.rows(self.conn, parameters), key=lambda r: r.n)
         conditions = [] if task is None else [executions.c.task == task]
         picked = _claim_queue(account_id, now, silent_since, len(workers), *conditions)
         candidates = (
@@ -1246,18 +1285,18 @@ class ClaimRepository(_Repository):
             first.setdefault((request.account_id, request.execution_id), request)
         distinct = list(first.values())
         if self.conn.dialect.name == "postgresql":
-            result = await self.conn.execute(
-                _claim_each_statement_postgres(),
+            rows = await _claim_each_statement_postgres().rows(
+                self.conn,
                 {
-                    "c_ids": [r.execution_id for r in distinct],
-                    "c_accounts": [r.account_id for r in distinct],
-                    "c_workers": [r.worker_id for r in distinct],
+                    "c_ids": _pg_array("uuid", [r.execution_id for r in distinct]),
+                    "c_accounts": _pg_array("uuid", [r.account_id for r in distinct]),
+                    "c_workers": _pg_array("text", [r.worker_id for r in distinct]),
                     "c_now": now,
                     "c_silent_since": silent_since,
                     "c_lease_until": now + lease,
                 },
             )
-            claimed = {row.id: row for row in result}
+            claimed = {row.id: row for row in rows}
         else:
             batch = json.dumps(
                 [
