@@ -1,6 +1,6 @@
 """API-key look-ups: calls that miss the cache together read the account once,
-and a key rotated on this process stops working at once, even for calls that
-joined a look-up started before the rotation."""
+and after a key is rotated on this process no call uses what a look-up started
+before the rotation read."""
 
 from __future__ import annotations
 
