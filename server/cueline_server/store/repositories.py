@@ -3,6 +3,8 @@ connection of a unit of work and never commit.
 
 Rows come back as SQLAlchemy Row objects whose attributes are the column
 names in tables.py; the service layer reads them, the servicers render them.
+The hot statements that run on psycopg directly on PostgreSQL (`_Direct`)
+return named tuples with the same attributes.
 """
 
 from __future__ import annotations
