@@ -29,7 +29,10 @@ async def record(
 
 
 async def serve() -> None:
-    server = new_server(Settings().max_request_bytes)
+    defaults = Settings()
+    server = new_server(
+        defaults.max_request_bytes, max_connection_age_seconds=defaults.grpc_max_connection_age_seconds
+    )
     handler = grpc.unary_unary_rpc_method_handler(
         record,
         request_deserializer=outcomes_pb2.RecordOutcomeRequest.FromString,

@@ -88,6 +88,8 @@ def assemble(db: Database, settings: Settings) -> Components:
     without one is a start-up error, not a runtime surprise."""
     if settings.claim_recheck_seconds <= 0:
         raise StartupError("CUELINE_CLAIM_RECHECK_SECONDS must be above 0")
+    if settings.grpc_max_connection_age_seconds < 0:
+        raise StartupError("CUELINE_GRPC_MAX_CONNECTION_AGE_SECONDS must be 0 (off) or above")
     authenticator = Authenticator(db, settings.auth_cache_seconds)
     limiter = SlidingWindowLimiter() if settings.rate_limit_enabled else None
     alerts = AlertService(db)
@@ -239,6 +241,7 @@ class Runtime:
             grpc_limit,
             trusted_proxies,
             reuse_port=settings.reuse_port,
+            max_connection_age_seconds=settings.grpc_max_connection_age_seconds,
         )
         grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
         transcoder = Transcoder(

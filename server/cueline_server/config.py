@@ -39,6 +39,10 @@ class Settings:
     shutdown_drain_seconds: float = 0.0
     shutdown_grace_seconds: float = 10.0
     max_request_bytes: int = 1_048_576
+    # A gRPC connection is told to go away (GOAWAY) after about this many seconds,
+    # so a long-lived client channel reconnects and spreads again over processes
+    # and replicas; calls in flight get 70 s to finish. 0 keeps connections open.
+    grpc_max_connection_age_seconds: float = 300.0
     # How long a verified API key is trusted without asking the database again.
     # A key rotated on this process stops working at once; on other replicas
     # within this many seconds. 0 checks every call.

@@ -215,3 +215,12 @@ def test_several_processes_need_postgresql(tmp_path: Path) -> None:
     server = Server(f"sqlite:///{tmp_path / 'cueline.db'}", env={"CUELINE_PROCESSES": "0"})
     with pytest.raises(RuntimeError, match="CUELINE_PROCESSES must be at least 1"):
         server.start()
+
+
+def test_a_negative_connection_age_is_refused(tmp_path: Path) -> None:
+    server = Server(
+        f"sqlite:///{tmp_path / 'cueline.db'}", env={"CUELINE_GRPC_MAX_CONNECTION_AGE_SECONDS": "-1"}
+    )
+    with pytest.raises(RuntimeError, match="CUELINE_GRPC_MAX_CONNECTION_AGE_SECONDS must be 0"):
+        server.start()
+    assert server.process is not None and server.process.returncode == 1

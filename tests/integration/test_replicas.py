@@ -1,6 +1,7 @@
 """Replicas on one PostgreSQL: three `cueline serve` never double-claim or
 double-deliver; the processes of one `cueline serve` share its ports and stop
-together; new work is announced from one process to the others."""
+together; new work is announced from one process to the others; a gRPC
+channel moves between processes as its connection ages."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cueline.v1 import executions_pb2, executions_pb2_grpc
+from cueline.v1 import accounts_pb2, accounts_pb2_grpc, executions_pb2, executions_pb2_grpc
 from cueline_server.services.cues import NewWork
 from cueline_server.store.database import Database
 from cueline_server.store.work_signal import WorkSignal
@@ -226,3 +227,36 @@ def test_a_long_poll_on_one_replica_wakes_for_work_fired_on_another(postgres_adm
     finally:
         firing.stop()
         waiting.stop()
+
+
+def test_an_aging_grpc_connection_moves_the_channel_between_processes(postgres_admin_url: str) -> None:
+    """With a maximum connection age, one long-lived channel reconnects now and
+    then (GOAWAY), so the kernel hands it to either process; no call fails on
+    the way."""
+    server = Server(
+        new_database(postgres_admin_url),
+        env={
+            "CUELINE_PROCESSES": "2",
+            "CUELINE_ACCESS_LOG": "true",
+            "CUELINE_GRPC_MAX_CONNECTION_AGE_SECONDS": "0.3",
+        },
+    ).start()
+    try:
+        assert server.process is not None
+        wait_for(lambda: server.log().count("cueline serving") == 2)
+        children = {str(child) for child in _children(server.process.pid)}
+        key = server.register()
+        answered_by: set[str] = set()
+        calls = 0
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            accounts = accounts_pb2_grpc.AccountServiceStub(channel)
+            deadline = time.monotonic() + 60
+            while answered_by != children and time.monotonic() < deadline:
+                accounts.GetAccount(accounts_pb2.GetAccountRequest(), metadata=bearer(key), timeout=10)
+                calls += 1
+                pattern = r"\[pid=(\d+) [^]]*\] /cueline\.v1\.AccountService/GetAccount ok"
+                answered_by = set(re.findall(pattern, server.log()))
+                time.sleep(0.02)
+        assert answered_by == children, (calls, answered_by)
+    finally:
+        server.stop()

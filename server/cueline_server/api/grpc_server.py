@@ -118,16 +118,29 @@ def service_names() -> list[str]:
     return [s.full_name for s in services()]
 
 
-def new_server(max_message_bytes: int, reuse_port: bool = False) -> grpc.aio.Server:
+# How long calls in flight on a connection told to go away may still run: the
+# longest long poll (60 s) and some.
+MAX_CONNECTION_AGE_GRACE_SECONDS = 70
+
+
+def new_server(
+    max_message_bytes: int, reuse_port: bool = False, max_connection_age_seconds: float = 0.0
+) -> grpc.aio.Server:
     """The bare grpc.aio server with cueline's options (also what the
     benchmark's echo ceiling serves on, so both run with the same settings).
-    Without reuse_port, a port another process serves is refused at start."""
-    return grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.so_reuseport", int(reuse_port)),
+    Without reuse_port, a port another process serves is refused at start.
+    With a maximum connection age, clients reconnect that often (gRPC adds
+    jitter), which is what moves a long-lived channel between processes."""
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", int(reuse_port)),
+    ]
+    if max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(max_connection_age_seconds * 1000))),
+            ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_SECONDS * 1000),
         ]
-    )
+    return grpc.aio.server(options=options)
 
 
 def build_server(
@@ -137,8 +150,9 @@ def build_server(
     rate_limit: GrpcRateLimit | None = None,
     trusted_proxies: Networks = (),
     reuse_port: bool = False,
+    max_connection_age_seconds: float = 0.0,
 ) -> grpc.aio.Server:
-    server = new_server(max_message_bytes, reuse_port)
+    server = new_server(max_message_bytes, reuse_port, max_connection_age_seconds)
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
     for method in methods():
         by_service.setdefault(method.service, {})[method.name] = grpc.unary_unary_rpc_method_handler(
