@@ -21,29 +21,23 @@ down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-RETRYING_WEBHOOKS = "transport = 'webhook' AND status = 'retrying'"
-DELIVERING_WEBHOOKS = "transport = 'webhook' AND status = 'delivering'"
+WEBHOOKS = "transport = 'webhook' AND status = "
+# (index, column, which rows it holds)
+INDEXES = (
+    ("ix_executions_retrying_webhooks", "next_retry", WEBHOOKS + "'retrying'"),
+    ("ix_executions_delivering_webhooks", "last_attempt_at", WEBHOOKS + "'delivering'"),
+)
 
 
 def upgrade() -> None:
     with op.batch_alter_table("executions", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_executions_retrying_webhooks",
-            ["next_retry"],
-            unique=False,
-            postgresql_where=sa.text(RETRYING_WEBHOOKS),
-            sqlite_where=sa.text(RETRYING_WEBHOOKS),
-        )
-        batch_op.create_index(
-            "ix_executions_delivering_webhooks",
-            ["last_attempt_at"],
-            unique=False,
-            postgresql_where=sa.text(DELIVERING_WEBHOOKS),
-            sqlite_where=sa.text(DELIVERING_WEBHOOKS),
-        )
+        for name, column, rows in INDEXES:
+            batch_op.create_index(
+                name, [column], unique=False, postgresql_where=sa.text(rows), sqlite_where=sa.text(rows)
+            )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("executions", schema=None) as batch_op:
-        batch_op.drop_index("ix_executions_delivering_webhooks")
-        batch_op.drop_index("ix_executions_retrying_webhooks")
+        for name, _, _ in reversed(INDEXES):
+            batch_op.drop_index(name)
