@@ -115,16 +115,22 @@ class Scheduler:
                 return 0
             rows: list[dict[str, Any]] = []
             steps: list[dict[str, Any]] = []
+            # Cues on the same schedule due at the same slot (common: cron
+            # expressions cluster on the hour) share one plan.
+            plans: dict[tuple[Any, ...], tuple[list[dt.datetime], dt.datetime | None]] = {}
             for cue in due:
-                slots, next_run = plan_firing(
-                    schedule_type=cue.schedule_type,
-                    cron=cue.cron,
-                    timezone=cue.timezone,
-                    next_run=cue.next_run,
-                    catch_up=cue.catch_up,
-                    now=moment,
-                    grace=self._grace,
-                )
+                schedule = (cue.schedule_type, cue.cron, cue.timezone, cue.next_run, cue.catch_up)
+                if schedule not in plans:
+                    plans[schedule] = plan_firing(
+                        schedule_type=cue.schedule_type,
+                        cron=cue.cron,
+                        timezone=cue.timezone,
+                        next_run=cue.next_run,
+                        catch_up=cue.catch_up,
+                        now=moment,
+                        grace=self._grace,
+                    )
+                slots, next_run = plans[schedule]
                 rows += [
                     new_execution(cue, triggered_by="scheduled", payload=cue.payload, scheduled_for=slot)
                     for slot in slots

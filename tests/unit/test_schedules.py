@@ -56,3 +56,25 @@ def test_previous_slots_walk_back_newest_first() -> None:
     ]
     on_a_slot = previous_cron_times("*/5 * * * *", "UTC", dt.datetime(2026, 1, 1, 12, 5, tzinfo=dt.UTC))
     assert next(on_a_slot) == dt.datetime(2026, 1, 1, 12, 5, tzinfo=dt.UTC)
+
+
+def test_walks_of_one_expression_are_independent() -> None:
+    """Every walk of an expression starts from the same parsed expression: two
+    walks in progress at once, in both directions and in two zones, each keep
+    their own position."""
+    utc = dt.UTC
+    back = previous_cron_times("*/15 * * * *", "UTC", dt.datetime(2026, 1, 1, 12, 0, tzinfo=utc))
+    back_in_tokyo = previous_cron_times(
+        "*/15 * * * *", "Asia/Tokyo", dt.datetime(2026, 1, 1, 3, 20, tzinfo=utc)
+    )
+    walked = []
+    for _ in range(3):
+        walked.append((next(back), next(back_in_tokyo)))
+        # A third walk between their steps, forward from elsewhere.
+        forward = next_cron_time("*/15 * * * *", "UTC", dt.datetime(2030, 6, 1, 8, 1, tzinfo=utc))
+        assert forward == dt.datetime(2030, 6, 1, 8, 15, tzinfo=utc)
+    assert walked == [
+        (dt.datetime(2026, 1, 1, 12, 0, tzinfo=utc), dt.datetime(2026, 1, 1, 3, 15, tzinfo=utc)),
+        (dt.datetime(2026, 1, 1, 11, 45, tzinfo=utc), dt.datetime(2026, 1, 1, 3, 0, tzinfo=utc)),
+        (dt.datetime(2026, 1, 1, 11, 30, tzinfo=utc), dt.datetime(2026, 1, 1, 2, 45, tzinfo=utc)),
+    ]

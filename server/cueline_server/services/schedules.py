@@ -2,13 +2,19 @@
 
 Cron is evaluated with croniter in the cue's zone and stored in UTC. Next-run
 times are computed from zone-aware datetimes, so they follow DST changes.
+
+Parsing an expression is most of what building a croniter costs, and a
+recurring cue's firing walks its expression twice (the slots due, the next
+run), so each expression is parsed once and its walkers are copies of that.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterNotAlphaError, croniter
@@ -16,6 +22,8 @@ from croniter import CroniterBadCronError, CroniterBadDateError, CroniterNotAlph
 from cueline_server.errors import ApiError
 
 MAX_CRON_LENGTH = 100
+# Distinct expressions whose parse is remembered (validity, and a parsed croniter).
+PARSED_EXPRESSIONS = 4096
 
 
 def invalid_schedule(message: str) -> ApiError:
@@ -39,9 +47,27 @@ def check_cron(expression: str | None) -> str:
         raise invalid_schedule("Cron expression is required")
     if len(expression) > MAX_CRON_LENGTH:
         raise invalid_schedule(f"Cron expression must be at most {MAX_CRON_LENGTH} characters")
-    if not croniter.is_valid(expression):
+    if not _is_valid(expression):
         raise invalid_schedule(f"Invalid cron expression: '{expression}'")
     return expression
+
+
+@lru_cache(maxsize=PARSED_EXPRESSIONS)
+def _is_valid(expression: str) -> bool:
+    return bool(croniter.is_valid(expression))
+
+
+@lru_cache(maxsize=PARSED_EXPRESSIONS)
+def _parsed(expression: str) -> croniter:
+    return croniter(expression, dt.datetime(2000, 1, 1))
+
+
+def _walker(expression: str, start: dt.datetime) -> croniter:
+    """A croniter for `expression` at the naive wall-clock time `start`. Walking
+    copies the parsed fields rather than changing them, so copies are independent."""
+    walker = copy.copy(_parsed(expression))
+    walker.set_current(start, force=True)
+    return walker
 
 
 def _instant(wall: dt.datetime, where: ZoneInfo) -> dt.datetime:
@@ -56,7 +82,7 @@ def _slots(expression: str, timezone: str, start: dt.datetime, forward: bool) ->
     where = zone(timezone)
     wall = start.astimezone(where).replace(tzinfo=None)
     try:
-        walker = croniter(expression, wall if forward else wall + dt.timedelta(seconds=1))
+        walker = _walker(expression, wall if forward else wall + dt.timedelta(seconds=1))
         while True:
             step = walker.get_next(dt.datetime) if forward else walker.get_prev(dt.datetime)
             yield _instant(step, where)

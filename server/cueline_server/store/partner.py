@@ -27,7 +27,7 @@ class PartnerRepository(_Repository):
     # --- directory ------------------------------------------------------------------------------
 
     async def add_organization(self, values: Mapping[str, Any]) -> None:
-        await self._insert(insert(organizations).values(**values))
+        await self._insert(organizations, values)
 
     async def organization(self, organization_id: uuid.UUID, account_id: uuid.UUID) -> AnyRow | None:
         result = await self.conn.execute(
@@ -38,7 +38,7 @@ class PartnerRepository(_Repository):
         return result.first()
 
     async def add_member(self, values: Mapping[str, Any]) -> None:
-        await self._insert(insert(members).values(**values))
+        await self._insert(members, values)
 
     async def member(self, member_id: uuid.UUID) -> AnyRow | None:
         return (await self.conn.execute(select(members).where(members.c.id == member_id))).first()
@@ -55,7 +55,7 @@ class PartnerRepository(_Repository):
         await self.conn.execute(update(members).where(members.c.id == member_id).values(disabled=True))
 
     async def add_client(self, values: Mapping[str, Any]) -> None:
-        await self._insert(insert(oauth_clients).values(**values))
+        await self._insert(oauth_clients, values)
 
     async def client(self, client_id: str) -> AnyRow | None:
         result = await self.conn.execute(select(oauth_clients).where(oauth_clients.c.client_id == client_id))
@@ -75,7 +75,7 @@ class PartnerRepository(_Repository):
         )
 
     async def add_user(self, values: Mapping[str, Any]) -> None:
-        await self._insert(insert(partner_users).values(**values))
+        await self._insert(partner_users, values)
 
     async def user(self, username: str) -> AnyRow | None:
         result = await self.conn.execute(select(partner_users).where(partner_users.c.username == username))
@@ -162,7 +162,7 @@ class PartnerRepository(_Repository):
     # --- actions --------------------------------------------------------------------------------
 
     async def add_action(self, values: Mapping[str, Any]) -> None:
-        await self._insert(insert(actions).values(**values))
+        await self._insert(actions, values)
 
     async def action(self, action_id: uuid.UUID, *, lock: bool = False) -> AnyRow | None:
         statement = select(actions).where(actions.c.id == action_id)
@@ -212,7 +212,7 @@ class PartnerRepository(_Repository):
         return result.first()
 
     async def add_attempt(self, values: Mapping[str, Any]) -> None:
-        await self._insert(insert(action_attempts).values(**values))
+        await self._insert(action_attempts, values)
 
     async def abandon_attempt(self, attempt_id: uuid.UUID, now: dt.datetime) -> None:
         await self.conn.execute(
@@ -244,7 +244,7 @@ class PartnerRepository(_Repository):
         return result.first() is not None
 
     async def add_event(self, values: Mapping[str, Any]) -> None:
-        await self.conn.execute(insert(action_events).values(**values))
+        await self.conn.execute(insert(action_events), dict(values))
 
     async def events(
         self, action_id: uuid.UUID, after: tuple[dt.datetime, uuid.UUID] | None, limit: int

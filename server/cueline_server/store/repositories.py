@@ -75,16 +75,19 @@ class _Repository:
         total = await self.conn.execute(select(func.count()).select_from(table).where(condition))
         return rows.all(), int(total.scalar_one())
 
-    async def _insert(self, statement: Any) -> None:
+    async def _insert(self, table: Table, values: Mapping[str, Any]) -> None:
+        """One row, `values` given as the parameters of the table's plain INSERT:
+        SQLAlchemy then compiles it once per set of columns, where a statement
+        built around the values is built and keyed anew on every call."""
         try:
-            await self.conn.execute(statement)
+            await self.conn.execute(insert(table), dict(values))
         except IntegrityError as exc:
             raise DuplicateError(str(exc.orig)) from exc
 
 
 class AccountRepository(_Repository):
     async def add(self, values: Mapping[str, Any]) -> None:
-        await self._insert(insert(accounts).values(**values))
+        await self._insert(accounts, values)
 
     async def by_key_hash(self, key_hash: str) -> AnyRow | None:
         result = await self.conn.execute(
@@ -120,7 +123,7 @@ class AccountRepository(_Repository):
 
 class CueRepository(_Repository):
     async def add(self, values: Mapping[str, Any]) -> None:
-        await self._insert(insert(cues).values(**values))
+        await self._insert(cues, values)
 
     async def get(self, account_id: uuid.UUID, cue_id: str) -> AnyRow | None:
         result = await self.conn.execute(_cue_by_id(), {"g_account": account_id, "g_cue": cue_id})
@@ -230,7 +233,7 @@ class CueRepository(_Repository):
 
 class ExecutionRepository(_Repository):
     async def add(self, values: Mapping[str, Any]) -> None:
-        await self._insert(insert(executions).values(**values))
+        await self._insert(executions, values)
 
     async def add_fired(self, fires: Sequence[tuple[Mapping[str, Any], dt.datetime]]) -> None:
         """New executions (each the keys of `new_execution`, with its fire time),
@@ -948,7 +951,7 @@ class FireKeyRepository(_Repository):
 
     async def add(self, values: Mapping[str, Any]) -> None:
         """Raises DuplicateError when a concurrent first use got there first."""
-        await self._insert(insert(fire_keys).values(**values))
+        await self._insert(fire_keys, values)
 
     async def forget(self, cue_id: str, key: str) -> None:
         await self.conn.execute(delete(fire_keys).where(fire_keys.c.cue_id == cue_id, fire_keys.c.key == key))
@@ -1717,7 +1720,7 @@ class AlertRepository(_Repository):
         return result.first() is not None
 
     async def add(self, values: Mapping[str, Any]) -> None:
-        await self.conn.execute(insert(alerts).values(**values))
+        await self.conn.execute(insert(alerts), dict(values))
 
     async def get(self, account_id: uuid.UUID, alert_id: uuid.UUID) -> AnyRow | None:
         result = await self.conn.execute(
