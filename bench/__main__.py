@@ -18,16 +18,15 @@ PLOTS = Path(__file__).resolve().parents[1] / "docs" / "bench"
 
 def failures(ingest: dict[str, Any], claims: dict[str, Any]) -> int:
     """Correctness failures: errors (closed and open loop), races without exactly
-    one winner, double claims, duplicate executions, webhooks that never arrived
-    or carried a bad signature."""
+    one winner, double claims, duplicate executions, due cues that never fired,
+    webhooks that never arrived or carried a bad signature."""
     return int(
         sum(r["errors"] + (r["executions"] - r["exactly_one_winner"]) for r in ingest["race"].values())
         + sum(r["errors"] for r in ingest["runs"])
         + sum(r["errors"] for r in ingest["fixed_rate"].values())
         + sum(
             sum(r[g]["double_claims"] + r[g]["errors"] for g in delivery.CEILED)
-            + r["G7"]["duplicates"]
-            + r["G8"]["duplicates"]
+            + sum(r[g]["duplicates"] + r[g]["cues"] - r[g]["fired"] for g in ("G7", "G8", "G8cron", "steady"))
             + r["G9"]["bad_signatures"]
             + max(0, r["G9"]["fired"] - r["G9"]["deliveries"])
             for r in claims["results"].values()
@@ -59,8 +58,8 @@ def main() -> int:
     failed = failures(ingest, claims)
     if failed:
         print(
-            f"{failed} correctness failures (errors, double claims, duplicates,"
-            " undelivered or badly signed webhooks)",
+            f"{failed} correctness failures (errors, double claims, duplicates, cues"
+            " that never fired, undelivered or badly signed webhooks)",
             file=sys.stderr,
         )
     return 1 if failed else 0

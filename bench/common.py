@@ -78,12 +78,23 @@ def account_id(db: Engine, key: str) -> uuid.UUID:
 
 
 def insert_cues(
-    db: Engine, owner: uuid.UUID, count: int, *, transport: str, next_run: dt.datetime, url: str | None = None
+    db: Engine,
+    owner: uuid.UUID,
+    count: int,
+    *,
+    transport: str,
+    next_run: dt.datetime,
+    url: str | None = None,
+    spacing: dt.timedelta = dt.timedelta(0),
+    schedules: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
-    """Active once cues due at next_run."""
+    """Active cues, the first due at next_run and each next one `spacing` later:
+    once cues, or recurring ones taking their (cron, zone) from `schedules` in turn."""
     now = dt.datetime.now(dt.UTC)
     rows = []
     for index in range(count):
+        due = next_run + index * spacing
+        cron, timezone = schedules[index % len(schedules)] if schedules else (None, "UTC")
         row: dict[str, Any] = dict(DEFAULTS)
         row.update(
             id=new_cue_id(),
@@ -92,13 +103,13 @@ def insert_cues(
             description=None,
             status="active",
             transport=transport,
-            schedule_type="once",
-            cron=None,
-            at=next_run,
-            timezone="UTC",
+            schedule_type="once" if cron is None else "recurring",
+            cron=cron,
+            at=due if cron is None else None,
+            timezone=timezone,
             callback_url=url,
             payload='{"task": "bench"}',
-            next_run=next_run,
+            next_run=due,
             last_run=None,
             run_count=0,
             fired_count=0,

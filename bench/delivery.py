@@ -6,7 +6,11 @@ G5  single claim per call over REST, 8 workers: the CueAPI worker daemon's cycle
 G6  pickup: fire -> in the hands of a worker waiting in a long poll (open loop, 50/s)
 G7  fire lag: execution committed - scheduled time, 1,000 cues due in one second
 G8  burst: 10,000 cues due in one second; time until the last fired, one execution each
+    (once cues, and again recurring cues on 24 cron schedules)
 G9  webhook: fire -> first byte at a local receiver that takes 100 ms, 200 fires/s
+
+Also the schedule lag of cues due one at a time (100, 50 ms apart), the
+ordinary case, for the comparison with the CueAPI server's poller (G15).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -57,6 +62,17 @@ from cueline_server.store.tables import executions
 from tests.support import Server, auth, bearer
 
 WORKERS = 8
+# Schedule lag in the ordinary case, the one the CueAPI comparison (G15) is
+# about: cues due one at a time, each STEADY_SPACING seconds after the last.
+STEADY_CUES = 100
+STEADY_SPACING = 0.05
+# G8 again with recurring cues, which most cues are: daily to yearly cron
+# expressions in several zones (so no cue comes round again during the run).
+CRON_SCHEDULES = tuple(
+    (cron, zone)
+    for cron in ("0 3 * * *", "30 9 * * 1-5", "0 0 1 * *", "45 23 * * 0", "0 12 1 1 *", "5 4 15 */2 *")
+    for zone in ("UTC", "Europe/Berlin", "America/New_York", "Asia/Tokyo")
+)
 # The results measured against the SKIP LOCKED claim ceiling.
 CEILED = ("G4", "G5", "G5next")
 # The ceiling's pending rows per run assume no more than this many claims per second.
@@ -240,45 +256,54 @@ async def pickup(server: Server, key: str, rate: float, seconds: float) -> dict[
     return {"count": len(latencies), **percentiles(latencies)}
 
 
-def fire_lag(server: Server, key: str, count: int) -> dict[str, Any]:
-    """Cues due in the same second; lag = the moment each execution's transaction
-    committed - its scheduled time. PostgreSQL records commit timestamps
-    (track_commit_timestamp); SQLite has none, so there a second connection
-    watches for the rows and the lag is when each first became visible."""
+def fire_lag(
+    server: Server, key: str, count: int, spacing: float = 0.0, schedules: Sequence[tuple[str, str]] = ()
+) -> dict[str, Any]:
+    """Cues due in the same second (`spacing` 0), or one after another every
+    `spacing` seconds; once cues, or recurring ones on `schedules` ((cron, zone)
+    pairs). Lag = the moment each execution's transaction committed - its
+    scheduled time. PostgreSQL records commit timestamps (track_commit_timestamp);
+    SQLite has none, so there a second connection watches for the rows and the
+    lag is when each first became visible."""
     db = engine(server)
     due = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)).replace(microsecond=0)
-    cue_ids = insert_cues(db, account_id(db, key), count, transport="worker", next_run=due)
+    gap = dt.timedelta(seconds=spacing)
+    cue_ids = insert_cues(
+        db, account_id(db, key), count, transport="worker", next_run=due, spacing=gap, schedules=schedules
+    )
+    last_due = due + (count - 1) * gap
     postgres = db.dialect.name == "postgresql"
     watcher = None if postgres else _VisibilityWatcher(db, due, count)
     if watcher is not None:
         watcher.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 60 + count * spacing
     while time.monotonic() < deadline:
         time.sleep(1)
         with db.connect() as conn:
             fired = conn.execute(
                 select(func.count()).select_from(executions).where(executions.c.cue_id.in_(cue_ids))
             ).scalar_one()
-        if fired >= count and dt.datetime.now(dt.UTC) > due + dt.timedelta(seconds=2):
+        if fired >= count and dt.datetime.now(dt.UTC) > last_due + dt.timedelta(seconds=2):
             break
     with db.connect() as conn:
         committed_at = func.pg_xact_commit_timestamp(literal_column("xmin")) if postgres else null()
         rows = conn.execute(
+            # The slots set up here (a recurring cue's next one may come round meanwhile).
             select(executions.c.cue_id, executions.c.scheduled_for, committed_at.label("committed_at")).where(
-                executions.c.cue_id.in_(cue_ids)
+                executions.c.cue_id.in_(cue_ids), executions.c.scheduled_for <= last_due
             )
         ).all()
     if watcher is not None:
         watcher.stop()
     db.dispose()
-    per_cue = Counter(r.cue_id for r in rows)
+    per_slot = Counter((r.cue_id, r.scheduled_for) for r in rows)
     seen = watcher.first_seen if watcher else {}
     committed = [r.committed_at if postgres else seen.get(r.cue_id) for r in rows]
     lags = [(at - r.scheduled_for).total_seconds() for r, at in zip(rows, committed, strict=True) if at]
     return {
         "cues": count,
-        "fired": len(per_cue),
-        "duplicates": sum(n - 1 for n in per_cue.values()),
+        "fired": len({cue_id for cue_id, _ in per_slot}),
+        "duplicates": sum(n - 1 for n in per_slot.values()),
         "measured_at": "commit" if postgres else "first visible",
         "all_fired_within_ms": round(max(lags) * 1000, 1) if len(lags) == len(rows) and lags else None,
         **percentiles(lags),
@@ -286,8 +311,8 @@ def fire_lag(server: Server, key: str, count: int) -> dict[str, Any]:
 
 
 class _VisibilityWatcher(threading.Thread):
-    """Polls for new executions scheduled at `due` (rowids past the last one
-    seen) and keeps when each cue's execution was first seen."""
+    """Polls for new executions scheduled at `due` or later (rowids past the
+    last one seen) and keeps when each cue's execution was first seen."""
 
     def __init__(self, db: Engine, due: dt.datetime, count: int) -> None:
         super().__init__(daemon=True)
@@ -305,7 +330,7 @@ class _VisibilityWatcher(threading.Thread):
         rowid: Any = literal_column("rowid")
         statement = (
             select(rowid, executions.c.cue_id)
-            .where(rowid > bindparam("after"), executions.c.scheduled_for == self._due)
+            .where(rowid > bindparam("after"), executions.c.scheduled_for >= self._due)
             .order_by(rowid)
         )
         after = 0
@@ -425,9 +450,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
             with phase(f"{backend} G6 pickup by a long-polling worker", expected=4 * scale + 1.5):
                 results["G6"] = asyncio.run(pickup(server, key, 50, 4 * scale + 1))
-            for goal, cues in (("G7", int(1000 * scale)), ("G8", int(10000 * scale))):
-                with phase(f"{backend} {goal} fire lag, {cues} cues due in one second", expected=7):
-                    results[goal] = fire_lag(server, key, cues)
+            for goal, cues, schedules in (
+                ("G7", int(1000 * scale), ()),
+                ("G8", int(10000 * scale), ()),
+                ("G8cron", int(10000 * scale), CRON_SCHEDULES),
+            ):
+                kind = f"recurring cues on {len(schedules)} schedules" if schedules else "cues"
+                with phase(f"{backend} {goal} fire lag, {cues} {kind} due in one second", expected=7):
+                    results[goal] = fire_lag(server, key, cues, schedules=schedules)
+            cues = int(STEADY_CUES * scale)
+            with phase(
+                f"{backend} schedule lag, {cues} cues due one at a time",
+                expected=7 + cues * STEADY_SPACING,
+            ):
+                results["steady"] = fire_lag(server, key, cues, STEADY_SPACING)
             with phase(f"{backend} G9 webhooks at 200/s, receiver takes 100 ms", expected=3 * scale + 1):
                 results["G9"] = asyncio.run(
                     webhooks(server, key, secret["webhook_secret"], 200, 3 * scale + 1)
@@ -455,6 +491,7 @@ def render(document: dict[str, Any]) -> str:
     rows = []
     for backend, r in document["results"].items():
         g4, g5, g5next, g6, g7, g8, g9 = (r[g] for g in ("G4", "G5", "G5next", "G6", "G7", "G8", "G9"))
+        steady, g8cron = r["steady"], r["G8cron"]
         rows += [
             (
                 backend,
@@ -488,9 +525,23 @@ def render(document: dict[str, Any]) -> str:
             ),
             (
                 backend,
+                f"schedule lag, {steady['cues']} cues due one at a time, {STEADY_SPACING:g} s apart",
+                f"p50 {steady['p50_ms']} ms, p99 {steady['p99_ms']} ms",
+                f"max {steady['max_ms']} ms, fired {steady['fired']}, duplicates {steady['duplicates']}",
+                "",
+            ),
+            (
+                backend,
                 f"G8 burst, {g8['cues']} cues",
                 f"all fired within {g8['all_fired_within_ms']} ms",
                 f"fired {g8['fired']}, duplicates {g8['duplicates']}",
+                "",
+            ),
+            (
+                backend,
+                f"G8 burst, {g8cron['cues']} recurring cues on {len(CRON_SCHEDULES)} cron schedules",
+                f"all fired within {g8cron['all_fired_within_ms']} ms",
+                f"fired {g8cron['fired']}, duplicates {g8cron['duplicates']}",
                 "",
             ),
             (
