@@ -187,21 +187,11 @@ class CueRepository(_Repository):
         {"cue_id", "next_run", "fired"}."""
         if not steps:
             return
-        if self.conn.dialect.name == "postgresql":
-            batch = [
-                {"id": s["cue_id"], "next_run": _json_time(s["next_run"]), "fired": s["fired"]} for s in steps
-            ]
-            await self.conn.execute(_ADVANCE_POSTGRES, {"batch": json.dumps(batch), "now": now})
-            return
+        postgres = self.conn.dialect.name == "postgresql"
+        time = _json_time if postgres else _sqlite_time
+        batch = [{"id": s["cue_id"], "next_run": time(s["next_run"]), "fired": s["fired"]} for s in steps]
         await self.conn.execute(
-            update(cues)
-            .where(cues.c.id == bindparam("b_cue_id"))
-            .values(
-                next_run=bindparam("b_next_run", type_=UTCDateTime),
-                fired_count=cues.c.fired_count + bindparam("b_fired", type_=BigInteger),
-                updated_at=now,
-            ),
-            [{"b_cue_id": s["cue_id"], "b_next_run": s["next_run"], "b_fired": s["fired"]} for s in steps],
+            _ADVANCE_POSTGRES if postgres else _ADVANCE_SQLITE, {"batch": json.dumps(batch), "now": now}
         )
 
     async def record_results(self, results: Sequence[tuple[str, str]], now: dt.datetime) -> None:
@@ -259,20 +249,10 @@ class ExecutionRepository(_Repository):
         one; returns the cue id of each row inserted."""
         if not rows:
             return []
-        if self.conn.dialect.name == "postgresql":
-            batch = json.dumps([_json_execution(row) for row in rows])
-            return list((await self.conn.execute(_ADD_SCHEDULED_POSTGRES, {"batch": batch})).scalars())
-        statement = (
-            sqlite.insert(executions)
-            .on_conflict_do_nothing(
-                index_elements=[executions.c.cue_id, executions.c.scheduled_for],
-                # Literal SQL: a bound parameter here cannot be used with executemany.
-                index_where=text("triggered_by = 'scheduled'"),
-            )
-            .returning(executions.c.cue_id)
-        )
-        result = await self.conn.execute(statement, list(rows))
-        return [row.cue_id for row in result]
+        postgres = self.conn.dialect.name == "postgresql"
+        batch = json.dumps([_json_execution(row, postgres) for row in rows])
+        statement = _ADD_SCHEDULED_POSTGRES if postgres else _ADD_SCHEDULED_SQLITE
+        return list((await self.conn.execute(statement, {"batch": batch})).scalars())
 
     async def get(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
         result = await self.conn.execute(
@@ -881,26 +861,46 @@ def _postgres_type(column: str) -> str:
     return str(executions.c[column].type.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
 
 
-# PostgreSQL: a batch of rows as one JSON array (json_to_recordset), so the
-# statement text is short and the same whatever the batch size, and the batch
-# is one string. A multi-row VALUES list is a statement psycopg parses afresh on
-# every call, and arrays of 500 values are dumped element by element in Python.
+# A batch of rows as one JSON array (PostgreSQL's json_to_recordset, SQLite's
+# json_each), so the statement text is short and the same whatever the batch
+# size, and the batch is one string. A multi-row VALUES list is a statement
+# psycopg parses afresh on every call, arrays of 500 values are dumped element by
+# element in Python, and an executemany converts every column of every row there.
+_SCHEDULED_CONFLICT = """
+ON CONFLICT (cue_id, scheduled_for) WHERE triggered_by = 'scheduled' DO NOTHING
+RETURNING cue_id
+"""
 _ADD_SCHEDULED_POSTGRES = text(
     f"""
 INSERT INTO executions ({", ".join(_FIRED_COLUMNS)})
 SELECT {", ".join(_FIRED_COLUMNS)} FROM json_to_recordset(CAST(:batch AS json))
   AS v({", ".join(f"{name} {_postgres_type(name)}" for name in _FIRED_COLUMNS)})
-ON CONFLICT (cue_id, scheduled_for) WHERE triggered_by = 'scheduled' DO NOTHING
-RETURNING cue_id
-"""
+{_SCHEDULED_CONFLICT}"""
+)
+# `WHERE true`: without it SQLite would read the ON of ON CONFLICT as a join's.
+_ADD_SCHEDULED_SQLITE = text(
+    f"""
+INSERT INTO executions ({", ".join(_FIRED_COLUMNS)})
+SELECT {", ".join(f"json_extract(value, '$.{name}')" for name in _FIRED_COLUMNS)}
+FROM json_each(:batch) WHERE true
+{_SCHEDULED_CONFLICT}"""
 )
 
-_ADVANCE_POSTGRES = text(
-    """
+_ADVANCE = """
 UPDATE cues SET next_run = v.next_run, fired_count = cues.fired_count + v.fired, updated_at = :now
-FROM json_to_recordset(CAST(:batch AS json)) AS v(id text, next_run timestamptz, fired bigint)
+FROM {rows}
 WHERE cues.id = v.id
 """
+_ADVANCE_POSTGRES = text(
+    _ADVANCE.format(
+        rows="json_to_recordset(CAST(:batch AS json)) AS v(id text, next_run timestamptz, fired bigint)"
+    )
+).bindparams(bindparam("now", type_=UTCDateTime))
+_ADVANCE_SQLITE = text(
+    _ADVANCE.format(
+        rows="(SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.next_run') AS next_run,"
+        " json_extract(value, '$.fired') AS fired FROM json_each(:batch)) AS v"
+    )
 ).bindparams(bindparam("now", type_=UTCDateTime))
 
 
@@ -908,15 +908,19 @@ def _json_time(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _json_execution(row: Mapping[str, Any]) -> dict[str, Any]:
+def _json_execution(row: Mapping[str, Any], postgres: bool) -> dict[str, Any]:
+    """A new execution's columns as the batch statements read them: on SQLite,
+    each value as SQLAlchemy stores it there (UUIDs as 32 hex digits, times as
+    naive UTC text)."""
+    time = _json_time if postgres else _sqlite_time
     return {
         **row,
-        "id": str(row["id"]),
-        "account_id": str(row["account_id"]),
-        "scheduled_for": _json_time(row["scheduled_for"]),
-        "available_at": _json_time(row["available_at"]),
-        "created_at": _json_time(row["created_at"]),
-        "updated_at": _json_time(row["updated_at"]),
+        "id": str(row["id"]) if postgres else row["id"].hex,
+        "account_id": str(row["account_id"]) if postgres else row["account_id"].hex,
+        "scheduled_for": time(row["scheduled_for"]),
+        "available_at": time(row["available_at"]),
+        "created_at": time(row["created_at"]),
+        "updated_at": time(row["updated_at"]),
     }
 
 
