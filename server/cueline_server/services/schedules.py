@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import CroniterBadCronError, CroniterBadDateError, CroniterNotAlphaError, croniter
+from croniter import (
+    CroniterBadCronError,
+    CroniterBadDateError,
+    CroniterError,
+    CroniterNotAlphaError,
+    croniter,
+)
 
 from cueline_server.errors import ApiError
 
 MAX_CRON_LENGTH = 100
-# Distinct expressions whose parse is remembered (validity, and a parsed croniter).
+# Distinct expressions whose parsed croniter is remembered.
 PARSED_EXPRESSIONS = 4096
 
 
@@ -47,18 +53,16 @@ def check_cron(expression: str | None) -> str:
         raise invalid_schedule("Cron expression is required")
     if len(expression) > MAX_CRON_LENGTH:
         raise invalid_schedule(f"Cron expression must be at most {MAX_CRON_LENGTH} characters")
-    if not _is_valid(expression):
-        raise invalid_schedule(f"Invalid cron expression: '{expression}'")
+    try:
+        _parsed(expression)
+    except CroniterError:
+        raise invalid_schedule(f"Invalid cron expression: '{expression}'") from None
     return expression
 
 
 @lru_cache(maxsize=PARSED_EXPRESSIONS)
-def _is_valid(expression: str) -> bool:
-    return bool(croniter.is_valid(expression))
-
-
-@lru_cache(maxsize=PARSED_EXPRESSIONS)
 def _parsed(expression: str) -> croniter:
+    """The parsed expression; an invalid one raises (and is not remembered)."""
     return croniter(expression, dt.datetime(2000, 1, 1))
 
 
