@@ -98,13 +98,14 @@ def throughput(outcomes: dict[str, Any], path: Path) -> Path:
 
 def latency(outcomes: dict[str, Any], delivery: dict[str, Any], path: Path) -> Path:
     sources = {
-        "G2": outcomes["fixed_rate"],
+        # G2 beside its ceiling: the gRPC echo driven at the same rate.
+        "G2": {**outcomes["fixed_rate"], "echo": outcomes["ceilings"]["grpc_echo_fixed_rate"]},
         **{goal: {b: r[goal] for b, r in delivery["results"].items()} for goal in ("G6", "G7", "G9")},
     }
     figure = Figure(figsize=(10, 6.5), layout="constrained")
     for index, (goal, by_backend) in enumerate(sources.items()):
         axes = figure.add_subplot(2, 2, index + 1)
-        backends = [b for b in BACKENDS if b in by_backend]
+        backends = [b for b in (*BACKENDS, "echo") if b in by_backend]
         for offset, statistic in enumerate(("p50_ms", "p99_ms", "max_ms")):
             axes.bar(
                 [position + (offset - 1) * 0.27 for position in range(len(backends))],
