@@ -73,20 +73,22 @@ class Scheduler:
             for waiter in waits:
                 waiter.cancel()
 
+    async def _earliest(self) -> dt.datetime | None:
+        async with self._db.reader() as repos:
+            return await repos.cues.earliest_next_run()
+
     async def _until_next(self) -> float:
-        async with self._db.unit_of_work(write=False) as uow:
-            earliest = await uow.cues.earliest_next_run()
+        earliest = await self._earliest()
         if earliest is None:
             return self._poll
         return max(0.0, min(self._poll, (earliest - now()).total_seconds()))
 
     async def pass_once(self) -> int:
-        """Fire everything due now, then run the housekeeping steps."""
-        if self._db.backend == "postgresql":
-            lanes = (self._fire_all_due(FIRST_BATCH) for _ in range(PARALLEL_BATCHES))
-            fired = sum(await asyncio.gather(*lanes))
-        else:
-            fired = await self._fire_all_due(BATCH)
+        """Fire everything due now, then run the housekeeping steps. A pass
+        with nothing due (most of the polls) costs one index read, not a
+        transaction per lane."""
+        earliest = await self._earliest()
+        fired = 0 if earliest is None or earliest > now() else await self._fire_everything_due()
         moment = now()
         for step in self._housekeeping:
             try:
@@ -95,6 +97,12 @@ class Scheduler:
                 log.exception("housekeeping step %s failed", getattr(step, "__name__", step))
         self.last_pass = moment
         return fired
+
+    async def _fire_everything_due(self) -> int:
+        if self._db.backend == "postgresql":
+            lanes = (self._fire_all_due(FIRST_BATCH) for _ in range(PARALLEL_BATCHES))
+            return sum(await asyncio.gather(*lanes))
+        return await self._fire_all_due(BATCH)
 
     async def _fire_all_due(self, first: int) -> int:
         """Batches until one comes back short, growing from `first` to BATCH."""
