@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 from cueline_server.errors import (
@@ -37,7 +37,7 @@ from cueline_server.services.identifiers import parse_uuid
 from cueline_server.store.batching import Coalescer
 from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import VERIFICATION_MODES as MODES
-from cueline_server.store.repositories import AnyRow, OutcomeWrite
+from cueline_server.store.repositories import AnyRow, OutcomeWrite, record_outcomes_sqlite
 
 log = logging.getLogger("cueline.outcomes")
 
@@ -255,14 +255,16 @@ class OutcomeService:
         """The batch's statement, then, for the reports that did not apply, why
         not (read at once after it: a race of many writers, or a client's
         retries, is mostly refusals)."""
-        async with self._db.single_statement() as repos:
-            rows = await repos.executions.record_outcomes(writes)
-            if all(row is not None for row in rows):
-                return [(row, None) for row in rows]
-            if self._db.backend == "sqlite":  # in the write's transaction, on the writer's connection
-                return await _with_refusals(repos, writes, rows)
-        # PostgreSQL: the statement has committed, so a failure to read the refusals
-        # is their answer alone (503: retry); the reports that applied keep theirs.
+        rows: list[AnyRow | None]
+        if self._db.backend == "sqlite":
+            rows = await self._db.sqlite_write(partial(record_outcomes_sqlite, writes=writes))
+        else:
+            async with self._db.single_statement() as repos:
+                rows = await repos.executions.record_outcomes(writes)
+        if all(row is not None for row in rows):
+            return [(row, None) for row in rows]
+        # The batch has committed, so a failure to read the refusals is their
+        # answer alone (503: retry); the reports that applied keep theirs.
         try:
             async with self._db.reader() as repos:
                 return await _with_refusals(repos, writes, rows)

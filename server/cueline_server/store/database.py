@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import psycopg
@@ -42,6 +42,7 @@ from cueline_server.store.repositories import (
 )
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+T = TypeVar("T")
 
 
 def async_url(url: str) -> URL:
@@ -112,6 +113,24 @@ class _WriterConnection(aiosqlite.Connection):
         if not self._running:
             raise ValueError("Connection closed")
         return fn(*args, **kwargs)
+
+    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` in a write transaction of its own, run whole on the
+        connection's thread: BEGIN IMMEDIATE, its statements and COMMIT (or
+        ROLLBACK if it raises) are one hop from the event loop."""
+
+        def run(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+            return result
+
+        result: T = await super()._execute(run, self._conn)  # type: ignore[no-untyped-call]
+        return result
 
 
 def _begins(sql: str) -> bool:
@@ -193,6 +212,32 @@ class Database:
             return
         async with self._autocommit.repositories() as repos:
             yield repos
+
+    async def sqlite_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """SQLite: `work` (plain sqlite3 calls) as one write transaction on the
+        writer connection's own thread (`_WriterConnection.transaction`), so
+        neither its statements nor its commit hold the event loop. The writer
+        stays taken until the transaction has ended, even if the caller is
+        cancelled meanwhile. Errors come out as SQLAlchemy's, as from the
+        repositories."""
+        assert self._writer is not None and self._write_lock is not None, "SQLite only"
+        async with self._write_lock:
+            conn = await self._writer.connect()
+            try:
+                writer = (await conn.get_raw_connection()).driver_connection
+                assert isinstance(writer, _WriterConnection)
+                done = asyncio.ensure_future(writer.transaction(work))
+                try:
+                    return await asyncio.shield(done)
+                except asyncio.CancelledError:
+                    await asyncio.wait([done])
+                    if not done.cancelled():
+                        done.exception()  # retrieved: the cancelled caller cannot take it
+                    raise
+            except sqlite3.Error as exc:
+                raise sa_exc.DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
+            finally:
+                await conn.close()
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[Repositories]:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Unpack
+from typing import Any, NamedTuple, Unpack
 
 from psycopg.rows import namedtuple_row
 from sqlalchemy import (
     BigInteger,
-    Boolean,
     ColumnElement,
     Row,
     String,
@@ -414,33 +414,17 @@ class ExecutionRepository(_Repository):
         return int(result.scalar_one())
 
     async def record_outcomes(self, writes: Sequence[OutcomeWrite]) -> list[AnyRow | None]:
-        """The write-once guard for a batch of reports: each applies only while its
-        execution has no outcome, and a worker execution's report also settles its
-        cue. Returns, per report, the recorded row, or None when it did not apply
-        (no such execution, an outcome is already there, or a stale fencing token).
-
-        Several reports for one execution are tried in batch order until one
-        applies, as they would be one by one. A statement can apply only one
-        report per execution (which of several joined rows an UPDATE uses is not
-        defined), so each statement takes the earliest untried report of each
-        execution; a later one needs another statement only if the earlier did
-        not apply."""
+        """PostgreSQL: the write-once guard for a batch of reports. Each applies
+        only while its execution has no outcome, and a worker execution's report
+        also settles its cue. Returns, per report, the recorded row, or None when
+        it did not apply (no such execution, an outcome is already there, or a
+        stale fencing token). SQLite's twin is `record_outcomes_sqlite`."""
         results: list[AnyRow | None] = [None] * len(writes)
         pending = list(range(len(writes)))
         while pending:
-            first: dict[uuid.UUID, int] = {}
-            later = []
-            for index in pending:
-                if first.setdefault(writes[index].execution_id, index) != index:
-                    later.append(index)
-            tried = list(first.values())
-            if self.conn.dialect.name == "postgresql":
-                rows = await self._record_distinct_postgres(writes, tried)
-            else:
-                rows = await self._record_distinct_sqlite(writes, tried)
-            for index, row in zip(tried, rows, strict=True):
-                results[index] = row
-            pending = [index for index in later if results[first[writes[index].execution_id]] is None]
+            tried, later = _one_per_execution(writes, pending)
+            rows = await self._record_distinct_postgres(writes, tried)
+            pending = _retried(writes, results, tried, rows, later)
         return results
 
     async def _record_distinct_postgres(
@@ -451,48 +435,96 @@ class ExecutionRepository(_Repository):
         by_index = {row.ord: row for row in await _RECORD_OUTCOMES_DIRECT.rows(self.conn, columns)}
         return [by_index.get(index) for index in indexes]
 
-    async def _record_distinct_sqlite(
-        self, writes: Sequence[OutcomeWrite], indexes: Sequence[int]
-    ) -> list[AnyRow | None]:
-        """SQLite: one UPDATE ... FROM json_each for the reports (one per execution:
-        SQLite's RETURNING cannot name the batch row that applied), then one
-        settlement per cue."""
-        by_execution: dict[uuid.UUID, int] = {}
-        items = []
-        for index in indexes:
-            write = writes[index]
-            by_execution[write.execution_id] = index
-            item = write.parameters(index)
-            item.update(
-                id=write.execution_id.hex,
-                account_id=write.account_id.hex,
-                now=_sqlite_time(write.now),
-                evidence_at=_sqlite_time(item["evidence_at"]),
-            )
-            items.append(item)
-        rows = (await self.conn.execute(_RECORD_OUTCOMES_SQLITE, {"batch": json.dumps(items)})).all()
-        recorded: dict[int, AnyRow] = {}
-        settle: dict[str, dict[str, Any]] = {}
-        for row in sorted(rows, key=lambda r: by_execution[r.id]):
-            index = by_execution[row.id]
-            recorded[index] = row
-            if row.transport != "worker":
-                continue
-            cue = settle.setdefault(
-                row.cue_id,
-                {
-                    "cue_id": row.cue_id,
-                    "successes": 0,
-                    "failures": 0,
-                    "first_succeeded": row.status == "success",
-                },
-            )
-            cue["successes"] += row.status == "success"
-            cue["failures"] += row.status == "failed"
-            cue["last_now"] = max(cue.get("last_now", writes[index].now), writes[index].now)
-        if settle:
-            await self.conn.execute(_SETTLE_CUES_SQLITE, list(settle.values()))
-        return [recorded.get(index) for index in indexes]
+
+# Several reports for one execution are tried in batch order until one applies,
+# as they would be one by one. A statement can apply only one report per
+# execution (which of several joined rows an UPDATE uses is not defined), so each
+# statement takes the earliest untried report of each execution; a later one
+# needs another statement only if the earlier did not apply.
+def _one_per_execution(writes: Sequence[OutcomeWrite], pending: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The pending reports to try now (the earliest of each execution), and the rest."""
+    first: dict[uuid.UUID, int] = {}
+    later = []
+    for index in pending:
+        if first.setdefault(writes[index].execution_id, index) != index:
+            later.append(index)
+    return list(first.values()), later
+
+
+def _retried(
+    writes: Sequence[OutcomeWrite],
+    results: list[Any],
+    tried: Sequence[int],
+    rows: Sequence[Any],
+    later: Sequence[int],
+) -> list[int]:
+    """Keeps the tried reports' rows; returns the later reports whose
+    execution's earlier report did not apply (they are tried next)."""
+    applied = set()
+    for index, row in zip(tried, rows, strict=True):
+        results[index] = row
+        if row is not None:
+            applied.add(writes[index].execution_id)
+    return [index for index in later if writes[index].execution_id not in applied]
+
+
+def record_outcomes_sqlite(conn: sqlite3.Connection, writes: Sequence[OutcomeWrite]) -> list[Any]:
+    """SQLite: `ExecutionRepository.record_outcomes` on the driver's own
+    connection, inside the caller's write transaction: this runs whole on the
+    writer connection's thread (`Database.sqlite_write`), not in the event loop."""
+    results: list[Any] = [None] * len(writes)
+    pending = list(range(len(writes)))
+    while pending:
+        tried, later = _one_per_execution(writes, pending)
+        rows = _record_distinct_sqlite(conn, writes, tried)
+        pending = _retried(writes, results, tried, rows, later)
+    return results
+
+
+def _record_distinct_sqlite(
+    conn: sqlite3.Connection, writes: Sequence[OutcomeWrite], indexes: Sequence[int]
+) -> list[SqliteRecorded | None]:
+    """One UPDATE ... FROM json_each for the reports (one per execution:
+    SQLite's RETURNING cannot name the batch row that applied), then one
+    settlement per cue."""
+    by_execution: dict[str, int] = {}
+    items = []
+    for index in indexes:
+        write = writes[index]
+        item = write.parameters(index)
+        item.update(
+            id=write.execution_id.hex,
+            account_id=write.account_id.hex,
+            now=_sqlite_time(write.now),
+            evidence_at=_sqlite_time(item["evidence_at"]),
+        )
+        by_execution[item["id"]] = index
+        items.append(item)
+    recorded: dict[int, SqliteRecorded] = {}
+    settle: dict[str, dict[str, Any]] = {}
+    returned = conn.execute(_RECORD_OUTCOMES_SQLITE, {"batch": json.dumps(items)}).fetchall()
+    for id_hex, cue_id, transport, status, state, late, mode in sorted(
+        returned, key=lambda r: by_execution[r[0]]
+    ):
+        index = by_execution[id_hex]
+        row = SqliteRecorded(uuid.UUID(id_hex), cue_id, transport, status, state, bool(late), mode)
+        recorded[index] = row
+        if transport != "worker":
+            continue
+        moment = writes[index].now
+        cue = settle.setdefault(
+            cue_id,
+            {"cue_id": cue_id, "successes": 0, "failures": 0, "first_succeeded": status == "success"},
+        )
+        cue["successes"] += status == "success"
+        cue["failures"] += status == "failed"
+        cue["last_now"] = max(cue.get("last_now", moment), moment)
+    if settle:
+        conn.executemany(
+            _SETTLE_CUES_SQLITE,
+            [{**cue, "last_now": _sqlite_time(cue["last_now"])} for cue in settle.values()],
+        )
+    return [recorded.get(index) for index in indexes]
 
 
 def _sqlite_time(value: dt.datetime | None) -> str | None:
@@ -601,15 +633,21 @@ _OUTCOME_SET = """
 # pick with stale statistics and scan an account's executions for every report.
 _OUTCOME_WHERE = """e.id = v.id AND {same_account} AND c.id = e.cue_id
     AND e.outcome_recorded_at IS NULL AND (v.fencing IS NULL OR e.attempts = v.fencing)"""
-_OUTCOME_RETURNING = (
-    "id",
-    "cue_id",
-    "transport",
-    "status",
-    "outcome_state",
-    "outcome_late",
-    "outcome_verification_mode",
-)
+
+
+class SqliteRecorded(NamedTuple):
+    """What the batch statements return for a report that applied (SQLite's rows, as read)."""
+
+    id: uuid.UUID
+    cue_id: str
+    transport: str
+    status: str
+    outcome_state: str
+    outcome_late: bool
+    outcome_verification_mode: str | None
+
+
+_OUTCOME_RETURNING = SqliteRecorded._fields
 # A worker report settles its cue; `s` holds, per cue, the batch's successes and
 # failures, whether the first report succeeded, and the latest report time.
 _SETTLE_SET = """
@@ -773,16 +811,16 @@ class _Direct:
 # Every batch runs it; each parameter is an array literal.
 _RECORD_OUTCOMES_DIRECT = _Direct(_RECORD_OUTCOMES)
 
-# SQLite: the batch is one JSON array of report objects (json_each), in the
-# formats SQLAlchemy stores (hex UUIDs, naive UTC datetimes, 0/1 booleans).
-_RECORD_OUTCOMES_SQLITE = text(
-    f"""
+# SQLite (plain SQL for the sqlite3 module, see record_outcomes_sqlite): the batch
+# is one JSON array of report objects (json_each), in the formats SQLAlchemy
+# stores (hex UUIDs, naive UTC datetimes, 0/1 booleans).
+_RECORD_OUTCOMES_SQLITE = f"""
 UPDATE executions AS e SET {
-        _OUTCOME_SET.format(
-            state="json_extract(v.states, '$.' || coalesce(c.verification_mode, 'unset'))",
-            validation="json_extract(v.validations, '$.' || coalesce(c.verification_mode, 'unset'))",
-        )
-    }
+    _OUTCOME_SET.format(
+        state="json_extract(v.states, '$.' || coalesce(c.verification_mode, 'unset'))",
+        validation="json_extract(v.validations, '$.' || coalesce(c.verification_mode, 'unset'))",
+    )
+}
 FROM (
   SELECT {", ".join(f"json_extract(value, '$.{name}') AS {name}" for name, _ in _BATCH_COLUMNS)}
   FROM json_each(:batch)
@@ -790,24 +828,13 @@ FROM (
 WHERE {_OUTCOME_WHERE.format(same_account="+e.account_id = v.account_id")}
 RETURNING {", ".join(_OUTCOME_RETURNING)}  -- SQLite's RETURNING takes no table alias
 """
-).columns(
-    id=Uuid,
-    cue_id=String,
-    transport=String,
-    status=String,
-    outcome_state=String,
-    outcome_late=Boolean,
-    outcome_verification_mode=String,
-)
 
-_SETTLE_CUES_SQLITE = text(
-    f"""
+_SETTLE_CUES_SQLITE = f"""
 UPDATE cues SET {_SETTLE_SET}
 FROM (SELECT :cue_id AS cue_id, :successes AS successes, :failures AS failures,
              :first_succeeded AS first_succeeded, :last_now AS last_now) AS s
 WHERE cues.id = s.cue_id
 """
-).bindparams(bindparam("last_now", type_=UTCDateTime), bindparam("first_succeeded", type_=Boolean))
 
 
 @cache
