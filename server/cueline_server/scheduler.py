@@ -60,35 +60,42 @@ class Scheduler:
         self._wake.set()
 
     async def run(self, stopping: asyncio.Event) -> None:
+        look_first = False
         while not stopping.is_set():
             try:
-                await self.pass_once()
-                delay = await self._until_next()
+                await self.pass_once(look_first=look_first)
+                delay, expected = await self._until_next()
             except Exception:
                 log.exception("scheduler pass failed; retrying")
-                delay = self._poll
+                delay, expected = self._poll, False
             self._wake.clear()
             waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stopping.wait())]
-            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waits:
                 waiter.cancel()
+            # Woken neither by a change nor at a cue's known time: this is the
+            # safety poll, and most polls find nothing due.
+            look_first = not done and not expected
 
     async def _earliest(self) -> dt.datetime | None:
         async with self._db.reader() as repos:
             return await repos.cues.earliest_next_run()
 
-    async def _until_next(self) -> float:
+    async def _until_next(self) -> tuple[float, bool]:
+        """How long to sleep, and whether a cue is due at the end of it."""
         earliest = await self._earliest()
         if earliest is None:
-            return self._poll
-        return max(0.0, min(self._poll, (earliest - now()).total_seconds()))
+            return self._poll, False
+        until = (earliest - now()).total_seconds()
+        return max(0.0, min(self._poll, until)), until <= self._poll
 
-    async def pass_once(self) -> int:
-        """Fire everything due now, then run the housekeeping steps. A pass
-        with nothing due (most of the polls) costs one index read, not a
-        transaction per lane."""
-        earliest = await self._earliest()
-        fired = 0 if earliest is None or earliest > now() else await self._fire_everything_due()
+    async def pass_once(self, *, look_first: bool = False) -> int:
+        """Fire everything due now, then run the housekeeping steps. With
+        `look_first`, firing starts only if the earliest next run has come: one
+        index read instead of a transaction per lane when nothing is due."""
+        fired = 0
+        if not look_first or ((earliest := await self._earliest()) is not None and earliest <= now()):
+            fired = await self._fire_everything_due()
         moment = now()
         for step in self._housekeeping:
             try:
