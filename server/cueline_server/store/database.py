@@ -123,10 +123,10 @@ class _WriterConnection(aiosqlite.Connection):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = work(conn)
+                conn.commit()
             except BaseException:
                 conn.rollback()
                 raise
-            conn.commit()
             return result
 
         result: T = await super()._execute(run, self._conn)  # type: ignore[no-untyped-call]

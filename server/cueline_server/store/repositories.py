@@ -507,8 +507,9 @@ def _record_distinct_sqlite(
         returned, key=lambda r: by_execution[r[0]]
     ):
         index = by_execution[id_hex]
-        row = SqliteRecorded(uuid.UUID(id_hex), cue_id, transport, status, state, bool(late), mode)
-        recorded[index] = row
+        recorded[index] = SqliteRecorded(
+            uuid.UUID(id_hex), cue_id, transport, status, state, bool(late), mode
+        )
         if transport != "worker":
             continue
         moment = writes[index].now
