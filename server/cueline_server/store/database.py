@@ -216,24 +216,17 @@ class Database:
     async def sqlite_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """SQLite: `work` (plain sqlite3 calls) as one write transaction on the
         writer connection's own thread (`_WriterConnection.transaction`), so
-        neither its statements nor its commit hold the event loop. The writer
-        stays taken until the transaction has ended, even if the caller is
-        cancelled meanwhile. Errors come out as SQLAlchemy's, as from the
-        repositories."""
+        neither its statements nor its commit hold the event loop. A caller
+        cancelled meanwhile does not cut it short: the thread finishes it, and
+        the next writer's BEGIN queues behind it on the same thread. Errors come
+        out as SQLAlchemy's, as from the repositories."""
         assert self._writer is not None and self._write_lock is not None, "SQLite only"
         async with self._write_lock:
             conn = await self._writer.connect()
             try:
                 writer = (await conn.get_raw_connection()).driver_connection
                 assert isinstance(writer, _WriterConnection)
-                done = asyncio.ensure_future(writer.transaction(work))
-                try:
-                    return await asyncio.shield(done)
-                except asyncio.CancelledError:
-                    await asyncio.wait([done])
-                    if not done.cancelled():
-                        done.exception()  # retrieved: the cancelled caller cannot take it
-                    raise
+                return await writer.transaction(work)
             except sqlite3.Error as exc:
                 raise sa_exc.DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
             finally:
