@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -37,7 +38,12 @@ from cueline_server.services.identifiers import parse_uuid
 from cueline_server.store.batching import Coalescer
 from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import VERIFICATION_MODES as MODES
-from cueline_server.store.repositories import AnyRow, OutcomeWrite, record_outcomes_sqlite
+from cueline_server.store.repositories import (
+    AnyRow,
+    OutcomeWrite,
+    record_outcomes_sqlite,
+    write_once_states_sqlite,
+)
 
 log = logging.getLogger("cueline.outcomes")
 
@@ -226,15 +232,27 @@ class _Pending:
         return cls(write, verdicts, report.success, request_id, digest)
 
 
-async def _with_refusals(
-    repos: Repositories, writes: Sequence[OutcomeWrite], rows: Sequence[AnyRow | None]
-) -> list[_Written]:
-    refused = [(w.account_id, w.execution_id) for w, row in zip(writes, rows, strict=True) if row is None]
-    found = await repos.executions.write_once_states(refused)
+def _refused(writes: Sequence[OutcomeWrite], rows: Sequence[Any]) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    return [(w.account_id, w.execution_id) for w, row in zip(writes, rows, strict=True) if row is None]
+
+
+def _paired(writes: Sequence[OutcomeWrite], rows: Sequence[Any], found: Mapping[Any, Any]) -> list[_Written]:
     return [
         (row, None if row is not None else found.get((w.account_id, w.execution_id)))
         for w, row in zip(writes, rows, strict=True)
     ]
+
+
+async def _with_refusals(
+    repos: Repositories, writes: Sequence[OutcomeWrite], rows: Sequence[AnyRow | None]
+) -> list[_Written]:
+    return _paired(writes, rows, await repos.executions.write_once_states(_refused(writes, rows)))
+
+
+def _written_sqlite(conn: sqlite3.Connection, writes: Sequence[OutcomeWrite]) -> list[_Written]:
+    """SQLite: the batch and, in its transaction, why the other reports did not apply."""
+    rows = record_outcomes_sqlite(conn, writes)
+    return _paired(writes, rows, write_once_states_sqlite(conn, _refused(writes, rows)))
 
 
 class OutcomeService:
@@ -255,16 +273,14 @@ class OutcomeService:
         """The batch's statement, then, for the reports that did not apply, why
         not (read at once after it: a race of many writers, or a client's
         retries, is mostly refusals)."""
-        rows: list[AnyRow | None]
-        if self._db.backend == "sqlite":
-            rows = await self._db.sqlite_write(partial(record_outcomes_sqlite, writes=writes))
-        else:
-            async with self._db.single_statement() as repos:
-                rows = await repos.executions.record_outcomes(writes)
+        if self._db.backend == "sqlite":  # one transaction, run on the writer's thread
+            return await self._db.sqlite_write(partial(_written_sqlite, writes=writes))
+        async with self._db.single_statement() as repos:
+            rows = await repos.executions.record_outcomes(writes)
         if all(row is not None for row in rows):
             return [(row, None) for row in rows]
-        # The batch has committed, so a failure to read the refusals is their
-        # answer alone (503: retry); the reports that applied keep theirs.
+        # PostgreSQL: the statement has committed, so a failure to read the refusals
+        # is their answer alone (503: retry); the reports that applied keep theirs.
         try:
             async with self._db.reader() as repos:
                 return await _with_refusals(repos, writes, rows)

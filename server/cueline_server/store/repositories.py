@@ -263,15 +263,12 @@ class ExecutionRepository(_Repository):
     async def write_once_states(
         self, keys: Sequence[tuple[uuid.UUID, uuid.UUID]]
     ) -> dict[tuple[uuid.UUID, uuid.UUID], AnyRow]:
-        """Why write-once UPDATEs did not apply (the recorded report, its key and
-        the claim count), by (account, execution); a key missing from the
-        answer has no such execution in that account."""
+        """PostgreSQL: why write-once UPDATEs did not apply (the recorded report,
+        its key and the claim count), by (account, execution); a key missing from
+        the answer has no such execution in that account. SQLite's twin is
+        `write_once_states_sqlite`."""
         ids = list({execution_id for _, execution_id in keys})
-        result: Sequence[AnyRow]
-        if self.conn.dialect.name == "postgresql":
-            result = await _write_once_states_direct().rows(self.conn, {"w_ids": _pg_array("uuid", ids)})
-        else:
-            result = (await self.conn.execute(_write_once_states_statement("sqlite"), {"w_ids": ids})).all()
+        result = await _write_once_states_direct().rows(self.conn, {"w_ids": _pg_array("uuid", ids)})
         wanted = set(keys)
         return {key: row for row in result if (key := (row.account_id, row.id)) in wanted}
 
@@ -528,6 +525,55 @@ def _record_distinct_sqlite(
     return [recorded.get(index) for index in indexes]
 
 
+class WriteOnceState(NamedTuple):
+    """Why a report did not apply, as `write_once_states_sqlite` reads it."""
+
+    account_id: uuid.UUID
+    id: uuid.UUID
+    outcome_recorded_at: dt.datetime | None
+    attempts: int
+    outcome_request_key: str | None
+    outcome_request_hash: str | None
+    outcome_reported_state: str | None
+    outcome_late: bool | None
+    outcome_verification_mode: str | None
+
+
+_WRITE_ONCE_STATES_SQLITE = f"""
+SELECT {", ".join(WriteOnceState._fields)} FROM executions
+WHERE id IN (SELECT value FROM json_each(:ids))
+"""
+
+
+def write_once_states_sqlite(
+    conn: sqlite3.Connection, keys: Sequence[tuple[uuid.UUID, uuid.UUID]]
+) -> dict[tuple[uuid.UUID, uuid.UUID], WriteOnceState]:
+    """SQLite: `ExecutionRepository.write_once_states` on the driver's own
+    connection, for `record_outcomes_sqlite`'s transaction."""
+    if not keys:
+        return {}
+    ids = json.dumps(sorted({execution_id.hex for _, execution_id in keys}))
+    wanted = set(keys)
+    found = {}
+    for account, execution, recorded_at, attempts, key, digest, reported, late, mode in conn.execute(
+        _WRITE_ONCE_STATES_SQLITE, {"ids": ids}
+    ):
+        state = WriteOnceState(
+            uuid.UUID(account),
+            uuid.UUID(execution),
+            None if recorded_at is None else dt.datetime.fromisoformat(recorded_at).replace(tzinfo=dt.UTC),
+            attempts,
+            key,
+            digest,
+            reported,
+            None if late is None else bool(late),
+            mode,
+        )
+        if (state.account_id, state.id) in wanted:
+            found[state.account_id, state.id] = state
+    return found
+
+
 def _sqlite_time(value: dt.datetime | None) -> str | None:
     """A datetime as SQLAlchemy stores it in SQLite (naive UTC, microseconds)."""
     return None if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
@@ -728,31 +774,16 @@ FROM recorded
 
 
 @cache
-def _write_once_states_statement(dialect: str) -> Any:
-    """The state of executions by id; on PostgreSQL the ids are one array
-    literal, so every batch size is the same statement."""
-    if dialect == "postgresql":
-        ids: ColumnElement[bool] = executions.c.id == any_(
-            cast(bindparam("w_ids", type_=String), postgresql.ARRAY(Uuid))
-        )
-    else:
-        ids = executions.c.id.in_(bindparam("w_ids", expanding=True))
-    return select(
-        executions.c.account_id,
-        executions.c.id,
-        executions.c.outcome_recorded_at,
-        executions.c.attempts,
-        executions.c.outcome_request_key,
-        executions.c.outcome_request_hash,
-        executions.c.outcome_reported_state,
-        executions.c.outcome_late,
-        executions.c.outcome_verification_mode,
-    ).where(ids)
+def _write_once_states_statement() -> Any:
+    """The state of executions by id; the ids are one array literal, so every
+    batch size is the same statement."""
+    ids = executions.c.id == any_(cast(bindparam("w_ids", type_=String), postgresql.ARRAY(Uuid)))
+    return select(*(executions.c[name] for name in WriteOnceState._fields)).where(ids)
 
 
 @cache
 def _write_once_states_direct() -> _Direct:
-    return _Direct(_write_once_states_statement("postgresql"))
+    return _Direct(_write_once_states_statement())
 
 
 def _quoted(value: str) -> str:
