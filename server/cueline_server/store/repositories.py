@@ -480,7 +480,7 @@ def record_outcomes_sqlite(conn: sqlite3.Connection, writes: Sequence[OutcomeWri
 
 def _record_distinct_sqlite(
     conn: sqlite3.Connection, writes: Sequence[OutcomeWrite], indexes: Sequence[int]
-) -> list[SqliteRecorded | None]:
+) -> list[AppliedReport | None]:
     """One UPDATE ... FROM json_each for the reports (one per execution:
     SQLite's RETURNING cannot name the batch row that applied), then one
     settlement per cue."""
@@ -497,16 +497,14 @@ def _record_distinct_sqlite(
         )
         by_execution[item["id"]] = index
         items.append(item)
-    recorded: dict[int, SqliteRecorded] = {}
+    recorded: dict[int, AppliedReport] = {}
     settle: dict[str, dict[str, Any]] = {}
     returned = conn.execute(_RECORD_OUTCOMES_SQLITE, {"batch": json.dumps(items)}).fetchall()
     for id_hex, cue_id, transport, status, state, late, mode in sorted(
         returned, key=lambda r: by_execution[r[0]]
     ):
         index = by_execution[id_hex]
-        recorded[index] = SqliteRecorded(
-            uuid.UUID(id_hex), cue_id, transport, status, state, bool(late), mode
-        )
+        recorded[index] = AppliedReport(uuid.UUID(id_hex), cue_id, transport, status, state, bool(late), mode)
         if transport != "worker":
             continue
         moment = writes[index].now
@@ -682,8 +680,8 @@ _OUTCOME_WHERE = """e.id = v.id AND {same_account} AND c.id = e.cue_id
     AND e.outcome_recorded_at IS NULL AND (v.fencing IS NULL OR e.attempts = v.fencing)"""
 
 
-class SqliteRecorded(NamedTuple):
-    """What the batch statements return for a report that applied (SQLite's rows, as read)."""
+class AppliedReport(NamedTuple):
+    """What the batch statements return for a report that applied (on SQLite, as this tuple)."""
 
     id: uuid.UUID
     cue_id: str
@@ -694,7 +692,7 @@ class SqliteRecorded(NamedTuple):
     outcome_verification_mode: str | None
 
 
-_OUTCOME_RETURNING = SqliteRecorded._fields
+_OUTCOME_RETURNING = AppliedReport._fields
 # A worker report settles its cue; `s` holds, per cue, the batch's successes and
 # failures, whether the first report succeeded, and the latest report time.
 _SETTLE_SET = """
