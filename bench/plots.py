@@ -14,6 +14,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from bench.delivery import CEILED
 
@@ -23,6 +24,7 @@ COLOURS = {"sqlite": "tab:green", "postgres": "tab:blue"}
 MARKERS = {"sqlite": "s", "postgres": "o"}
 # The p99 target of each latency goal in BENCHMARKS.md, in milliseconds.
 P99_GOALS_MS = {"G2": 10, "G6": 20, "G7": 100, "G9": 250}
+LATENCY_FLOOR_MS = 0.1
 LATENCY_TITLES = {
     "G2": "G2 outcome at a fixed 500/s",
     "G6": "G6 pickup (long poll)",
@@ -109,13 +111,19 @@ def latency(outcomes: dict[str, Any], delivery: dict[str, Any], path: Path) -> P
         for offset, statistic in enumerate(("p50_ms", "p99_ms", "max_ms")):
             axes.bar(
                 [position + (offset - 1) * 0.27 for position in range(len(backends))],
-                [max(by_backend[b][statistic], 0.01) for b in backends],
+                [max(by_backend[b][statistic], LATENCY_FLOOR_MS) for b in backends],
                 width=0.27,
                 label=statistic.removesuffix("_ms"),
             )
         axes.axhline(P99_GOALS_MS[goal], color="r", linestyle="--", label="p99 goal")
         axes.set_xticks(range(len(backends)), backends)
+        # One bottom for every panel, so a bar's height reads the same way in each,
+        # room above the goal's line, and plain numbers on the ticks.
+        highest = max(by_backend[b]["max_ms"] for b in backends)
         axes.set_yscale("log")
+        axes.set_ylim(LATENCY_FLOOR_MS, 2 * max(highest, P99_GOALS_MS[goal]))
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axes.yaxis.set_minor_formatter(NullFormatter())
         axes.set_ylabel("ms")
         axes.set_title(LATENCY_TITLES[goal], fontsize="medium")
         axes.grid(True, axis="y", which="both", alpha=0.3)
