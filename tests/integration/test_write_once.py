@@ -15,6 +15,8 @@ from tests.support import Server, auth, bearer
 
 WRITERS = 16
 EXECUTIONS = 10
+# Reports sent at once in the flood test.
+FLOOD = 3000
 
 
 def fire_worker_cue(
@@ -228,3 +230,42 @@ def test_a_cue_deleted_amid_its_work_gets_only_documented_answers(server: Server
     unexpected = {k: n for k, n in seen.items() if k[1] not in allowed[k[0]]}
     assert not unexpected, (unexpected, seen)
     assert seen[("delete", 204)] == 20
+
+
+def test_a_flood_of_reports_loses_no_answered_one(server: Server) -> None:
+    """3,000 reports sent at once on one channel, ten for each execution: more
+    calls than grpc's core keeps waiting for a process to take up (1,000), so it
+    may shed some with CANCELLED before cueline sees them. Every report answered
+    OK is its execution's stored outcome (one per execution), no outcome is stored
+    that no call was told of, and every other answer is a conflict or a shed call."""
+    key = server.register()
+    reports_each = 10
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        _, executions = fire_worker_cue(client, "flood", FLOOD // reports_each)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        record = outcomes_pb2_grpc.OutcomeServiceStub(channel).RecordOutcome
+        calls = [
+            (
+                executions[n % len(executions)],
+                f"report {n}",
+                record.future(
+                    outcomes_pb2.RecordOutcomeRequest(
+                        execution_id=executions[n % len(executions)], success=True, result=f"report {n}"
+                    ),
+                    metadata=bearer(key),
+                    timeout=60,
+                ),
+            )
+            for n in range(FLOOD)
+        ]
+        answers = [(execution_id, result, call.code().name) for execution_id, result, call in calls]
+    won: dict[str, str] = {}
+    for execution_id, result, answer in answers:
+        if answer == "OK":
+            assert execution_id not in won, f"two reports of {execution_id} were answered OK"
+            won[execution_id] = result
+        else:
+            assert answer in {"ALREADY_EXISTS", "CANCELLED"}, answer
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        stored = {e: client.get(f"/v1/executions/{e}").json()["outcome"] for e in executions}
+    assert {e: o["result"] for e, o in stored.items() if o is not None} == won
