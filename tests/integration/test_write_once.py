@@ -244,21 +244,16 @@ def test_a_flood_of_reports_loses_no_answered_one(server: Server) -> None:
         _, executions = fire_worker_cue(client, "flood", FLOOD // reports_each)
     with grpc.insecure_channel(server.grpc_target) as channel:
         record = outcomes_pb2_grpc.OutcomeServiceStub(channel).RecordOutcome
+        reports = [(executions[n % len(executions)], f"report {n}") for n in range(FLOOD)]
         calls = [
-            (
-                executions[n % len(executions)],
-                f"report {n}",
-                record.future(
-                    outcomes_pb2.RecordOutcomeRequest(
-                        execution_id=executions[n % len(executions)], success=True, result=f"report {n}"
-                    ),
-                    metadata=bearer(key),
-                    timeout=60,
-                ),
+            record.future(
+                outcomes_pb2.RecordOutcomeRequest(execution_id=execution_id, success=True, result=result),
+                metadata=bearer(key),
+                timeout=60,
             )
-            for n in range(FLOOD)
+            for execution_id, result in reports
         ]
-        answers = [(execution_id, result, call.code().name) for execution_id, result, call in calls]
+        answers = [(*report, call.code().name) for report, call in zip(reports, calls, strict=True)]
     won: dict[str, str] = {}
     for execution_id, result, answer in answers:
         if answer == "OK":
