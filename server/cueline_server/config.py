@@ -71,6 +71,9 @@ class Settings:
     # The scheduler's safety re-read of the schedule and housekeeping interval;
     # cues fire at their due time regardless.
     scheduler_poll_seconds: float = 1.0
+    # PostgreSQL: how far ahead of their time cues are locked and their executions
+    # inserted, so that at the due moment only the commit is left. 0 starts at the moment.
+    scheduler_lead_seconds: float = 0.1
     # skip_missed fires the newest missed slot only when it is at most this old.
     catch_up_grace_seconds: int = 60
     # PostgreSQL connections per pool (transactions and single statements each have one).

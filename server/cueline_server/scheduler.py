@@ -7,6 +7,13 @@ execution per (cue, scheduled slot): due cues are taken with SKIP LOCKED, the
 insert skips a slot that already has an execution (a unique index), and the
 cue's next_run moves in the same transaction; so replicas and restarts never
 double-fire. Housekeeping runs on every pass.
+
+On PostgreSQL it starts `scheduler_lead_seconds` early: a batch of cues due
+within the lead is locked, planned and inserted ahead of time, and its
+transaction commits once the latest of their due times has come. What is left
+at the due moment is the COMMIT. Cues due that soon stay locked until then, so
+a change to one of them (or an outcome report that counts on it) waits for the
+firing, as it would had it come a moment later.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ BATCH = 500
 # transactions in front of the last cue.
 PARALLEL_BATCHES = 4
 FIRST_BATCH = 50
+# The least wait before looking again at due cues another scheduler holds.
+HELD_RETRY_SECONDS = 0.005
 Housekeeping = Callable[[dt.datetime], Awaitable[None]]
 
 
@@ -51,6 +60,9 @@ class Scheduler:
         self._work_created = work_created
         self._poll = settings.scheduler_poll_seconds
         self._grace = dt.timedelta(seconds=settings.catch_up_grace_seconds)
+        # SQLite has one writer: a transaction held open ahead of time would stall every other write.
+        lead = settings.scheduler_lead_seconds if db.backend == "postgresql" else 0.0
+        self._lead = dt.timedelta(seconds=lead)
         self._housekeeping = housekeeping
         self._wake = asyncio.Event()
         self.last_pass: dt.datetime | None = None
@@ -60,42 +72,47 @@ class Scheduler:
         self._wake.set()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        look_first = False
         while not stopping.is_set():
             try:
-                await self.pass_once(look_first=look_first)
-                delay, expected = await self._until_next()
+                delay = await self._until_next(took=await self.pass_once())
             except Exception:
                 log.exception("scheduler pass failed; retrying")
-                delay, expected = self._poll, False
+                delay = self._poll
             self._wake.clear()
             waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stopping.wait())]
-            done, _ = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waits:
                 waiter.cancel()
-            # Woken neither by a change nor at a cue's known time: this is the
-            # safety poll, and most polls find nothing due.
-            look_first = not done and not expected
 
     async def _earliest(self) -> dt.datetime | None:
         async with self._db.reader() as repos:
             return await repos.cues.earliest_next_run()
 
-    async def _until_next(self) -> tuple[float, bool]:
-        """How long to sleep, and whether a cue is due at the end of it."""
+    async def _until_next(self, took: int) -> float:
+        """How long to sleep, at most a poll: until the lead before the earliest
+        next run. If the pass before took none although one was that close,
+        another scheduler holds it until it commits, at the cue's time at the
+        latest: until then (and not round in a loop meanwhile)."""
         earliest = await self._earliest()
         if earliest is None:
-            return self._poll, False
+            return self._poll
         until = (earliest - now()).total_seconds()
-        return max(0.0, min(self._poll, until)), until <= self._poll
+        lead = self._lead.total_seconds()
+        wait = max(HELD_RETRY_SECONDS, until) if until <= lead and not took else until - lead
+        return max(0.0, min(self._poll, wait))
 
-    async def pass_once(self, *, look_first: bool = False) -> int:
-        """Fire everything due now, then run the housekeeping steps. With
-        `look_first`, firing starts only if the earliest next run has come: one
-        index read instead of a transaction per lane when nothing is due."""
+    async def pass_once(self) -> int:
+        """Fire everything due within the lead, then run the housekeeping steps.
+        Firing starts only if the earliest next run is that close: on the safety
+        poll, which mostly finds nothing due, one index read instead of a
+        transaction per lane."""
         fired = 0
-        if not look_first or ((earliest := await self._earliest()) is not None and earliest <= now()):
-            fired = await self._fire_everything_due()
+        earliest = await self._earliest()
+        if earliest is not None and earliest - self._lead <= now():
+            # Cues already due go out in small batches first, so the first
+            # commits come at once; cues still ahead all commit at their time,
+            # so there full batches cost no lag.
+            fired = await self._fire_everything_due(BATCH if earliest > now() else FIRST_BATCH)
         moment = now()
         for step in self._housekeeping:
             try:
@@ -105,9 +122,9 @@ class Scheduler:
         self.last_pass = moment
         return fired
 
-    async def _fire_everything_due(self) -> int:
+    async def _fire_everything_due(self, first: int) -> int:
         if self._db.backend == "postgresql":
-            lanes = (self._fire_all_due(FIRST_BATCH) for _ in range(PARALLEL_BATCHES))
+            lanes = (self._fire_all_due(first) for _ in range(PARALLEL_BATCHES))
             return sum(await asyncio.gather(*lanes))
         return await self._fire_all_due(BATCH)
 
@@ -116,24 +133,31 @@ class Scheduler:
         fired = 0
         size = first
         while True:
-            batch = await self.fire_due(now(), size)
+            batch = await self.fire_due(now() + self._lead, size)
             fired += batch
             if batch < size:
                 return fired
             size = min(BATCH, size * 4)
 
-    async def fire_due(self, moment: dt.datetime, limit: int = BATCH) -> int:
-        """One batch: returns how many cues were due (not executions created)."""
+    async def fire_due(self, horizon: dt.datetime, limit: int = BATCH) -> int:
+        """One batch of the cues due by `horizon`: returns how many were taken
+        (not executions created)."""
         async with self._db.unit_of_work() as uow:
-            due = await uow.cues.due(moment, limit)
+            due = await uow.cues.due(horizon, limit)
             if not due:
                 return 0
+            # A batch fires at one moment: now, or its first cue's time if that is
+            # still ahead. Cues due later than that stay locked until it commits,
+            # then go in a later batch.
+            moment = max(now(), due[0].next_run)
             rows: list[dict[str, Any]] = []
             steps: list[dict[str, Any]] = []
             # Cues on the same schedule due at the same slot (common: cron
             # expressions cluster on the hour) share one plan.
             plans: dict[tuple[Any, ...], tuple[list[dt.datetime], dt.datetime | None]] = {}
             for cue in due:
+                if cue.next_run > moment:
+                    break
                 schedule = (cue.schedule_type, cue.cron, cue.timezone, cue.next_run, cue.catch_up)
                 if schedule not in plans:
                     plans[schedule] = plan_firing(
@@ -147,7 +171,9 @@ class Scheduler:
                     )
                 slots, next_run = plans[schedule]
                 rows += [
-                    new_execution(cue, triggered_by="scheduled", payload=cue.payload, scheduled_for=slot)
+                    new_execution(
+                        cue, triggered_by="scheduled", payload=cue.payload, scheduled_for=slot, at=moment
+                    )
                     for slot in slots
                 ]
                 steps.append({"cue_id": cue.id, "next_run": next_run, "fired": 0})
@@ -156,9 +182,13 @@ class Scheduler:
             for step in steps:
                 step["fired"] = counts[step["cue_id"]]
             await uow.cues.advance(steps, moment)
+            # Due times are on the wall clock and asyncio sleeps on the monotonic
+            # one: look at the wall clock again before committing.
+            while (ahead := (moment - now()).total_seconds()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(ahead)
             await uow.commit()
         if inserted:
             fired_cues = set(inserted)
             self._work_created([NewWork.of(row) for row in rows if row["cue_id"] in fired_cues])
-            log.debug("fired %d executions for %d cues", len(inserted), len(due))
+            log.debug("fired %d executions for %d cues", len(inserted), len(steps))
         return len(due)

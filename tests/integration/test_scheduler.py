@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import time
 from collections import Counter
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
-from tests.support import Server, auth
+from tests.support import Server, auth, new_database
 
 
 def once_cue(client: httpx.Client, name: str, at: dt.datetime, **extra: Any) -> dict[str, Any]:
@@ -97,8 +99,6 @@ def test_catch_up_after_downtime(database_url: str) -> None:
 
 @pytest.mark.postgres
 def test_three_replicas_fire_each_slot_once(postgres_admin_url: str) -> None:
-    from tests.support import new_database
-
     url = new_database(postgres_admin_url)
     replicas = [Server(url).start() for _ in range(3)]
     try:
@@ -164,3 +164,107 @@ def test_many_cues_due_in_one_pass_each_fire_once(server: Server) -> None:
         wait_for(lambda: all(fired()))
         time.sleep(1)
         assert fired() == [1] * 8
+
+
+# A long lead, so that the transactions opened ahead of time stay open long
+# enough to look at, pause into, and crash in.
+LEAD = {"CUELINE_SCHEDULER_LEAD_SECONDS": "2"}
+
+
+def whole_second(seconds: float) -> dt.datetime:
+    return soon(seconds).replace(microsecond=0) + dt.timedelta(seconds=1)
+
+
+def parse(stamp: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def firing_ahead(database_url: str) -> bool:
+    """Whether a transaction has been open and idle, waiting to commit, for a while:
+    only the scheduler's firing ahead of time holds one."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND state = 'idle in transaction' AND xact_start < now() - interval '200 milliseconds'"
+        ).fetchone()
+    return row is not None and row[0] > 0
+
+
+@pytest.mark.postgres
+def test_cues_taken_ahead_commit_each_at_its_own_time(postgres_admin_url: str) -> None:
+    server = Server(new_database(postgres_admin_url), env=LEAD).start()
+    try:
+        key = server.register()
+        first = whole_second(2.5)
+        # Within one lead of each other: one transaction takes all of a later pass's cues.
+        moments = [first + dt.timedelta(seconds=n) for n in range(3)]
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            for index, at in enumerate(moments):
+                for n in range(3):
+                    once_cue(client, f"ahead-{index}-{n}", at)
+            seen: dict[str, tuple[dt.datetime, dict[str, Any]]] = {}
+            visible: list[list[str]] = []
+            deadline = time.monotonic() + 30
+            while len(seen) < 9 and time.monotonic() < deadline:
+                listed = client.get("/v1/executions?limit=100").json()["executions"]
+                answered = dt.datetime.now(dt.UTC)
+                for execution in listed:
+                    seen.setdefault(execution["id"], (answered, execution))
+                visible.append(sorted({e["scheduled_for"] for e in listed}))
+                time.sleep(0.02)
+        assert len(seen) == 9
+        for answered, execution in seen.values():
+            scheduled = parse(execution["scheduled_for"])
+            # Neither visible nor created before its time.
+            assert answered >= scheduled and parse(execution["created_at"]) >= scheduled
+        # Each moment's executions became visible at once, and apart from the next moment's.
+        stamps = [at.strftime("%Y-%m-%dT%H:%M:%SZ") for at in moments]
+        prefixes = [stamps[:n] for n in range(4)]
+        assert all(shot in prefixes for shot in visible)
+        assert stamps[:1] in visible and stamps[:2] in visible
+    finally:
+        server.stop()
+
+
+@pytest.mark.postgres
+def test_a_crash_while_firing_ahead_loses_nothing(postgres_admin_url: str) -> None:
+    url = new_database(postgres_admin_url)
+    server = Server(url, env=LEAD).start()
+    key = server.register()
+    at = whole_second(3)
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue = once_cue(client, "killed-before-its-time", at)
+        wait_for(lambda: firing_ahead(url), timeout=10)
+        assert executions_of(client, cue["id"]) == []
+    server.stop(signal.SIGKILL)
+    restarted = Server(url).start()
+    try:
+        with httpx.Client(base_url=restarted.http_url, headers=auth(key)) as client:
+            fired = wait_for(lambda: executions_of(client, cue["id"]))
+            assert [e["scheduled_for"] for e in fired] == [cue["next_run"]]
+            time.sleep(1.5)
+            assert len(executions_of(client, cue["id"])) == 1
+            assert client.get(f"/v1/cues/{cue['id']}").json()["fired_count"] == 1
+    finally:
+        restarted.stop()
+
+
+@pytest.mark.postgres
+def test_a_pause_inside_the_lead_waits_for_the_firing(postgres_admin_url: str) -> None:
+    url = new_database(postgres_admin_url)
+    server = Server(url, env=LEAD).start()
+    try:
+        key = server.register()
+        at = whole_second(3)
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            cue = once_cue(client, "paused-too-late", at)
+            wait_for(lambda: firing_ahead(url), timeout=10)
+            paused = client.patch(f"/v1/cues/{cue['id']}", json={"status": "paused"})
+            assert paused.status_code == 200, paused.text
+            assert paused.json()["status"] == "paused"
+            # The cue was already being fired: its one execution is there, at its time.
+            fired = executions_of(client, cue["id"])
+            assert [e["scheduled_for"] for e in fired] == [cue["next_run"]]
+            assert dt.datetime.now(dt.UTC) >= at
+    finally:
+        server.stop()

@@ -530,9 +530,10 @@ def _merge(base: str, override: str) -> str:
 
 
 def new_execution(
-    cue: AnyRow, *, triggered_by: str, payload: str, scheduled_for: dt.datetime
+    cue: AnyRow, *, triggered_by: str, payload: str, scheduled_for: dt.datetime, at: dt.datetime | None = None
 ) -> dict[str, Any]:
-    moment = now()
+    """A new execution's row, created `at` (default now)."""
+    moment = at or now()
     return {
         "id": uuid.uuid4(),
         "account_id": cue.account_id,
