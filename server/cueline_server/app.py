@@ -31,7 +31,7 @@ from cueline_server.api.ratelimit import GrpcRateLimit, RestRateLimit, SlidingWi
 from cueline_server.api.transcoder import Transcoder
 from cueline_server.config import Settings
 from cueline_server.dispatch import Dispatcher
-from cueline_server.scheduler import Scheduler
+from cueline_server.scheduler import Scheduler, scheduler_lead
 from cueline_server.servicers.accounts import AccountServicer
 from cueline_server.servicers.alerts import AlertServicer
 from cueline_server.servicers.cues import CueServicer
@@ -99,7 +99,7 @@ def assemble(db: Database, settings: Settings) -> Components:
         dispatcher.notify_failed(execution_ids)
         alerts.failures(execution_ids)
 
-    outcomes = OutcomeService(db, failed=failed, alerts=alerts)
+    outcomes = OutcomeService(db, failed=failed, alerts=alerts, lead=scheduler_lead(settings, db))
     dispatcher = Dispatcher(db, settings, outcomes, on_failed=failed)
     alerts.deliver = dispatcher.deliver_alert
 

@@ -48,6 +48,12 @@ HELD_RETRY_SECONDS = 0.005
 Housekeeping = Callable[[dt.datetime], Awaitable[None]]
 
 
+def scheduler_lead(settings: Settings, db: Database) -> float:
+    """How long before their time cues are taken: 0 on SQLite, which has one
+    writer, so a transaction held open ahead of time would stall every other write."""
+    return settings.scheduler_lead_seconds if db.backend == "postgresql" else 0.0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -60,9 +66,7 @@ class Scheduler:
         self._work_created = work_created
         self._poll = settings.scheduler_poll_seconds
         self._grace = dt.timedelta(seconds=settings.catch_up_grace_seconds)
-        # SQLite has one writer: a transaction held open ahead of time would stall every other write.
-        lead = settings.scheduler_lead_seconds if db.backend == "postgresql" else 0.0
-        self._lead = dt.timedelta(seconds=lead)
+        self._lead = dt.timedelta(seconds=scheduler_lead(settings, db))
         self._housekeeping = housekeeping
         self._wake = asyncio.Event()
         self.last_pass: dt.datetime | None = None

@@ -6,6 +6,7 @@ import datetime as dt
 import signal
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -179,15 +180,24 @@ def parse(stamp: str) -> dt.datetime:
     return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
+def any_session(database_url: str, condition: str) -> bool:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            f"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {condition}"
+        ).fetchone()
+    return row is not None and row[0] > 0
+
+
 def firing_ahead(database_url: str) -> bool:
     """Whether a transaction has been open and idle, waiting to commit, for a while:
     only the scheduler's firing ahead of time holds one."""
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND state = 'idle in transaction' AND xact_start < now() - interval '200 milliseconds'"
-        ).fetchone()
-    return row is not None and row[0] > 0
+    return any_session(
+        database_url, "state = 'idle in transaction' AND xact_start < now() - interval '200 milliseconds'"
+    )
+
+
+def waiting_on_a_lock(database_url: str) -> bool:
+    return any_session(database_url, "wait_event_type = 'Lock'")
 
 
 @pytest.mark.postgres
@@ -266,5 +276,43 @@ def test_a_pause_inside_the_lead_waits_for_the_firing(postgres_admin_url: str) -
             fired = executions_of(client, cue["id"])
             assert [e["scheduled_for"] for e in fired] == [cue["next_run"]]
             assert dt.datetime.now(dt.UTC) >= at
+    finally:
+        server.stop()
+
+
+@pytest.mark.postgres
+def test_a_report_waiting_for_a_firing_holds_up_no_other_report(postgres_admin_url: str) -> None:
+    """A worker report settles its cue, so a report on a cue being fired ahead
+    of time waits for that firing; reports on other cues are answered meanwhile."""
+    url = new_database(postgres_admin_url)
+    server = Server(url, env=LEAD).start()
+    try:
+        key = server.register()
+        at = whole_second(3)
+        with (
+            httpx.Client(base_url=server.http_url, headers=auth(key)) as client,
+            httpx.Client(base_url=server.http_url, headers=auth(key)) as second_client,
+        ):
+            fired = once_cue(client, "fired-ahead", at)
+            other = once_cue(client, "due-later", at + dt.timedelta(hours=1))
+            first, second = (client.post(f"/v1/cues/{cue['id']}/fire").json()["id"] for cue in (fired, other))
+            for execution in (first, second):
+                claimed = client.post(f"/v1/executions/{execution}/claim", json={"worker_id": "w"})
+                assert claimed.status_code == 200, claimed.text
+            wait_for(lambda: firing_ahead(url), timeout=10)
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(
+                    second_client.post, f"/v1/executions/{first}/outcome", json={"success": True}
+                )
+                wait_for(lambda: waiting_on_a_lock(url), timeout=5)
+                answered = client.post(f"/v1/executions/{second}/outcome", json={"success": True})
+                assert answered.status_code == 200, answered.text
+                assert firing_ahead(url) and not waiting.done()
+                assert waiting.result().status_code == 200, waiting.result().text
+            assert dt.datetime.now(dt.UTC) >= at
+            # The cue fired at its time, then the report settled it.
+            runs = executions_of(client, fired["id"])
+            assert sorted(e["triggered_by"] for e in runs) == ["manual_fire", "scheduled"]
+            assert client.get(f"/v1/cues/{fired['id']}").json()["status"] == "completed"
     finally:
         server.stop()

@@ -8,11 +8,11 @@ from psycopg import _queries
 
 from cueline_server.store.repositories import (
     _BATCH_COLUMNS,
-    _RECORD_OUTCOMES,
     _RECORD_OUTCOMES_DIRECT,
     _claim_each_statement_postgres,
     _claim_next_statement_postgres,
     _claimable_page_direct,
+    _record_outcomes,
     _write_once_states_direct,
 )
 
@@ -22,7 +22,7 @@ def test_the_statements_run_on_the_driver_fit_psycopgs_parse_cache() -> None:
     parameters; beyond, a statement is re-parsed in Python on every call."""
     shapes = list(itertools.product((False, True), repeat=2))
     direct = [
-        _RECORD_OUTCOMES_DIRECT,
+        *_RECORD_OUTCOMES_DIRECT.values(),
         _claim_each_statement_postgres(),
         *(_claim_next_statement_postgres(*shape) for shape in shapes),
         *(_claimable_page_direct(*shape) for shape in shapes),
@@ -31,4 +31,6 @@ def test_the_statements_run_on_the_driver_fit_psycopgs_parse_cache() -> None:
     for statement in direct:
         assert len(statement.sql.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH, statement.sql
         assert statement.sql.count("%(") <= _queries.MAX_CACHED_STATEMENT_PARAMS, statement.sql
-    assert set(_RECORD_OUTCOMES.compile().params) == {name for name, _ in _BATCH_COLUMNS}
+    batch = {name for name, _ in _BATCH_COLUMNS}
+    assert set(_record_outcomes(leave_held=False).compile().params) == batch
+    assert set(_record_outcomes(leave_held=True).compile().params) == batch | {"held_by"}

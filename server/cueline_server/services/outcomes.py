@@ -40,6 +40,7 @@ from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import VERIFICATION_MODES as MODES
 from cueline_server.store.repositories import (
     AnyRow,
+    Held,
     OutcomeWrite,
     record_outcomes_sqlite,
     write_once_states_sqlite,
@@ -183,8 +184,9 @@ class ReportRequest:
 
 
 # A written report: the recorded row, or None and what the report found instead
-# (None: no such execution in the caller's account; an error: reading it failed).
-_Written = tuple[AnyRow | None, AnyRow | ApiError | None]
+# (None: no such execution in the caller's account; an error: reading it failed),
+# or HELD and None for a report left out of its batch (see `_written`).
+_Written = tuple[AnyRow | Held | None, AnyRow | ApiError | None]
 
 
 @dataclass(frozen=True)
@@ -262,21 +264,46 @@ class OutcomeService:
         *,
         failed: Callable[[Sequence[uuid.UUID]], None] = lambda ids: None,
         alerts: AlertService | None = None,
+        lead: float = 0.0,
     ) -> None:
         self._db = db
         self._failed = failed
         self._alerts = alerts
-        # Concurrent reports share one statement (group commit).
-        self._writes: Coalescer[OutcomeWrite, _Written] = Coalescer(self._write_batch)
+        # Concurrent reports share one statement (group commit). On PostgreSQL,
+        # with the scheduler's `lead`, a worker report whose cue is due within it
+        # (a firing may hold the cue until then) is left out of its batch and
+        # written apart, waiting for the cue; the batches behind it do not wait.
+        self._lead = dt.timedelta(seconds=lead)
+        self._writes: Coalescer[OutcomeWrite, _Written] = Coalescer(
+            partial(self._write_batch, leave_held=True)
+        )
+        self._held: Coalescer[OutcomeWrite, _Written] = Coalescer(
+            partial(self._write_batch, leave_held=False)
+        )
 
-    async def _write_batch(self, writes: Sequence[OutcomeWrite]) -> list[_Written]:
+    async def _written(
+        self, writes: Sequence[OutcomeWrite]
+    ) -> list[tuple[AnyRow | None, AnyRow | ApiError | None]]:
+        written = await self._writes.submit_many(writes)
+        held = [write for write, (row, _) in zip(writes, written, strict=True) if isinstance(row, Held)]
+        again = iter(await self._held.submit_many(held) if held else ())
+        answers = []
+        for row, found in written:
+            if isinstance(row, Held):
+                row, found = next(again)
+                assert not isinstance(row, Held)  # the waiting form leaves nothing out
+            answers.append((row, found))
+        return answers
+
+    async def _write_batch(self, writes: Sequence[OutcomeWrite], leave_held: bool) -> list[_Written]:
         """The batch's statement, then, for the reports that did not apply, why
         not (read at once after it: a race of many writers, or a client's
-        retries, is mostly refusals)."""
+        retries, is mostly refusals). Held reports come back as (HELD, None)."""
         if self._db.backend == "sqlite":  # one transaction, run on the writer's thread
             return await self._db.sqlite_write(partial(_written_sqlite, writes=writes))
         async with self._db.single_statement() as repos:
-            rows = await repos.executions.record_outcomes(writes)
+            held_by = now() + self._lead if leave_held and self._lead else None
+            rows = await repos.executions.record_outcomes(writes, held_by=held_by)
         if all(row is not None for row in rows):
             return [(row, None) for row in rows]
         # PostgreSQL: the statement has committed, so a failure to read the refusals
@@ -293,7 +320,7 @@ class OutcomeService:
         if parsed is None:
             raise execution_not_found()
         pending = _Pending.of(caller, parsed, request)
-        row, found = await self._writes.submit(pending.write)
+        [(row, found)] = await self._written([pending.write])
         return self._answer(pending, row, found)
 
     async def record_many(
@@ -315,7 +342,7 @@ class OutcomeService:
                     raise exc.within(f"outcomes.{index}") from None
                 raise ApiError(exc.code, f"outcomes.{index}: {exc.message}", exc.http_status) from None
         written = [p for p in pending if isinstance(p, _Pending)]
-        answers = iter(await self._writes.submit_many([p.write for p in written]))
+        answers = iter(await self._written([p.write for p in written]))
         results: list[RecordedOutcome | ApiError] = []
         for entry in pending:
             if isinstance(entry, ApiError):

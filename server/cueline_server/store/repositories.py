@@ -410,27 +410,43 @@ class ExecutionRepository(_Repository):
         )
         return int(result.scalar_one())
 
-    async def record_outcomes(self, writes: Sequence[OutcomeWrite]) -> list[AnyRow | None]:
+    async def record_outcomes(
+        self, writes: Sequence[OutcomeWrite], *, held_by: dt.datetime | None = None
+    ) -> list[Any]:
         """PostgreSQL: the write-once guard for a batch of reports. Each applies
         only while its execution has no outcome, and a worker execution's report
         also settles its cue. Returns, per report, the recorded row, or None when
         it did not apply (no such execution, an outcome is already there, or a
-        stale fencing token). SQLite's twin is `record_outcomes_sqlite`."""
-        results: list[AnyRow | None] = [None] * len(writes)
+        stale fencing token); given `held_by`, HELD for a worker report whose cue
+        is due by then (not tried: write it again without `held_by`).
+        SQLite's twin is `record_outcomes_sqlite`."""
+        results: list[Any] = [None] * len(writes)
         pending = list(range(len(writes)))
         while pending:
             tried, later = _one_per_execution(writes, pending)
-            rows = await self._record_distinct_postgres(writes, tried)
+            rows = await self._record_distinct_postgres(writes, tried, held_by)
             pending = _retried(writes, results, tried, rows, later)
         return results
 
     async def _record_distinct_postgres(
-        self, writes: Sequence[OutcomeWrite], indexes: Sequence[int]
-    ) -> list[AnyRow | None]:
+        self, writes: Sequence[OutcomeWrite], indexes: Sequence[int], held_by: dt.datetime | None
+    ) -> list[Any]:
         items = [writes[index].parameters(index) for index in indexes]
-        columns = {name: _pg_array(kind, [item[name] for item in items]) for name, kind in _BATCH_COLUMNS}
-        by_index = {row.ord: row for row in await _RECORD_OUTCOMES_DIRECT.rows(self.conn, columns)}
+        parameters: dict[str, Any] = {
+            name: _pg_array(kind, [item[name] for item in items]) for name, kind in _BATCH_COLUMNS
+        }
+        if held_by is not None:
+            parameters["held_by"] = held_by
+        rows = await _RECORD_OUTCOMES_DIRECT[held_by is not None].rows(self.conn, parameters)
+        by_index = {row.ord: HELD if row.held else row for row in rows}
         return [by_index.get(index) for index in indexes]
+
+
+class Held:
+    """The result of a report left out of its batch: its cue is due soon, and a firing may hold it."""
+
+
+HELD = Held()
 
 
 # Several reports for one execution are tried in batch order until one applies,
@@ -456,13 +472,24 @@ def _retried(
     later: Sequence[int],
 ) -> list[int]:
     """Keeps the tried reports' rows; returns the later reports whose
-    execution's earlier report did not apply (they are tried next)."""
+    execution's earlier report did not apply (they are tried next). Those after
+    a held report are held with it, so they are still tried after it."""
     applied = set()
+    held = set()
     for index, row in zip(tried, rows, strict=True):
         results[index] = row
-        if row is not None:
+        if row is HELD:
+            held.add(writes[index].execution_id)
+        elif row is not None:
             applied.add(writes[index].execution_id)
-    return [index for index in later if writes[index].execution_id not in applied]
+    retried = []
+    for index in later:
+        execution_id = writes[index].execution_id
+        if execution_id in held:
+            results[index] = HELD
+        elif execution_id not in applied:
+            retried.append(index)
+    return retried
 
 
 def record_outcomes_sqlite(conn: sqlite3.Connection, writes: Sequence[OutcomeWrite]) -> list[Any]:
@@ -736,24 +763,39 @@ _BATCH_COLUMNS = (
     ("validations", "text"),
 )
 
+
 # PostgreSQL: the reports arrive as arrays (unnest), and the batch and its cues'
 # settlement are one statement (data-modifying CTEs): one round trip, atomic,
 # short enough for psycopg's parse cache. Of several reports for one execution
 # the UPDATE applies one; RETURNING names it by `ord`.
-_RECORD_OUTCOMES = text(
-    f"""
+#
+# A worker report settles its cue, so it needs the cue's row lock, which a
+# firing holds from the scheduler's lead until its due moment. In the form with
+# `held_by`, a worker report whose cue is due by then is left out and returned
+# with `held` set, to be written apart in the form without: the reports batched
+# with it do not wait for the firing.
+def _record_outcomes(leave_held: bool) -> Any:
+    same_account = "e.account_id IS NOT DISTINCT FROM v.account_id"
+    only_free = " AND (e.transport <> 'worker' OR c.next_run IS NULL OR c.next_run > :held_by)"
+    held = """
+UNION ALL
+SELECT v.ord, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+FROM v JOIN executions AS e ON e.id = v.id JOIN cues AS c ON c.id = e.cue_id
+WHERE e.transport = 'worker' AND e.outcome_recorded_at IS NULL AND c.next_run <= :held_by"""
+    return text(
+        f"""
 WITH v AS (
   SELECT * FROM unnest({", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _BATCH_COLUMNS)})
     AS v({", ".join(name for name, _ in _BATCH_COLUMNS)})
 ), recorded AS (
   UPDATE executions AS e SET {
-        _OUTCOME_SET.format(
-            state="v.states::jsonb ->> coalesce(c.verification_mode, 'unset')",
-            validation="v.validations::jsonb ->> coalesce(c.verification_mode, 'unset')",
-        )
-    }
+            _OUTCOME_SET.format(
+                state="v.states::jsonb ->> coalesce(c.verification_mode, 'unset')",
+                validation="v.validations::jsonb ->> coalesce(c.verification_mode, 'unset')",
+            )
+        }
   FROM v, cues AS c
-  WHERE {_OUTCOME_WHERE.format(same_account="e.account_id IS NOT DISTINCT FROM v.account_id")}
+  WHERE {_OUTCOME_WHERE.format(same_account=same_account)}{only_free if leave_held else ""}
   RETURNING v.ord, v.now, {", ".join(f"e.{name}" for name in _OUTCOME_RETURNING)}
 ), settled AS (
   UPDATE cues SET {_SETTLE_SET}
@@ -765,10 +807,11 @@ WITH v AS (
   ) AS s
   WHERE cues.id = s.cue_id
 )
-SELECT ord, id, cue_id, transport, status, outcome_state, outcome_late, outcome_verification_mode
-FROM recorded
+SELECT ord, id, cue_id, transport, status, outcome_state, outcome_late, outcome_verification_mode,
+       false AS held
+FROM recorded{held if leave_held else ""}
 """
-)
+    )
 
 
 @cache
@@ -838,8 +881,8 @@ class _Direct:
         return rows
 
 
-# Every batch runs it; each parameter is an array literal.
-_RECORD_OUTCOMES_DIRECT = _Direct(_RECORD_OUTCOMES)
+# Every batch runs one of them; each parameter is an array literal.
+_RECORD_OUTCOMES_DIRECT = {leave_held: _Direct(_record_outcomes(leave_held)) for leave_held in (False, True)}
 
 # SQLite (plain SQL for the sqlite3 module, see record_outcomes_sqlite): the batch
 # is one JSON array of report objects (json_each), in the formats SQLAlchemy
