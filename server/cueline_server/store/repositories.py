@@ -773,7 +773,10 @@ _BATCH_COLUMNS = (
 # firing holds from the scheduler's lead until its due moment. In the form with
 # `held_by`, a worker report whose cue is due by then is left out and returned
 # with `held` set, to be written apart in the form without: the reports batched
-# with it do not wait for the firing.
+# with it do not wait for the firing. There too the execution is found by its
+# primary key only: with stale statistics the planner took the transport index
+# for `e.transport = 'worker'` and read every worker execution (about 1 ms with
+# 11,000 of them, against 0.2 ms for the whole statement); `IS TRUE` keeps it off.
 def _record_outcomes(leave_held: bool) -> Any:
     same_account = "e.account_id IS NOT DISTINCT FROM v.account_id"
     only_free = " AND (e.transport <> 'worker' OR c.next_run IS NULL OR c.next_run > :held_by)"
@@ -781,7 +784,7 @@ def _record_outcomes(leave_held: bool) -> Any:
 UNION ALL
 SELECT v.ord, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
 FROM v JOIN executions AS e ON e.id = v.id JOIN cues AS c ON c.id = e.cue_id
-WHERE e.transport = 'worker' AND e.outcome_recorded_at IS NULL AND c.next_run <= :held_by"""
+WHERE (e.transport = 'worker') IS TRUE AND e.outcome_recorded_at IS NULL AND c.next_run <= :held_by"""
     return text(
         f"""
 WITH v AS (
