@@ -10,10 +10,11 @@ double-fire. Housekeeping runs on every pass.
 
 On PostgreSQL it starts `scheduler_lead_seconds` early: a batch of cues due
 within the lead is locked, planned and inserted ahead of time, and its
-transaction commits once the latest of their due times has come. What is left
-at the due moment is the COMMIT. Cues due that soon stay locked until then, so
-a change to one of them (or an outcome report that counts on it) waits for the
-firing, as it would had it come a moment later.
+transaction commits when the first of their due times has come (cues of the
+batch due later stay locked until then and go in a later batch). What is left
+at the due moment is the COMMIT. A change to a cue held this way (or an outcome
+report that settles it, which the outcome service writes apart from its batch)
+waits for the firing, as it would had it come a moment later.
 """
 
 from __future__ import annotations

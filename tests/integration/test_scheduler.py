@@ -6,7 +6,9 @@ import datetime as dt
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -200,28 +202,37 @@ def waiting_on_a_lock(database_url: str) -> bool:
     return any_session(database_url, "wait_event_type = 'Lock'")
 
 
+@contextmanager
+def leading_server(postgres_admin_url: str) -> Iterator[tuple[str, httpx.Client]]:
+    """A server with the long lead on a fresh database: its URL, and a client of a new account."""
+    url = new_database(postgres_admin_url)
+    server = Server(url, env=LEAD).start()
+    try:
+        with httpx.Client(base_url=server.http_url, headers=auth(server.register())) as client:
+            yield url, client
+    finally:
+        server.stop()
+
+
 @pytest.mark.postgres
 def test_cues_taken_ahead_commit_each_at_its_own_time(postgres_admin_url: str) -> None:
-    server = Server(new_database(postgres_admin_url), env=LEAD).start()
-    try:
-        key = server.register()
+    with leading_server(postgres_admin_url) as (_, client):
         first = whole_second(2.5)
         # Within one lead of each other: one transaction takes all of a later pass's cues.
         moments = [first + dt.timedelta(seconds=n) for n in range(3)]
-        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
-            for index, at in enumerate(moments):
-                for n in range(3):
-                    once_cue(client, f"ahead-{index}-{n}", at)
-            seen: dict[str, tuple[dt.datetime, dict[str, Any]]] = {}
-            visible: list[list[str]] = []
-            deadline = time.monotonic() + 30
-            while len(seen) < 9 and time.monotonic() < deadline:
-                listed = client.get("/v1/executions?limit=100").json()["executions"]
-                answered = dt.datetime.now(dt.UTC)
-                for execution in listed:
-                    seen.setdefault(execution["id"], (answered, execution))
-                visible.append(sorted({e["scheduled_for"] for e in listed}))
-                time.sleep(0.02)
+        for index, at in enumerate(moments):
+            for n in range(3):
+                once_cue(client, f"ahead-{index}-{n}", at)
+        seen: dict[str, tuple[dt.datetime, dict[str, Any]]] = {}
+        visible: list[list[str]] = []
+        deadline = time.monotonic() + 30
+        while len(seen) < 9 and time.monotonic() < deadline:
+            listed = client.get("/v1/executions?limit=100").json()["executions"]
+            answered = dt.datetime.now(dt.UTC)
+            for execution in listed:
+                seen.setdefault(execution["id"], (answered, execution))
+            visible.append(sorted({e["scheduled_for"] for e in listed}))
+            time.sleep(0.02)
         assert len(seen) == 9
         for answered, execution in seen.values():
             scheduled = parse(execution["scheduled_for"])
@@ -232,8 +243,6 @@ def test_cues_taken_ahead_commit_each_at_its_own_time(postgres_admin_url: str) -
         prefixes = [stamps[:n] for n in range(4)]
         assert all(shot in prefixes for shot in visible)
         assert stamps[:1] in visible and stamps[:2] in visible
-    finally:
-        server.stop()
 
 
 @pytest.mark.postgres
@@ -261,58 +270,46 @@ def test_a_crash_while_firing_ahead_loses_nothing(postgres_admin_url: str) -> No
 
 @pytest.mark.postgres
 def test_a_pause_inside_the_lead_waits_for_the_firing(postgres_admin_url: str) -> None:
-    url = new_database(postgres_admin_url)
-    server = Server(url, env=LEAD).start()
-    try:
-        key = server.register()
+    with leading_server(postgres_admin_url) as (url, client):
         at = whole_second(3)
-        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
-            cue = once_cue(client, "paused-too-late", at)
-            wait_for(lambda: firing_ahead(url), timeout=10)
-            paused = client.patch(f"/v1/cues/{cue['id']}", json={"status": "paused"})
-            assert paused.status_code == 200, paused.text
-            assert paused.json()["status"] == "paused"
-            # The cue was already being fired: its one execution is there, at its time.
-            fired = executions_of(client, cue["id"])
-            assert [e["scheduled_for"] for e in fired] == [cue["next_run"]]
-            assert dt.datetime.now(dt.UTC) >= at
-    finally:
-        server.stop()
+        cue = once_cue(client, "paused-too-late", at)
+        wait_for(lambda: firing_ahead(url), timeout=10)
+        paused = client.patch(f"/v1/cues/{cue['id']}", json={"status": "paused"})
+        assert paused.status_code == 200, paused.text
+        assert paused.json()["status"] == "paused"
+        # The cue was already being fired: its one execution is there, at its time.
+        fired = executions_of(client, cue["id"])
+        assert [e["scheduled_for"] for e in fired] == [cue["next_run"]]
+        assert dt.datetime.now(dt.UTC) >= at
 
 
 @pytest.mark.postgres
 def test_a_report_waiting_for_a_firing_holds_up_no_other_report(postgres_admin_url: str) -> None:
     """A worker report settles its cue, so a report on a cue being fired ahead
     of time waits for that firing; reports on other cues are answered meanwhile."""
-    url = new_database(postgres_admin_url)
-    server = Server(url, env=LEAD).start()
-    try:
-        key = server.register()
+    with (
+        leading_server(postgres_admin_url) as (url, client),
+        httpx.Client(base_url=client.base_url, headers=client.headers) as second_client,
+    ):
         at = whole_second(3)
-        with (
-            httpx.Client(base_url=server.http_url, headers=auth(key)) as client,
-            httpx.Client(base_url=server.http_url, headers=auth(key)) as second_client,
-        ):
-            fired = once_cue(client, "fired-ahead", at)
-            other = once_cue(client, "due-later", at + dt.timedelta(hours=1))
-            first, second = (client.post(f"/v1/cues/{cue['id']}/fire").json()["id"] for cue in (fired, other))
-            for execution in (first, second):
-                claimed = client.post(f"/v1/executions/{execution}/claim", json={"worker_id": "w"})
-                assert claimed.status_code == 200, claimed.text
-            wait_for(lambda: firing_ahead(url), timeout=10)
-            with ThreadPoolExecutor(1) as pool:
-                waiting = pool.submit(
-                    second_client.post, f"/v1/executions/{first}/outcome", json={"success": True}
-                )
-                wait_for(lambda: waiting_on_a_lock(url), timeout=5)
-                answered = client.post(f"/v1/executions/{second}/outcome", json={"success": True})
-                assert answered.status_code == 200, answered.text
-                assert firing_ahead(url) and not waiting.done()
-                assert waiting.result().status_code == 200, waiting.result().text
-            assert dt.datetime.now(dt.UTC) >= at
-            # The cue fired at its time, then the report settled it.
-            runs = executions_of(client, fired["id"])
-            assert sorted(e["triggered_by"] for e in runs) == ["manual_fire", "scheduled"]
-            assert client.get(f"/v1/cues/{fired['id']}").json()["status"] == "completed"
-    finally:
-        server.stop()
+        fired = once_cue(client, "fired-ahead", at)
+        other = once_cue(client, "due-later", at + dt.timedelta(hours=1))
+        first, second = (client.post(f"/v1/cues/{cue['id']}/fire").json()["id"] for cue in (fired, other))
+        for execution in (first, second):
+            claimed = client.post(f"/v1/executions/{execution}/claim", json={"worker_id": "w"})
+            assert claimed.status_code == 200, claimed.text
+        wait_for(lambda: firing_ahead(url), timeout=10)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(
+                second_client.post, f"/v1/executions/{first}/outcome", json={"success": True}
+            )
+            wait_for(lambda: waiting_on_a_lock(url), timeout=5)
+            answered = client.post(f"/v1/executions/{second}/outcome", json={"success": True})
+            assert answered.status_code == 200, answered.text
+            assert firing_ahead(url) and not waiting.done()
+            assert waiting.result().status_code == 200, waiting.result().text
+        assert dt.datetime.now(dt.UTC) >= at
+        # The cue fired at its time, then the report settled it.
+        runs = executions_of(client, fired["id"])
+        assert sorted(e["triggered_by"] for e in runs) == ["manual_fire", "scheduled"]
+        assert client.get(f"/v1/cues/{fired['id']}").json()["status"] == "completed"
