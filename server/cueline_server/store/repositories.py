@@ -35,6 +35,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -1111,11 +1112,22 @@ def _claimable(now: Any, silent_since: Any) -> tuple[tuple[str, ColumnElement[bo
     list, claim-by-id and claim-next, so a listed execution fails a claim only
     by losing a race."""
     return (
-        ("due", and_(executions.c.status == "pending", executions.c.scheduled_for <= now)),
+        (
+            "due",
+            and_(
+                executions.c.transport == "worker",
+                executions.c.status == "pending",
+                executions.c.scheduled_for <= now,
+            ),
+        ),
         (
             "lapsed",
             and_(
-                executions.c.status == "delivering",
+                # Written into the SQL, also in statements built once: the
+                # partial index of executions under a claim (tables.WORKER_LEASES)
+                # is then usable.
+                executions.c.transport == literal_column("'worker'"),
+                executions.c.status == literal_column("'delivering'"),
                 executions.c.lease_expires_at <= now,
                 ~_claimer_alive(silent_since),
             ),
@@ -1134,27 +1146,36 @@ def _claim_queue(
     """The ids of the account's oldest claimable executions, in claim order,
     with their rank in it (`n`, from 1).
 
-    Each half of `_claimable` is its own index-ordered scan that stops after
-    `limit` rows (account, status, scheduled_for, created_at; and status,
-    lease_expires_at): an OR of the two would read and sort every claimable
-    row of the account on every call. With `lock`, each half skips and locks
-    rows (FOR UPDATE SKIP LOCKED), so concurrent claimers never take the same
-    row; a locking CTE runs exactly once, so its LIMIT holds."""
+    Each half of `_claimable` is its own scan that stops after `limit` rows:
+    an OR of the two would read and sort every claimable row of the account
+    on every call. The due half reads the account's pending executions in
+    claim order (account, status, scheduled_for, created_at). The lapsed half
+    reads the account's expired leases through their partial index
+    (ix_executions_worker_leases) and sorts them. It sorts on an expression
+    that no index is in the order of: given an index in claim order, the
+    planner read the status index instead, expecting few executions in flight
+    and a third of them lapsed, and so read every execution the account had
+    in flight on every call.
+
+    With `lock`, each half skips and locks rows (FOR UPDATE SKIP LOCKED), so
+    concurrent claimers never take the same row; a locking CTE runs exactly
+    once, so its LIMIT holds."""
+    (_, due), (_, lapsed) = _claimable(now, silent_since)
     order = (executions.c.scheduled_for, executions.c.created_at)
-    halves = []
-    for name, state in _claimable(now, silent_since):
+    sorted_order = tuple(func.coalesce(column, column) for column in order)
+    halves = {"due": (due, order), "lapsed": (lapsed, sorted_order)}
+    ctes = []
+    for name, (state, by) in halves.items():
         half = (
             select(executions.c.id, *order)
-            .where(
-                executions.c.account_id == account_id, executions.c.transport == "worker", state, *conditions
-            )
-            .order_by(*order)
+            .where(executions.c.account_id == account_id, state, *conditions)
+            .order_by(*by)
             .limit(limit)
         )
         if lock:
             half = half.with_for_update(skip_locked=True)
-        halves.append(half.cte(name))
-    both = union_all(*(select(half) for half in halves)).subquery("claimable")
+        ctes.append(half.cte(name))
+    both = union_all(*(select(cte) for cte in ctes)).subquery("claimable")
     in_order = (both.c.scheduled_for, both.c.created_at)
     rank = func.row_number().over(order_by=in_order).label("n")
     return select(both.c.id, rank).order_by(*in_order).limit(limit).cte("picked")
@@ -1172,7 +1193,6 @@ def _requested_claims(requests: Any, now: Any, silent_since: Any, *, lock: bool)
     one = select(executions.c.id).where(
         executions.c.id == requests.c.id,
         executions.c.account_id == requests.c.account_id,
-        executions.c.transport == "worker",
         or_(*(state for _, state in _claimable(now, silent_since))),
     )
     if lock:

@@ -130,6 +130,10 @@ AWAITING_OUTCOME = "outcome_deadline_at IS NOT NULL AND outcome_recorded_at IS N
 # planner can tell that an index's predicate covers them.
 RETRYING_WEBHOOKS = "transport = 'webhook' AND status = 'retrying'"
 DELIVERING_WEBHOOKS = "transport = 'webhook' AND status = 'delivering'"
+# Worker executions under a claim: the claim queue's second half (a lapsed lease)
+# looks for these per account. Through the account's status index it read every
+# execution the account had in flight, on every claim and every claimable list.
+WORKER_LEASES = "transport = 'worker' AND status = 'delivering'"
 
 executions = Table(
     "executions",
@@ -194,6 +198,13 @@ executions = Table(
     Index(None, "account_id", "status", "scheduled_for", "created_at"),
     Index(None, "status", "lease_expires_at"),
     Index(None, "transport", "status", "scheduled_for"),
+    Index(
+        "ix_executions_worker_leases",
+        "account_id",
+        "lease_expires_at",
+        postgresql_where=text(WORKER_LEASES),
+        sqlite_where=text(WORKER_LEASES),
+    ),
     # The deadline sweep: only executions with a deadline, still waiting for their
     # outcome (not every new execution, which has no deadline until it is delivered).
     Index(
