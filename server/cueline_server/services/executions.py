@@ -51,8 +51,10 @@ class ExecutionService:
         parsed = parse_uuid(execution_id)
         if parsed is None:
             raise execution_not_found()
-        async with self._db.unit_of_work(write=False) as uow:
-            row = await uow.executions.get(caller.account_id, parsed)
+        # One primary-key read, on the reader: clients poll an execution for its
+        # outcome, and a read transaction's BEGIN and ROLLBACK cost more than it.
+        async with self._db.reader() as repos:
+            row = await repos.executions.get(caller.account_id, parsed)
         if row is None:
             raise execution_not_found()
         return row
