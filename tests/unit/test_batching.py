@@ -1,4 +1,7 @@
-"""Group commit: how concurrent submissions are batched, and failures isolated."""
+"""Group commit: how concurrent submissions are batched, and failures isolated.
+
+Most tests take batches the moment the drain runs (`gather_turns=0`), which
+pins down the queueing itself; the last shows what the gathering turns add."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from cueline_server.store.batching import Coalescer
+from cueline_server.store.batching import GATHER_TURNS, Coalescer
 
 
 class Store:
@@ -29,7 +32,7 @@ class Store:
 def test_a_lone_write_goes_at_once_and_queued_ones_share_a_batch() -> None:
     async def scenario() -> None:
         store = Store()
-        coalescer = Coalescer(store.flush, max_batch=4)
+        coalescer = Coalescer(store.flush, max_batch=4, gather_turns=0)
         assert await coalescer.submit("a") == "A"
         store.gate.clear()
         first = asyncio.create_task(coalescer.submit("b"))
@@ -48,7 +51,7 @@ def test_a_lone_write_goes_at_once_and_queued_ones_share_a_batch() -> None:
 def test_a_failing_batch_is_retried_item_by_item() -> None:
     async def scenario() -> None:
         store = Store()
-        coalescer = Coalescer(store.flush)
+        coalescer = Coalescer(store.flush, gather_turns=0)
         store.gate.clear()
         blocker = asyncio.create_task(coalescer.submit("x"))
         await asyncio.sleep(0)
@@ -67,7 +70,7 @@ def test_a_failing_batch_is_retried_item_by_item() -> None:
 def test_a_caller_that_stops_waiting_still_has_its_item_written() -> None:
     async def scenario() -> None:
         store = Store()
-        coalescer = Coalescer(store.flush)
+        coalescer = Coalescer(store.flush, gather_turns=0)
         store.gate.clear()
         blocker = asyncio.create_task(coalescer.submit("x"))
         await asyncio.sleep(0)
@@ -85,7 +88,7 @@ def test_a_caller_that_stops_waiting_still_has_its_item_written() -> None:
 def test_submitted_together_written_together_answered_in_order() -> None:
     async def scenario() -> None:
         store = Store()
-        coalescer = Coalescer(store.flush, max_batch=3)
+        coalescer = Coalescer(store.flush, max_batch=3, gather_turns=0)
         store.gate.clear()
         single = asyncio.create_task(coalescer.submit("a"))
         await asyncio.sleep(0)
@@ -95,5 +98,21 @@ def test_submitted_together_written_together_answered_in_order() -> None:
         assert await single == "A"
         assert await many == ["B", "C", "D", "E"]
         assert store.batches == [["a"], ["b", "c", "d"], ["e"]]
+
+    asyncio.run(scenario())
+
+
+def test_a_submission_a_loop_turn_behind_joins_the_batch() -> None:
+    async def scenario() -> None:
+        for turns, expected in ((0, [["a"], ["b"]]), (GATHER_TURNS, [["a", "b"]])):
+            store = Store()
+            coalescer = Coalescer(store.flush, gather_turns=turns)
+            first = asyncio.create_task(coalescer.submit("a"))
+            await asyncio.sleep(0)  # "a" is queued and the drain is started
+            await asyncio.sleep(0)  # the drain runs: at once, or it waits its turns
+            second = asyncio.create_task(coalescer.submit("b"))
+            assert (await first, await second) == ("A", "B")
+            assert store.batches == expected, turns
+        assert await Coalescer(Store().flush).submit("alone") == "ALONE"
 
     asyncio.run(scenario())
