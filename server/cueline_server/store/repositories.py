@@ -34,7 +34,6 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    literal,
     literal_column,
     or_,
     select,
@@ -1106,33 +1105,24 @@ _CLAIMED_RETURNING = tuple(
 )
 
 
-def _claimable(now: Any, silent_since: Any) -> tuple[tuple[str, ColumnElement[bool]], ...]:
+def _claimable(now: Any, silent_since: Any) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     """A worker execution is claimable when it is pending and due, or delivering
     with a lapsed lease and a silent claimer: the one definition shared by the
     list, claim-by-id and claim-next, so a listed execution fails a claim only
-    by losing a race."""
-    return (
-        (
-            "due",
-            and_(
-                executions.c.transport == "worker",
-                executions.c.status == "pending",
-                executions.c.scheduled_for <= now,
-            ),
-        ),
-        (
-            "lapsed",
-            and_(
-                # Written into the SQL, also in statements built once: the
-                # partial index of executions under a claim (tables.WORKER_LEASES)
-                # is then usable.
-                executions.c.transport == literal_column("'worker'"),
-                executions.c.status == literal_column("'delivering'"),
-                executions.c.lease_expires_at <= now,
-                ~_claimer_alive(silent_since),
-            ),
-        ),
+    by losing a race. The two conditions: due, and lapsed (which names the
+    values of the partial index of executions under a claim, tables.WORKER_LEASES)."""
+    due = and_(
+        executions.c.transport == "worker",
+        executions.c.status == "pending",
+        executions.c.scheduled_for <= now,
     )
+    lapsed = and_(
+        executions.c.transport == _inline("worker"),
+        executions.c.status == _inline("delivering"),
+        executions.c.lease_expires_at <= now,
+        ~_claimer_alive(silent_since),
+    )
+    return due, lapsed
 
 
 def _claim_queue(
@@ -1153,14 +1143,14 @@ def _claim_queue(
     reads the account's expired leases through their partial index
     (ix_executions_worker_leases) and sorts them. It sorts on an expression
     that no index is in the order of: given an index in claim order, the
-    planner read the status index instead, expecting few executions in flight
-    and a third of them lapsed, and so read every execution the account had
-    in flight on every call.
+    planner read the status index instead (its estimate was one execution in
+    flight, from statistics gathered before the claims), and so read every
+    execution the account had in flight on every call.
 
     With `lock`, each half skips and locks rows (FOR UPDATE SKIP LOCKED), so
     concurrent claimers never take the same row; a locking CTE runs exactly
     once, so its LIMIT holds."""
-    (_, due), (_, lapsed) = _claimable(now, silent_since)
+    due, lapsed = _claimable(now, silent_since)
     order = (executions.c.scheduled_for, executions.c.created_at)
     sorted_order = tuple(func.coalesce(column, column) for column in order)
     halves = {"due": (due, order), "lapsed": (lapsed, sorted_order)}
@@ -1193,7 +1183,7 @@ def _requested_claims(requests: Any, now: Any, silent_since: Any, *, lock: bool)
     one = select(executions.c.id).where(
         executions.c.id == requests.c.id,
         executions.c.account_id == requests.c.account_id,
-        or_(*(state for _, state in _claimable(now, silent_since))),
+        or_(*_claimable(now, silent_since)),
     )
     if lock:
         found = one.with_for_update(skip_locked=True).lateral("found")
@@ -1713,8 +1703,10 @@ class DeliveryRepository(_Repository):
 
 def _inline(value: str) -> Any:
     """A value written into the SQL, not bound: a partial index whose predicate
-    names it (tables.RETRYING_WEBHOOKS, DELIVERING_WEBHOOKS) is then usable."""
-    return literal(value, literal_execute=True)
+    names it (tables.RETRYING_WEBHOOKS, DELIVERING_WEBHOOKS, WORKER_LEASES) is
+    then usable. Written at compile time, so also in the statements built once
+    and run on the driver (`_Direct`)."""
+    return literal_column("'" + value.replace("'", "''") + "'")
 
 
 # What a delivery needs of its execution (with its cue's columns, _delivery_cue_columns).
