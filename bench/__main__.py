@@ -47,7 +47,8 @@ def main() -> int:
     claims_md = "### Claims, pickup, firing, webhooks (G4-G9)\n\n" + delivery.render(claims)
     write("delivery", claims, claims_md)
     servers = (
-        f"The server runs {plan.processes} processes on PostgreSQL (`CUELINE_PROCESSES`), one on SQLite."
+        f"The server runs {plan.processes} process{'es' if plan.processes > 1 else ''} on PostgreSQL"
+        " (`CUELINE_PROCESSES`), one on SQLite."
     )
     summary = f"{servers}\n\n{ingest_md}\n\n{claims_md}"
     (RESULTS / "summary.md").write_text(summary + "\n")
