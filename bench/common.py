@@ -40,8 +40,8 @@ SERVER_ENV = {
 }
 
 # The server's default. On the goals' two-core machines PostgreSQL and the load
-# generator share the cores with the server: a second process ran claim-next +
-# report at 1,070-1,300 cycles/s against 1,630-1,800 for one, and only REST ingest
+# generator share the cores with the server: with a second process claim-next +
+# report ran 1,180-1,330 cycles/s against 1,550-1,850 with one, and only REST ingest
 # gained from it (docs/performance.md, "One server process on a shared two-core
 # machine"). A gRPC channel is one connection, so the gRPC benchmarks, each on one
 # channel, reach one process whatever the count.
