@@ -262,10 +262,12 @@ class ClaimService:
 
     async def recover_leases(self, moment: dt.datetime) -> None:
         """Expired leases of silent workers go back to pending (attempts kept),
-        or fail once the cue's max_attempts are used."""
+        or fail once the cue's max_attempts are used. Those of live workers are
+        put off until their worker could first count as silent."""
         async with self._db.unit_of_work() as uow:
             failed, released = await uow.claims.recover_expired(moment, moment - self._silence, SWEEP_BATCH)
             await _settle(uow, failed, moment)
+            await uow.claims.defer_live_leases(moment, moment - self._silence, self._silence, SWEEP_BATCH)
             await uow.commit()
         self._failed([row.id for row in failed])
         if released:

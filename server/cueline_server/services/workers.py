@@ -53,6 +53,7 @@ class WorkerService:
     async def delete(self, caller: Caller, worker_id: str) -> None:
         if "\x00" in worker_id:  # no worker could register such an id (validation refuses it)
             raise worker_not_found()
-        async with self._db.single_statement() as repos:
-            if not await repos.workers.delete(caller.account_id, worker_id):
+        async with self._db.unit_of_work() as uow:
+            if not await uow.workers.delete(caller.account_id, worker_id):
                 raise worker_not_found()
+            await uow.commit()

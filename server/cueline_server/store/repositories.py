@@ -1077,6 +1077,12 @@ def _claimer_alive(silent_since: Any) -> ColumnElement[bool]:
     )
 
 
+def _recoverable_by(now: Any) -> ColumnElement[bool]:
+    """The sweeps' reading of `recover_after`: past, or never set (a claim
+    written before the column existed)."""
+    return or_(executions.c.recover_after <= now, executions.c.recover_after.is_(None))
+
+
 def _claimed(worker_id: Any, now: Any, lease_until: Any) -> dict[str, Any]:
     """A claim's changes to its execution, besides the outcome deadline."""
     return {
@@ -1088,6 +1094,7 @@ def _claimed(worker_id: Any, now: Any, lease_until: Any) -> dict[str, Any]:
         "attempts": executions.c.attempts + 1,
         "last_heartbeat_at": None,
         "lease_expires_at": lease_until,
+        "recover_after": lease_until,
         "outcome_state": case(
             (executions.c.outcome_state == "unknown", None), else_=executions.c.outcome_state
         ),
@@ -1110,7 +1117,12 @@ def _claimable(now: Any, silent_since: Any) -> tuple[ColumnElement[bool], Column
     with a lapsed lease and a silent claimer: the one definition shared by the
     list, claim-by-id and claim-next, so a listed execution fails a claim only
     by losing a race. The two conditions: due, and lapsed (which names the
-    values of the partial index of executions under a claim, tables.WORKER_LEASES)."""
+    values of the partial index of executions under a claim, tables.WORKER_LEASES).
+
+    Lapsed reads `recover_after`, never before the lease's end, instead of the
+    lease: the lease sweep moves it on while the claimer is alive. Given the
+    lease too, the planner's generic plan read every expired lease through the
+    (status, lease_expires_at) index, those of live claimers included."""
     due = and_(
         executions.c.transport == "worker",
         executions.c.status == "pending",
@@ -1119,7 +1131,7 @@ def _claimable(now: Any, silent_since: Any) -> tuple[ColumnElement[bool], Column
     lapsed = and_(
         executions.c.transport == _inline("worker"),
         executions.c.status == _inline("delivering"),
-        executions.c.lease_expires_at <= now,
+        executions.c.recover_after <= now,
         ~_claimer_alive(silent_since),
     )
     return due, lapsed
@@ -1495,10 +1507,54 @@ class ClaimRepository(_Repository):
             .values(
                 last_heartbeat_at=now,
                 lease_expires_at=lease_until,
+                recover_after=lease_until,
                 outcome_deadline_at=deadline,
                 updated_at=now,
             )
         )
+
+    async def defer_live_leases(
+        self, now: dt.datetime, silent_since: dt.datetime, silence: dt.timedelta, limit: int
+    ) -> int:
+        """Expired leases whose claimer is alive cannot be recovered before its
+        silence could begin: its last heartbeat plus the heartbeat timeout.
+        Their `recover_after` moves there, so claims stop reading them until
+        then (claims by workers that never extend a lease per execution keep
+        running past it). Claims whose `recover_after` was never set (written
+        before it existed) get it too. It never falls before the lease's end,
+        which the claims rely on. Returns how many moved."""
+        found = (
+            await self.conn.execute(
+                select(executions.c.id, executions.c.lease_expires_at, workers.c.last_heartbeat)
+                .join(
+                    workers,
+                    and_(
+                        workers.c.account_id == executions.c.account_id,
+                        workers.c.worker_id == executions.c.claimed_by_worker,
+                    ),
+                )
+                .where(
+                    executions.c.status == "delivering",
+                    executions.c.transport == "worker",
+                    executions.c.lease_expires_at <= now,
+                    _recoverable_by(now),
+                    workers.c.last_heartbeat >= silent_since,
+                )
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=executions)
+            )
+        ).all()
+        if found:
+            await self.conn.execute(
+                update(executions)
+                .where(executions.c.id == bindparam("d_id"))
+                .values(recover_after=bindparam("d_after", type_=UTCDateTime)),
+                [
+                    {"d_id": row.id, "d_after": max(row.lease_expires_at, row.last_heartbeat + silence)}
+                    for row in found
+                ],
+            )
+        return len(found)
 
     async def recover_expired(
         self, now: dt.datetime, silent_since: dt.datetime, limit: int
@@ -1515,6 +1571,7 @@ class ClaimRepository(_Repository):
                     executions.c.status == "delivering",
                     executions.c.transport == "worker",
                     executions.c.lease_expires_at <= now,
+                    _recoverable_by(now),
                     ~alive,
                 )
                 .limit(limit)
@@ -1528,6 +1585,7 @@ class ClaimRepository(_Repository):
             "claimed_at": None,
             "last_heartbeat_at": None,
             "lease_expires_at": None,
+            "recover_after": None,
             "outcome_deadline_at": None,
             "outcome_state": case(
                 (executions.c.outcome_state == "unknown", None), else_=executions.c.outcome_state
@@ -1927,9 +1985,24 @@ class WorkerRepository(_Repository):
         return result.first() is not None
 
     async def delete(self, account_id: uuid.UUID, worker_id: str) -> bool:
+        """Forget a worker. Without a record it is silent, so its claims become
+        recoverable at their lease's end again, even those the lease sweep had
+        deferred while it was alive."""
         result = await self.conn.execute(
             delete(workers)
             .where(workers.c.account_id == account_id, workers.c.worker_id == worker_id)
             .returning(workers.c.worker_id)
         )
-        return result.first() is not None
+        if result.first() is None:
+            return False
+        await self.conn.execute(
+            update(executions)
+            .where(
+                executions.c.account_id == account_id,
+                executions.c.claimed_by_worker == worker_id,
+                executions.c.transport == "worker",
+                executions.c.status == "delivering",
+            )
+            .values(recover_after=executions.c.lease_expires_at)
+        )
+        return True

@@ -162,6 +162,12 @@ executions = Table(
     Column("outcome_deadline_at", UTCDateTime, nullable=True),
     Column("lease_expires_at", UTCDateTime, nullable=True, comment="worker claims: when the lease runs out"),
     Column(
+        "recover_after",
+        UTCDateTime,
+        nullable=True,
+        comment="worker claims: not recoverable before (lease end; later while the claimer lives)",
+    ),
+    Column(
         "available_at",
         UTCDateTime,
         nullable=True,
@@ -201,7 +207,7 @@ executions = Table(
     Index(
         "ix_executions_worker_leases",
         "account_id",
-        "lease_expires_at",
+        "recover_after",
         postgresql_where=text(WORKER_LEASES),
         sqlite_where=text(WORKER_LEASES),
     ),
