@@ -1152,8 +1152,8 @@ def _claim_queue(
     an OR of the two would read and sort every claimable row of the account
     on every call. The due half reads the account's pending executions in
     claim order (account, status, scheduled_for, created_at). The lapsed half
-    reads the account's expired leases through their partial index
-    (ix_executions_worker_leases) and sorts them. It sorts on an expression
+    reads the account's claims past their `recover_after` through the partial
+    index of leases (ix_executions_worker_leases) and sorts them. It sorts on an expression
     that no index is in the order of: given an index in claim order, the
     planner read the status index instead (its estimate was one execution in
     flight, from statistics gathered before the claims), and so read every

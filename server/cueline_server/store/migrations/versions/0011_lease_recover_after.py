@@ -18,6 +18,7 @@ Create Date: 2026-11-23 23:00:00
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -43,24 +44,17 @@ def upgrade() -> None:
         )
     op.execute(f"UPDATE executions SET recover_after = lease_expires_at WHERE {ROWS}")
     with op.batch_alter_table("executions", schema=None) as batch_op:
-        batch_op.drop_index(NAME)
-        batch_op.create_index(
-            NAME,
-            ["account_id", "recover_after"],
-            unique=False,
-            postgresql_where=sa.text(ROWS),
-            sqlite_where=sa.text(ROWS),
-        )
+        _key_lease_index(batch_op, "recover_after")
 
 
 def downgrade() -> None:
     with op.batch_alter_table("executions", schema=None) as batch_op:
-        batch_op.drop_index(NAME)
-        batch_op.create_index(
-            NAME,
-            ["account_id", "lease_expires_at"],
-            unique=False,
-            postgresql_where=sa.text(ROWS),
-            sqlite_where=sa.text(ROWS),
-        )
+        _key_lease_index(batch_op, "lease_expires_at")
         batch_op.drop_column("recover_after")
+
+
+def _key_lease_index(batch_op: Any, column: str) -> None:
+    batch_op.drop_index(NAME)
+    batch_op.create_index(
+        NAME, ["account_id", column], unique=False, postgresql_where=sa.text(ROWS), sqlite_where=sa.text(ROWS)
+    )
