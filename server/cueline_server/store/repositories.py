@@ -1102,11 +1102,11 @@ def _claimed(worker_id: Any, now: Any, lease_until: Any) -> dict[str, Any]:
     }
 
 
-# What a claim answers with (the Claim message), and its order.
+# What a claim answers with (the Claim message), its order, and whose it is.
 _CLAIMED_RETURNING = tuple(
     executions.c[name]
     for name in (
-        *("id", "cue_id", "task", "payload", "attempts", "lease_expires_at"),
+        *("id", "account_id", "cue_id", "task", "payload", "attempts", "lease_expires_at"),
         *("scheduled_for", "created_at"),
     )
 )
@@ -1274,6 +1274,15 @@ class ClaimRequest:
     account_id: uuid.UUID
     execution_id: uuid.UUID
     worker_id: str
+
+
+def _claim_won(claimed: Mapping[uuid.UUID, AnyRow], request: ClaimRequest) -> AnyRow | None:
+    """The row a claim by id won: the execution claimed, if it is the caller's.
+    Another account's request for the same id, in the same statement, finds
+    nothing (the statement matches account and id) and must not be handed the
+    owner's claim."""
+    row = claimed.get(request.execution_id)
+    return row if row is not None and row.account_id == request.account_id else None
 
 
 # What the claimable list shows (ClaimableItem).
@@ -1455,8 +1464,7 @@ class ClaimRepository(_Repository):
                 [tuple(row) for row in await self.conn.execute(candidates)], now, lease
             )
         return [
-            claimed.get(r.execution_id) if first[(r.account_id, r.execution_id)] is r else None
-            for r in requests
+            _claim_won(claimed, r) if first[(r.account_id, r.execution_id)] is r else None for r in requests
         ]
 
     async def _claim_sqlite(

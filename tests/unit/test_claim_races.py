@@ -1,0 +1,65 @@
+"""Claims by id that race. Claims of one id by two accounts in one statement:
+only the owner's can win."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+
+from cueline_server.config import Settings
+from cueline_server.services.accounts import AccountService, Authenticator, Caller, now
+from cueline_server.services.cues import CueService
+from cueline_server.store.database import Database
+from cueline_server.store.migrate import upgrade
+from cueline_server.store.repositories import ClaimRequest
+
+
+async def _caller(db: Database, settings: Settings, email: str) -> Caller:
+    authenticator = Authenticator(db, cache_seconds=0)
+    key = (await AccountService(db, settings, authenticator).register(email)).api_key
+    return await authenticator.authenticate(f"Bearer {key}")
+
+
+async def _fire(cues: CueService, caller: Caller, cue_id: str) -> str:
+    fired = await cues.fire(caller, cue_id, send_at=None, payload_override=None, replace=False)
+    return fired.execution_id
+
+
+async def _accounts_and_cue(db: Database, settings: Settings) -> tuple[Caller, Caller, str]:
+    """Two accounts, and a worker cue of the first."""
+    owner = await _caller(db, settings, "owner@example.com")
+    stranger = await _caller(db, settings, "stranger@example.com")
+    cue = await CueService(db, settings).create(
+        owner,
+        {"name": "race", "transport": "worker", "schedule.type": "recurring", "schedule.cron": "0 0 1 1 *"},
+    )
+    return owner, stranger, str(cue.row.id)
+
+
+def test_another_accounts_claim_in_the_same_statement_is_not_handed_the_owners(database_url: str) -> None:
+    upgrade(database_url)
+    settings = Settings(database_url=database_url)
+
+    async def scenario() -> None:
+        db = Database(database_url)
+        try:
+            owner, stranger, cue_id = await _accounts_and_cue(db, settings)
+            execution = uuid.UUID(await _fire(CueService(db, settings), owner, cue_id))
+            moment = now()
+            async with db.single_statement() as repos:
+                to_stranger, to_owner = await repos.claims.claim_each(
+                    [
+                        ClaimRequest(stranger.account_id, execution, "s1"),
+                        ClaimRequest(owner.account_id, execution, "w1"),
+                    ],
+                    moment,
+                    dt.timedelta(minutes=5),
+                    moment - dt.timedelta(minutes=3),
+                )
+            assert to_stranger is None
+            assert to_owner is not None and to_owner.id == execution
+        finally:
+            await db.dispose()
+
+    asyncio.run(scenario())
