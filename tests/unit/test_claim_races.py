@@ -1,5 +1,7 @@
-"""Claims by id that race. Claims of one id by two accounts in one statement:
-only the owner's can win."""
+"""Claims by id that race: while one claim of an execution is under way on a
+process, another claim of it there loses at once instead of waiting for the
+statement, and the execution is not held back once that claim has finished.
+Claims of one id by two accounts in one statement: only the owner's can win."""
 
 from __future__ import annotations
 
@@ -7,8 +9,12 @@ import asyncio
 import datetime as dt
 import uuid
 
+import pytest
+
 from cueline_server.config import Settings
+from cueline_server.errors import ApiError
 from cueline_server.services.accounts import AccountService, Authenticator, Caller, now
+from cueline_server.services.claims import ClaimService
 from cueline_server.services.cues import CueService
 from cueline_server.store.database import Database
 from cueline_server.store.migrate import upgrade
@@ -35,6 +41,38 @@ async def _accounts_and_cue(db: Database, settings: Settings) -> tuple[Caller, C
         {"name": "race", "transport": "worker", "schedule.type": "recurring", "schedule.cron": "0 0 1 1 *"},
     )
     return owner, stranger, str(cue.row.id)
+
+
+def test_a_claim_of_an_execution_another_claim_holds_loses_at_once(database_url: str) -> None:
+    upgrade(database_url)
+    settings = Settings(database_url=database_url)
+
+    async def scenario() -> None:
+        db = Database(database_url)
+        try:
+            claims, cues = ClaimService(db, settings), CueService(db, settings)
+            owner, _, cue_id = await _accounts_and_cue(db, settings)
+            execution = await _fire(cues, owner, cue_id)
+
+            first = asyncio.create_task(claims.claim(owner, "w1", execution))
+            await asyncio.sleep(0)  # w1's claim is submitted and waits for its statement
+            with pytest.raises(ApiError) as lost:
+                await claims.claim(owner, "w2", execution)
+            assert (lost.value.code, lost.value.http_status) == ("claim_failed", 409)
+            assert not first.done(), "the loser waited for the winner's statement"
+            won = await first
+            assert (str(won.id), won.attempts) == (execution, 1)
+
+            # The claim under way has finished: the next claim is decided by the
+            # execution's state again, and another execution is not held back.
+            with pytest.raises(ApiError):
+                await claims.claim(owner, "w2", execution)
+            second = await _fire(cues, owner, cue_id)
+            assert str((await claims.claim(owner, "w2", second)).id) == second
+        finally:
+            await db.dispose()
+
+    asyncio.run(scenario())
 
 
 def test_another_accounts_claim_in_the_same_statement_is_not_handed_the_owners(database_url: str) -> None:

@@ -71,6 +71,8 @@ class ClaimService:
         self._unclaimed = dt.timedelta(seconds=settings.worker_unclaimed_timeout_seconds)
         self._recheck = settings.claim_recheck_seconds
         self._by_id: Coalescer[ClaimRequest, AnyRow | None] = Coalescer(self._claim_each)
+        # (account, execution) of each claim by id under way on this process
+        self._claiming: set[tuple[uuid.UUID, uuid.UUID]] = set()
         self._next: Coalescer[_NextClaim, AnyRow | None] = Coalescer(self._claim_next_each)
 
     async def claimable(
@@ -150,18 +152,28 @@ class ClaimService:
                     self._wake_one(caller.account_id, offered)
 
     async def claim(self, caller: Caller, worker_id: str, execution_id: str) -> AnyRow:
+        """Claims one named execution. While another claim of it is under way on
+        this process, the call loses at once, as it would to a row that claim
+        had locked: under the CueAPI worker protocol every worker claims the
+        head of the same listed page, and a loser that learns at once moves on
+        to the next execution instead of waiting a statement to be told no."""
         parsed = parse_uuid(execution_id)
         if parsed is None:
             raise execution_not_found()
-        row = await self._by_id.submit(ClaimRequest(caller.account_id, parsed, worker_id))
+        key = (caller.account_id, parsed)
+        if key in self._claiming:
+            raise claim_failed("Execution not available for claiming")
+        self._claiming.add(key)
+        try:
+            row = await self._by_id.submit(ClaimRequest(caller.account_id, parsed, worker_id))
+        finally:
+            self._claiming.discard(key)
         if row is None:
             raise claim_failed("Execution not available for claiming")
         return row
 
     async def _claim_each(self, requests: Sequence[ClaimRequest]) -> list[AnyRow | None]:
-        """Concurrent claims by id share one statement (one transaction on SQLite):
-        under the CueAPI worker protocol many workers claim from the same listed
-        page at once, and most of them ask for the same few executions."""
+        """Concurrent claims by id share one statement (one transaction on SQLite)."""
         moment = now()
         async with self._db.single_statement() as repos:
             return await repos.claims.claim_each(requests, moment, self.lease, moment - self._silence)
