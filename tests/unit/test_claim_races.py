@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -43,61 +44,61 @@ async def _accounts_and_cue(db: Database, settings: Settings) -> tuple[Caller, C
     return owner, stranger, str(cue.row.id)
 
 
-def test_a_claim_of_an_execution_another_claim_holds_loses_at_once(database_url: str) -> None:
+def _run(database_url: str, scenario: Callable[[Database, Settings], Awaitable[None]]) -> None:
     upgrade(database_url)
     settings = Settings(database_url=database_url)
 
-    async def scenario() -> None:
+    async def run() -> None:
         db = Database(database_url)
         try:
-            claims, cues = ClaimService(db, settings), CueService(db, settings)
-            owner, _, cue_id = await _accounts_and_cue(db, settings)
-            execution = await _fire(cues, owner, cue_id)
-
-            first = asyncio.create_task(claims.claim(owner, "w1", execution))
-            await asyncio.sleep(0)  # w1's claim is submitted and waits for its statement
-            with pytest.raises(ApiError) as lost:
-                await claims.claim(owner, "w2", execution)
-            assert (lost.value.code, lost.value.http_status) == ("claim_failed", 409)
-            assert not first.done(), "the loser waited for the winner's statement"
-            won = await first
-            assert (str(won.id), won.attempts) == (execution, 1)
-
-            # The claim under way has finished: the next claim is decided by the
-            # execution's state again, and another execution is not held back.
-            with pytest.raises(ApiError):
-                await claims.claim(owner, "w2", execution)
-            second = await _fire(cues, owner, cue_id)
-            assert str((await claims.claim(owner, "w2", second)).id) == second
+            await scenario(db, settings)
         finally:
             await db.dispose()
 
-    asyncio.run(scenario())
+    asyncio.run(run())
+
+
+def test_a_claim_of_an_execution_another_claim_holds_loses_at_once(database_url: str) -> None:
+    async def scenario(db: Database, settings: Settings) -> None:
+        claims, cues = ClaimService(db, settings), CueService(db, settings)
+        owner, _, cue_id = await _accounts_and_cue(db, settings)
+        execution = await _fire(cues, owner, cue_id)
+
+        first = asyncio.create_task(claims.claim(owner, "w1", execution))
+        await asyncio.sleep(0)  # w1's claim is submitted and waits for its statement
+        with pytest.raises(ApiError) as lost:
+            await claims.claim(owner, "w2", execution)
+        assert (lost.value.code, lost.value.http_status) == ("claim_failed", 409)
+        assert not first.done(), "the loser waited for the winner's statement"
+        won = await first
+        assert (str(won.id), won.attempts) == (execution, 1)
+
+        # The claim under way has finished: the next claim is decided by the
+        # execution's state again, and another execution is not held back.
+        with pytest.raises(ApiError):
+            await claims.claim(owner, "w2", execution)
+        second = await _fire(cues, owner, cue_id)
+        assert str((await claims.claim(owner, "w2", second)).id) == second
+
+    _run(database_url, scenario)
 
 
 def test_another_accounts_claim_in_the_same_statement_is_not_handed_the_owners(database_url: str) -> None:
-    upgrade(database_url)
-    settings = Settings(database_url=database_url)
+    async def scenario(db: Database, settings: Settings) -> None:
+        owner, stranger, cue_id = await _accounts_and_cue(db, settings)
+        execution = uuid.UUID(await _fire(CueService(db, settings), owner, cue_id))
+        moment = now()
+        async with db.single_statement() as repos:
+            to_stranger, to_owner = await repos.claims.claim_each(
+                [
+                    ClaimRequest(stranger.account_id, execution, "s1"),
+                    ClaimRequest(owner.account_id, execution, "w1"),
+                ],
+                moment,
+                dt.timedelta(minutes=5),
+                moment - dt.timedelta(minutes=3),
+            )
+        assert to_stranger is None
+        assert to_owner is not None and to_owner.id == execution
 
-    async def scenario() -> None:
-        db = Database(database_url)
-        try:
-            owner, stranger, cue_id = await _accounts_and_cue(db, settings)
-            execution = uuid.UUID(await _fire(CueService(db, settings), owner, cue_id))
-            moment = now()
-            async with db.single_statement() as repos:
-                to_stranger, to_owner = await repos.claims.claim_each(
-                    [
-                        ClaimRequest(stranger.account_id, execution, "s1"),
-                        ClaimRequest(owner.account_id, execution, "w1"),
-                    ],
-                    moment,
-                    dt.timedelta(minutes=5),
-                    moment - dt.timedelta(minutes=3),
-                )
-            assert to_stranger is None
-            assert to_owner is not None and to_owner.id == execution
-        finally:
-            await db.dispose()
-
-    asyncio.run(scenario())
+    _run(database_url, scenario)
