@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 
 from cueline.v1 import cues_pb2, executions_pb2, outcomes_pb2
-from cueline_server.api.jsoncodec import Reader, format_timestamp, parse_datetime, render
+from cueline_server.api.jsoncodec import Reader, format_timestamp, parse_datetime, render, to_json_bytes
 
 
 def test_render_emits_every_field_with_nulls_numbers_and_wire_enums() -> None:
@@ -26,6 +27,26 @@ def test_render_emits_every_field_with_nulls_numbers_and_wire_enums() -> None:
     cue = render(cues_pb2.Cue(run_count=2**40))
     assert cue["run_count"] == 2**40 and isinstance(cue["run_count"], int)
     assert cue["callback"] is None and "transport" not in (cue["callback"] or {})
+
+
+def test_responses_embed_json_text_as_stored_and_match_the_parsed_rendering() -> None:
+    """The REST responses embed JSON text fields without parsing them: the bytes
+    are those of the parsed rendering, integers of any size and non-ASCII
+    text included, and an empty text is still null."""
+    stored = '{"n":12345678901234567890,"name":"Zoë","list":[1.5,null,{"a":true}]}'
+    listed = executions_pb2.ListClaimableExecutionsResponse()
+    listed.executions.add(execution_id="e", payload=stored)
+    listed.executions.add(execution_id="f", payload="")
+    wire = to_json_bytes(render(listed, fragments=True))
+    assert wire == json.dumps(render(listed), separators=(",", ":"), ensure_ascii=False).encode()
+    assert stored.encode() in wire
+    assert json.loads(wire)["executions"][1]["payload"] is None
+
+
+def test_an_integer_beyond_64_bits_outside_json_text_is_encoded_whole() -> None:
+    """An error that echoes the caller's input can hold any integer."""
+    echoed = {"detail": [{"loc": ["body", "max_attempts"], "input": 10**30}]}
+    assert json.loads(to_json_bytes(echoed)) == echoed
 
 
 def test_input_only_fields_are_never_rendered() -> None:

@@ -21,9 +21,10 @@ import datetime as dt
 import json
 import math
 from collections.abc import Callable
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
 from typing import Any
 
+import orjson
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -155,9 +156,12 @@ def parse_datetime(text: str) -> dt.datetime:
 # --- rendering ------------------------------------------------------------------------------------
 
 
-def render(message: Message) -> dict[str, Any]:
-    """A message as the REST surfaces show it (the rules in the module docstring)."""
-    plan = _render_plan(message.DESCRIPTOR)
+def render(message: Message, *, fragments: bool = False) -> dict[str, Any]:
+    """A message as the REST surfaces show it (the rules in the module docstring).
+    With `fragments`, JSON text fields are orjson Fragments, for `to_json_bytes`
+    to embed as stored instead of parsing and encoding them again; the request
+    validation let only strict JSON into them."""
+    plan = _render_plan(message.DESCRIPTOR, fragments)
     if plan is None:
         plain: dict[str, Any] = struct_to_json(message)
         return plain
@@ -176,8 +180,16 @@ def render(message: Message) -> dict[str, Any]:
         elif mode == _MAP:
             out[name] = dict(value) if convert is None else {k: convert(v) for k, v in value.items()}
         else:  # _INLINE
-            out.update(render(value))
+            out.update(render(value, fragments=fragments))
     return out
+
+
+def to_json_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON, Fragments embedded as they are."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer beyond 64 bits (an error echoing its input): kept whole
+        return compact_json(value).encode()
 
 
 # How render emits a field: as it is, null when unset, a list, an object, or
@@ -187,7 +199,7 @@ Converter = Callable[[Any], Any] | None
 
 
 @cache
-def _render_plan(descriptor: Descriptor) -> tuple[tuple[str, int, Converter], ...] | None:
+def _render_plan(descriptor: Descriptor, fragments: bool) -> tuple[tuple[str, int, Converter], ...] | None:
     """What render does with each field of a message type, worked out once per
     type from the descriptors (None: a Struct, rendered as plain JSON)."""
     if descriptor.full_name == STRUCT:
@@ -199,31 +211,36 @@ def _render_plan(descriptor: Descriptor) -> tuple[tuple[str, int, Converter], ..
         if f.rules.inline:
             plan.append((f.name, _INLINE, None))
         elif f.is_map:
-            plan.append((f.name, _MAP, _converter(f.message.fields_by_name["value"], json_text=False)))  # type: ignore[union-attr]
+            value = f.message.fields_by_name["value"]  # type: ignore[union-attr]
+            plan.append((f.name, _MAP, _converter(value, False, fragments)))
         elif f.repeated:
-            plan.append((f.name, _REPEATED, _converter(f.descriptor, f.rules.json_text)))
+            plan.append((f.name, _REPEATED, _converter(f.descriptor, f.rules.json_text, fragments)))
         elif f.has_presence or f.message is not None:
-            plan.append((f.name, _OPTIONAL, _converter(f.descriptor, f.rules.json_text)))
+            plan.append((f.name, _OPTIONAL, _converter(f.descriptor, f.rules.json_text, fragments)))
         else:
-            plan.append((f.name, _SINGULAR, _converter(f.descriptor, f.rules.json_text)))
+            plan.append((f.name, _SINGULAR, _converter(f.descriptor, f.rules.json_text, fragments)))
     return tuple(plan)
 
 
-def _converter(descriptor: FieldDescriptor, json_text: bool) -> Converter:
+def _converter(descriptor: FieldDescriptor, json_text: bool, fragments: bool) -> Converter:
     cpp = descriptor.cpp_type
     if cpp == _CPPTYPE_MESSAGE:
         if descriptor.message_type.full_name == TIMESTAMP:  # type: ignore[union-attr]
             return render_timestamp
-        return render
+        return partial(render, fragments=fragments)
     if cpp == _CPPTYPE_ENUM:
         return enum_info(descriptor.enum_type).to_wire.get
     if json_text:
-        return _json_text
+        return _json_fragment if fragments else _json_text
     return None
 
 
 def _json_text(value: str) -> Any:
     return loads(value) if value else None
+
+
+def _json_fragment(value: str) -> Any:
+    return orjson.Fragment(value) if value else None
 
 
 # --- reading --------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ bodies, everything else as the CueAPI envelope.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import re
 import uuid
@@ -28,7 +27,7 @@ from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 
 from cueline_server.api.descriptors import HttpBinding, MethodInfo, message_info, methods
-from cueline_server.api.jsoncodec import Reader, loads, render
+from cueline_server.api.jsoncodec import Reader, loads, render, to_json_bytes
 from cueline_server.api.pipeline import Pipeline
 from cueline_server.errors import ApiError, Violation, internal_error, unreadable_body, validation_error
 
@@ -213,14 +212,10 @@ def error_response(
     """The status, body and extra headers of an error, in the style of the path's surface."""
     if path.startswith("/oauth2/"):
         status, body, headers = oauth_error(error)
-        return status, _json_bytes(body), headers
+        return status, to_json_bytes(body), headers
     if path.startswith("/api/partners/"):
-        return error.http_status, _json_bytes(partner_body(error)), []
-    return error.http_status, _json_bytes(envelope(error, route)), []
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        return error.http_status, to_json_bytes(partner_body(error)), []
+    return error.http_status, to_json_bytes(envelope(error, route)), []
 
 
 class Transcoder:
@@ -259,7 +254,7 @@ class Transcoder:
             await _respond(
                 send,
                 200 if ready else 503,
-                _json_bytes({"status": "SERVING" if ready else "NOT_SERVING"}),
+                to_json_bytes({"status": "SERVING" if ready else "NOT_SERVING"}),
                 rid,
             )
             return
@@ -290,7 +285,7 @@ class Transcoder:
                 return
             if route.binding.response_body:
                 response = getattr(response, route.binding.response_body)
-            await _respond(send, status, _json_bytes(render(response)), rid)
+            await _respond(send, status, to_json_bytes(render(response, fragments=True)), rid)
         except ApiError as error:
             await self._error(send, path, error, route, rid)
         except Exception:
