@@ -1,7 +1,8 @@
-"""Claims by id that race: while one claim of an execution is under way on a
-process, another claim of it there loses at once instead of waiting for the
-statement, and the execution is not held back once that claim has finished.
-Claims of one id by two accounts in one statement: only the owner's can win."""
+"""Claims by id that race. On one process, a claim of an execution loses at
+once, without waiting for a statement, while another claim of it is under way
+there or for a while after it was claimed there; the execution is not held back
+once the claim under way has failed or that while has passed. Claims of one id
+by two accounts in one statement: only the owner's can win."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError
@@ -20,6 +23,7 @@ from cueline_server.services.cues import CueService
 from cueline_server.store.database import Database
 from cueline_server.store.migrate import upgrade
 from cueline_server.store.repositories import ClaimRequest
+from cueline_server.store.tables import executions
 
 
 async def _caller(db: Database, settings: Settings, email: str) -> Caller:
@@ -44,9 +48,11 @@ async def _accounts_and_cue(db: Database, settings: Settings) -> tuple[Caller, C
     return owner, stranger, str(cue.row.id)
 
 
-def _run(database_url: str, scenario: Callable[[Database, Settings], Awaitable[None]]) -> None:
+def _run(
+    database_url: str, scenario: Callable[[Database, Settings], Awaitable[None]], **settings_: Any
+) -> None:
     upgrade(database_url)
-    settings = Settings(database_url=database_url)
+    settings = Settings(database_url=database_url, **settings_)
 
     async def run() -> None:
         db = Database(database_url)
@@ -81,6 +87,39 @@ def test_a_claim_of_an_execution_another_claim_holds_loses_at_once(database_url:
         assert str((await claims.claim(owner, "w2", second)).id) == second
 
     _run(database_url, scenario)
+
+
+def test_an_execution_claimed_on_this_process_moments_ago_loses_without_the_database(
+    database_url: str,
+) -> None:
+    async def put_back(db: Database, execution: str) -> None:
+        """What only a hand-written statement can do before a lease ends."""
+        async with db.unit_of_work() as uow:
+            await uow.conn.execute(
+                update(executions)
+                .where(executions.c.id == uuid.UUID(execution))
+                .values(status="pending", claimed_by_worker=None, lease_expires_at=None, recover_after=None)
+            )
+            await uow.commit()
+
+    async def scenario(db: Database, settings: Settings) -> None:
+        claims, cues = ClaimService(db, settings), CueService(db, settings)
+        owner, _, cue_id = await _accounts_and_cue(db, settings)
+        execution = await _fire(cues, owner, cue_id)
+        assert str((await claims.claim_next(owner, "w1", None)).id) == execution
+        await put_back(db, execution)
+        with pytest.raises(ApiError) as lost:
+            await claims.claim(owner, "w2", execution)  # decided from memory
+        assert lost.value.code == "claim_failed"
+        # Another process asks the database, where the execution is claimable.
+        assert str((await ClaimService(db, settings).claim(owner, "w3", execution)).id) == execution
+
+        # Half the lease later this process asks the database too.
+        await put_back(db, execution)
+        await asyncio.sleep(settings.worker_claim_lease_seconds / 2 + 0.05)
+        assert str((await claims.claim(owner, "w2", execution)).id) == execution
+
+    _run(database_url, scenario, worker_claim_lease_seconds=1)
 
 
 def test_another_accounts_claim_in_the_same_statement_is_not_handed_the_owners(database_url: str) -> None:

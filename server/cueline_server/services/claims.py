@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,10 @@ from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import AnyRow, ClaimRequest
 
 SWEEP_BATCH = 500
+# How many executions claimed on this process are remembered, and for how long
+# at most (never past half the lease): ClaimService._held.
+HELD_MAX = 10_000
+HELD_SECONDS = 30.0
 FINAL = ("success", "failed", "missed")
 
 
@@ -73,6 +78,11 @@ class ClaimService:
         self._by_id: Coalescer[ClaimRequest, AnyRow | None] = Coalescer(self._claim_each)
         # (account, execution) of each claim by id under way on this process
         self._claiming: set[tuple[uuid.UUID, uuid.UUID]] = set()
+        # Executions this process claimed, each with the monotonic time until
+        # which nothing can have taken its claim back: a lease ends no earlier
+        # than it was granted for, and only a lapsed lease is claimed again.
+        self._held: OrderedDict[uuid.UUID, float] = OrderedDict()
+        self._held_for = min(HELD_SECONDS, self.lease.total_seconds() / 2)
         self._next: Coalescer[_NextClaim, AnyRow | None] = Coalescer(self._claim_next_each)
 
     async def claimable(
@@ -152,16 +162,19 @@ class ClaimService:
                     self._wake_one(caller.account_id, offered)
 
     async def claim(self, caller: Caller, worker_id: str, execution_id: str) -> AnyRow:
-        """Claims one named execution. While another claim of it is under way on
-        this process, the call loses at once, as it would to a row that claim
-        had locked: under the CueAPI worker protocol every worker claims the
-        head of the same listed page, and a loser that learns at once moves on
-        to the next execution instead of waiting a statement to be told no."""
+        """Claims one named execution. Under the CueAPI worker protocol every
+        worker claims the head of the same listed page, so most claims by id
+        lose a race; those this process can decide lose at once, and their
+        worker moves on to the next execution instead of waiting for a
+        statement to be told no. That is when the execution was claimed on this
+        process moments ago (its lease cannot have lapsed yet), or while another
+        claim of it is under way here (as if that claim had locked the row)."""
         parsed = parse_uuid(execution_id)
         if parsed is None:
             raise execution_not_found()
         key = (caller.account_id, parsed)
-        if key in self._claiming:
+        held = self._held.get(parsed)
+        if key in self._claiming or (held is not None and held > time.monotonic()):
             raise claim_failed("Execution not available for claiming")
         self._claiming.add(key)
         try:
@@ -170,7 +183,17 @@ class ClaimService:
             self._claiming.discard(key)
         if row is None:
             raise claim_failed("Execution not available for claiming")
+        self._hold((row,))
         return row
+
+    def _hold(self, rows: Sequence[AnyRow]) -> None:
+        """Remember executions just claimed (and committed) on this process."""
+        until = time.monotonic() + self._held_for
+        for row in rows:
+            self._held[row.id] = until
+            self._held.move_to_end(row.id)
+        while len(self._held) > HELD_MAX:
+            self._held.popitem(last=False)
 
     async def _claim_each(self, requests: Sequence[ClaimRequest]) -> list[AnyRow | None]:
         """Concurrent claims by id share one statement (one transaction on SQLite)."""
@@ -182,6 +205,7 @@ class ClaimService:
         row = await self._next.submit(_NextClaim(caller.account_id, task, worker_id))
         if row is None:
             raise claim_failed("No executions available for claiming")
+        self._hold((row,))
         return row
 
     async def _claim_next_each(self, requests: Sequence[_NextClaim]) -> list[AnyRow | None]:
@@ -214,9 +238,11 @@ class ClaimService:
     ) -> Sequence[AnyRow]:
         moment = now()
         async with self._db.single_statement() as repos:
-            return await repos.claims.claim_next(
+            rows = await repos.claims.claim_next(
                 caller.account_id, [worker_id] * limit, moment, self.lease, moment - self._silence, task=task
             )
+        self._hold(rows)
+        return rows
 
     async def heartbeat(
         self, caller: Caller, execution_id: str, worker_id: str | None, fencing_token: int | None = None
