@@ -48,6 +48,18 @@ async def _accounts_and_cue(db: Database, settings: Settings) -> tuple[Caller, C
     return owner, stranger, str(cue.row.id)
 
 
+async def _put_back(db: Database, execution: str) -> None:
+    """Make a claimed execution pending again: what only a hand-written
+    statement can do before its lease ends."""
+    async with db.unit_of_work() as uow:
+        await uow.conn.execute(
+            update(executions)
+            .where(executions.c.id == uuid.UUID(execution))
+            .values(status="pending", claimed_by_worker=None, lease_expires_at=None, recover_after=None)
+        )
+        await uow.commit()
+
+
 def _run(
     database_url: str, scenario: Callable[[Database, Settings], Awaitable[None]], **settings_: Any
 ) -> None:
@@ -92,22 +104,12 @@ def test_a_claim_of_an_execution_another_claim_holds_loses_at_once(database_url:
 def test_an_execution_claimed_on_this_process_moments_ago_loses_without_the_database(
     database_url: str,
 ) -> None:
-    async def put_back(db: Database, execution: str) -> None:
-        """What only a hand-written statement can do before a lease ends."""
-        async with db.unit_of_work() as uow:
-            await uow.conn.execute(
-                update(executions)
-                .where(executions.c.id == uuid.UUID(execution))
-                .values(status="pending", claimed_by_worker=None, lease_expires_at=None, recover_after=None)
-            )
-            await uow.commit()
-
     async def scenario(db: Database, settings: Settings) -> None:
         claims, cues = ClaimService(db, settings), CueService(db, settings)
         owner, _, cue_id = await _accounts_and_cue(db, settings)
         execution = await _fire(cues, owner, cue_id)
         assert str((await claims.claim_next(owner, "w1", None)).id) == execution
-        await put_back(db, execution)
+        await _put_back(db, execution)
         with pytest.raises(ApiError) as lost:
             await claims.claim(owner, "w2", execution)  # decided from memory
         assert lost.value.code == "claim_failed"
@@ -115,11 +117,35 @@ def test_an_execution_claimed_on_this_process_moments_ago_loses_without_the_data
         assert str((await ClaimService(db, settings).claim(owner, "w3", execution)).id) == execution
 
         # Half the lease later this process asks the database too.
-        await put_back(db, execution)
+        await _put_back(db, execution)
         await asyncio.sleep(settings.worker_claim_lease_seconds / 2 + 0.05)
         assert str((await claims.claim(owner, "w2", execution)).id) == execution
 
     _run(database_url, scenario, worker_claim_lease_seconds=1)
+
+
+def test_the_claimable_list_leaves_out_what_a_claim_here_would_refuse(database_url: str) -> None:
+    """Under way or claimed moments ago on this process: not listed there, and
+    the page is still filled up to its limit."""
+
+    async def scenario(db: Database, settings: Settings) -> None:
+        claims, cues = ClaimService(db, settings), CueService(db, settings)
+        owner, _, cue_id = await _accounts_and_cue(db, settings)
+        fired = [await _fire(cues, owner, cue_id) for _ in range(4)]
+
+        async def listed(service: ClaimService, limit: int | None = None) -> list[str]:
+            return [str(row.id) for row in await service.claimable(owner, None, limit)]
+
+        assert await listed(claims) == fired
+        under_way = asyncio.create_task(claims.claim(owner, "w1", fired[0]))
+        await asyncio.sleep(0)
+        assert await listed(claims, 2) == fired[1:3]
+        await under_way
+        await _put_back(db, fired[0])  # claimable in the database, claimed moments ago here
+        assert await listed(claims) == fired[1:]
+        assert await listed(ClaimService(db, settings)) == fired
+
+    _run(database_url, scenario)
 
 
 def test_another_accounts_claim_in_the_same_statement_is_not_handed_the_owners(database_url: str) -> None:

@@ -88,11 +88,24 @@ class ClaimService:
     async def claimable(
         self, caller: Caller, task: str | None, limit: int | None, *, agent: str | None = None
     ) -> Sequence[AnyRow]:
+        """The claimable page, without the executions a claim by id on this
+        process would refuse at once (`claim`): a list shows what a claim would
+        accept. It reads as many more rows as there are claims under way."""
         moment = now()
+        page = 50 if limit is None else limit
         async with self._db.reader() as repos:
-            return await repos.claims.claimable_page(
-                caller.account_id, moment, moment - self._silence, task, 50 if limit is None else limit, agent
+            rows = await repos.claims.claimable_page(
+                caller.account_id, moment, moment - self._silence, task, page + len(self._claiming), agent
             )
+        clock = time.monotonic()
+        return [row for row in rows if not self._refused(caller.account_id, row.id, clock)][:page]
+
+    def _refused(self, account_id: uuid.UUID, execution_id: uuid.UUID, clock: float) -> bool:
+        """Whether a claim of the execution loses without asking the database:
+        another claim of it is under way on this process, or this process
+        claimed it moments ago (its lease cannot have lapsed yet)."""
+        held = self._held.get(execution_id)
+        return (account_id, execution_id) in self._claiming or (held is not None and held > clock)
 
     def work_arrived(self, created: Sequence[NewWork] | None = None) -> None:
         """New claimable work may exist. Each new worker execution wakes one
@@ -172,10 +185,9 @@ class ClaimService:
         parsed = parse_uuid(execution_id)
         if parsed is None:
             raise execution_not_found()
-        key = (caller.account_id, parsed)
-        held = self._held.get(parsed)
-        if key in self._claiming or (held is not None and held > time.monotonic()):
+        if self._refused(caller.account_id, parsed, time.monotonic()):
             raise claim_failed("Execution not available for claiming")
+        key = (caller.account_id, parsed)
         self._claiming.add(key)
         try:
             row = await self._by_id.submit(ClaimRequest(caller.account_id, parsed, worker_id))
