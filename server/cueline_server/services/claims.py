@@ -90,12 +90,14 @@ class ClaimService:
     ) -> Sequence[AnyRow]:
         """The claimable page, without the executions a claim by id on this
         process would refuse at once (`claim`): a list shows what a claim would
-        accept. It reads as many more rows as there are claims under way."""
+        accept. It reads as many more rows as there are claims under way (at
+        most twice the page)."""
         moment = now()
         page = 50 if limit is None else limit
+        read = page + min(len(self._claiming), page)
         async with self._db.reader() as repos:
             rows = await repos.claims.claimable_page(
-                caller.account_id, moment, moment - self._silence, task, page + len(self._claiming), agent
+                caller.account_id, moment, moment - self._silence, task, read, agent
             )
         clock = time.monotonic()
         return [row for row in rows if not self._refused(caller.account_id, row.id, clock)][:page]
