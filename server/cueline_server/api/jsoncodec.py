@@ -158,8 +158,8 @@ def parse_datetime(text: str) -> dt.datetime:
 
 def render(message: Message, *, fragments: bool = False) -> dict[str, Any]:
     """A message as the REST surfaces show it (the rules in the module docstring).
-    With `fragments`, JSON text fields are orjson Fragments, for `to_json_bytes`
-    to embed as stored instead of parsing and encoding them again; the request
+    With `fragments`, JSON text fields are orjson Fragments, for orjson to
+    embed as stored instead of parsing and encoding them again; the request
     validation let only strict JSON into them."""
     plan = _render_plan(message.DESCRIPTOR, fragments)
     if plan is None:
@@ -185,11 +185,21 @@ def render(message: Message, *, fragments: bool = False) -> dict[str, Any]:
 
 
 def to_json_bytes(value: Any) -> bytes:
-    """Compact UTF-8 JSON, Fragments embedded as they are."""
+    """Compact UTF-8 JSON of plain values."""
     try:
         return orjson.dumps(value)
     except TypeError:  # an integer beyond 64 bits (an error echoing its input): kept whole
         return compact_json(value).encode()
+
+
+def message_json_bytes(message: Message) -> bytes:
+    """A message as compact UTF-8 JSON, its JSON text fields embedded as stored.
+    What orjson cannot encode is rendered again and encoded by the standard
+    library, which cannot embed Fragments."""
+    try:
+        return orjson.dumps(render(message, fragments=True))
+    except TypeError:
+        return compact_json(render(message)).encode()
 
 
 # How render emits a field: as it is, null when unset, a list, an object, or

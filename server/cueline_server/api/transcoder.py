@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 
 from cueline_server.api.descriptors import HttpBinding, MethodInfo, message_info, methods
-from cueline_server.api.jsoncodec import Reader, loads, render, to_json_bytes
+from cueline_server.api.jsoncodec import Reader, loads, message_json_bytes, to_json_bytes
 from cueline_server.api.pipeline import Pipeline
 from cueline_server.errors import ApiError, Violation, internal_error, unreadable_body, validation_error
 
@@ -285,7 +285,7 @@ class Transcoder:
                 return
             if route.binding.response_body:
                 response = getattr(response, route.binding.response_body)
-            await _respond(send, status, to_json_bytes(render(response, fragments=True)), rid)
+            await _respond(send, status, message_json_bytes(response), rid)
         except ApiError as error:
             await self._error(send, path, error, route, rid)
         except Exception:

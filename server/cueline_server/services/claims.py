@@ -187,7 +187,8 @@ class ClaimService:
         parsed = parse_uuid(execution_id)
         if parsed is None:
             raise execution_not_found()
-        if self._refused(caller.account_id, parsed, time.monotonic()):
+        asked = time.monotonic()
+        if self._refused(caller.account_id, parsed, asked):
             raise claim_failed("Execution not available for claiming")
         key = (caller.account_id, parsed)
         self._claiming.add(key)
@@ -197,12 +198,14 @@ class ClaimService:
             self._claiming.discard(key)
         if row is None:
             raise claim_failed("Execution not available for claiming")
-        self._hold((row,))
+        self._hold((row,), asked)
         return row
 
-    def _hold(self, rows: Sequence[AnyRow]) -> None:
-        """Remember executions just claimed (and committed) on this process."""
-        until = time.monotonic() + self._held_for
+    def _hold(self, rows: Sequence[AnyRow], asked: float) -> None:
+        """Remember executions just claimed (and committed) on this process, by
+        a claim asked for at `asked` (monotonic): their leases began later, so
+        the window is counted from then, however long the statement waited."""
+        until = asked + self._held_for
         for row in rows:
             self._held[row.id] = until
             self._held.move_to_end(row.id)
@@ -216,10 +219,11 @@ class ClaimService:
             return await repos.claims.claim_each(requests, moment, self.lease, moment - self._silence)
 
     async def claim_next(self, caller: Caller, worker_id: str, task: str | None) -> AnyRow:
+        asked = time.monotonic()
         row = await self._next.submit(_NextClaim(caller.account_id, task, worker_id))
         if row is None:
             raise claim_failed("No executions available for claiming")
-        self._hold((row,))
+        self._hold((row,), asked)
         return row
 
     async def _claim_next_each(self, requests: Sequence[_NextClaim]) -> list[AnyRow | None]:
@@ -250,12 +254,13 @@ class ClaimService:
     async def _claim(
         self, caller: Caller, worker_id: str, *, task: str | None = None, limit: int = 1
     ) -> Sequence[AnyRow]:
+        asked = time.monotonic()
         moment = now()
         async with self._db.single_statement() as repos:
             rows = await repos.claims.claim_next(
                 caller.account_id, [worker_id] * limit, moment, self.lease, moment - self._silence, task=task
             )
-        self._hold(rows)
+        self._hold(rows, asked)
         return rows
 
     async def heartbeat(
