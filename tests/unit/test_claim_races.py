@@ -2,7 +2,8 @@
 once, without waiting for a statement, while another claim of it is under way
 there or for a while after it was claimed there; the execution is not held back
 once the claim under way has failed or that while has passed. Claims of one id
-by two accounts in one statement: only the owner's can win."""
+by two accounts in one statement: only the owner's can win. A claim-next batch
+whose statement for one account fails still answers the others'."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError
@@ -165,5 +166,54 @@ def test_another_accounts_claim_in_the_same_statement_is_not_handed_the_owners(d
             )
         assert to_stranger is None
         assert to_owner is not None and to_owner.id == execution
+
+    _run(database_url, scenario)
+
+
+def test_a_claim_next_batch_failing_for_one_account_still_answers_the_others(database_url: str) -> None:
+    """On PostgreSQL each account of a claim-next batch is its own autocommitted
+    statement, so a failure in a later one leaves the earlier claims committed:
+    their callers must get them, not a retry that finds nothing. (SQLite writes
+    the batch in one transaction, which a failure rolls back whole.)"""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite's batch is one transaction")
+
+    async def scenario(db: Database, settings: Settings) -> None:
+        claims, cues = ClaimService(db, settings), CueService(db, settings)
+        owner, stranger, cue_id = await _accounts_and_cue(db, settings)
+        mine = await _fire(cues, owner, cue_id)
+        theirs = await CueService(db, settings).create(
+            stranger,
+            {
+                "name": "other",
+                "transport": "worker",
+                "schedule.type": "recurring",
+                "schedule.cron": "0 0 1 1 *",
+            },
+        )
+        await _fire(cues, stranger, str(theirs.row.id))
+        async with db.unit_of_work() as uow:  # the stranger's claims fail in the database
+            await uow.conn.execute(
+                text(
+                    "CREATE FUNCTION refuse_claim() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$"
+                )
+            )
+            await uow.conn.execute(
+                text(
+                    "CREATE TRIGGER refuse_claim BEFORE UPDATE ON executions FOR EACH ROW "
+                    f"WHEN (NEW.account_id = '{stranger.account_id}') EXECUTE FUNCTION refuse_claim()"
+                )
+            )
+            await uow.commit()
+
+        answers = await asyncio.gather(
+            claims.claim_next(owner, "w1", None),
+            claims.claim_next(stranger, "s1", None),
+            return_exceptions=True,
+        )
+        assert not isinstance(answers[0], BaseException), answers[0]
+        assert str(answers[0].id) == mine
+        assert isinstance(answers[1], Exception) and "refused for the test" in str(answers[1])
 
     _run(database_url, scenario)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -18,9 +19,11 @@ from cueline_server.services.accounts import Caller, now
 from cueline_server.services.cues import NewWork, WorkCreated, new_execution
 from cueline_server.services.identifiers import parse_uuid
 from cueline_server.services.outcomes import stale_claim
-from cueline_server.store.batching import Coalescer
+from cueline_server.store.batching import Coalescer, Failed
 from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import AnyRow, ClaimRequest
+
+log = logging.getLogger("cueline.claims")
 
 SWEEP_BATCH = 500
 # How many executions claimed on this process are remembered, and for how long
@@ -226,27 +229,37 @@ class ClaimService:
         self._hold((row,), asked)
         return row
 
-    async def _claim_next_each(self, requests: Sequence[_NextClaim]) -> list[AnyRow | None]:
+    async def _claim_next_each(self, requests: Sequence[_NextClaim]) -> list[AnyRow | Failed | None]:
         """Concurrent claim-next calls of one account and task share one
         statement: it takes as many of the oldest claimable executions as there
         are calls, the oldest for the call that came first. Each account and
         task is its own statement (autocommitted on PostgreSQL; on SQLite the
-        batch is one transaction)."""
+        batch is one transaction). On PostgreSQL a statement that fails fails
+        only its own calls: the claims of the others are committed, and are
+        theirs."""
         groups: dict[tuple[uuid.UUID, str | None], list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault((request.account_id, request.task), []).append(index)
-        claimed: list[AnyRow | None] = [None] * len(requests)
+        claimed: list[AnyRow | Failed | None] = [None] * len(requests)
         moment = now()
         async with self._db.single_statement() as repos:
             for (account_id, task), indexes in groups.items():
-                rows = await repos.claims.claim_next(
-                    account_id,
-                    [requests[index].worker_id for index in indexes],
-                    moment,
-                    self.lease,
-                    moment - self._silence,
-                    task=task,
-                )
+                try:
+                    rows = await repos.claims.claim_next(
+                        account_id,
+                        [requests[index].worker_id for index in indexes],
+                        moment,
+                        self.lease,
+                        moment - self._silence,
+                        task=task,
+                    )
+                except Exception as exc:
+                    if self._db.backend == "sqlite" or len(groups) == 1:
+                        raise  # nothing of the batch is kept: the coalescer retries it call by call
+                    log.warning("a claim-next statement of a batch failed: %s", exc)
+                    for index in indexes:
+                        claimed[index] = Failed(exc)
+                    continue
                 for index, row in zip(indexes, rows, strict=False):  # fewer rows: nothing more to claim
                     claimed[index] = row
         return claimed

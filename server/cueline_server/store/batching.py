@@ -14,7 +14,9 @@ it. Idle, a turn costs microseconds; under load each turn runs the other
 requests' next steps, so the wait grows with the load, and so do the
 batches.
 
-A failed batch is retried item by item, so one bad item fails only itself.
+A failed batch is retried item by item, so one bad item fails only itself. A
+flush that wrote part of a batch and cannot undo it answers the items of the
+failed part with `Failed` instead of raising.
 Every queued item is written even if its caller stops waiting (a client that
 disconnects mid-call); its cancelled future is simply not answered.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 log = logging.getLogger("cueline.batching")
@@ -40,10 +43,18 @@ R = TypeVar("R")
 GATHER_TURNS = 3
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A flush's answer for an item that failed while others were written: its
+    caller gets `error`, and the batch is not retried."""
+
+    error: Exception
+
+
 class Coalescer(Generic[T, R]):
     def __init__(
         self,
-        flush: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        flush: Callable[[Sequence[T]], Awaitable[Sequence[R | Failed]]],
         *,
         max_batch: int = 256,
         gather_turns: int = GATHER_TURNS,
@@ -96,7 +107,10 @@ class Coalescer(Generic[T, R]):
                 await self._write([entry])
             return
         for (_, future), result in zip(batch, results, strict=True):
-            _settle(future, result=result)
+            if isinstance(result, Failed):
+                _settle(future, error=result.error)
+            else:
+                _settle(future, result=result)
 
 
 def _settle(
