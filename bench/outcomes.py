@@ -259,10 +259,8 @@ async def race(server: Server, key: str, executions: int, writers: int = 16) -> 
     md = bearer(key)
     wins: dict[str, int] = dict.fromkeys(pool, 0)
     tally = {"conflicts": 0, "errors": 0}
-    async with (
-        grpc.aio.insecure_channel(server.grpc_target) as channel,
-        httpx.AsyncClient(base_url=server.http_url, headers=auth(key), timeout=60) as client,
-    ):
+    host, port = server.http_url.removeprefix("http://").split(":")
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
         stub = outcomes_pb2_grpc.OutcomeServiceStub(channel)
 
         async def over_grpc(execution_id: str, writer: int) -> str:
@@ -277,23 +275,34 @@ async def race(server: Server, key: str, executions: int, writers: int = 16) -> 
             except grpc.aio.AioRpcError as error:
                 return "conflict" if error.code() == grpc.StatusCode.ALREADY_EXISTS else "error"
 
-        async def over_rest(execution_id: str, writer: int) -> str:
+        async def over_rest(connection: Connection, execution_id: str, writer: int) -> str:
             try:
-                response = await client.post(
-                    f"/v1/executions/{execution_id}/outcome", json={"success": True, "result": str(writer)}
+                status, _ = await connection.request(
+                    "POST", f"/v1/executions/{execution_id}/outcome", {"success": True, "result": str(writer)}
                 )
-            except httpx.HTTPError:
+            except (OSError, asyncio.IncompleteReadError):
                 return "error"
-            return {200: "won", 409: "conflict"}.get(response.status_code, "error")
+            return {200: "won", 409: "conflict"}.get(status, "error")
 
         async def writer(index: int) -> None:
-            send = over_grpc if index % 2 == 0 else over_rest
-            for execution_id in pool:
-                result = await send(execution_id, index)
-                if result == "won":
-                    wins[execution_id] += 1
-                else:
-                    tally[result + "s" if result == "conflict" else "errors"] += 1
+            # Even writers over gRPC (one shared channel), odd ones over REST,
+            # each on its own keep-alive connection.
+            connection = (
+                None if index % 2 == 0 else Connection(host, int(port), {"Authorization": f"Bearer {key}"})
+            )
+            try:
+                for execution_id in pool:
+                    if connection is None:
+                        result = await over_grpc(execution_id, index)
+                    else:
+                        result = await over_rest(connection, execution_id, index)
+                    if result == "won":
+                        wins[execution_id] += 1
+                    else:
+                        tally[result + "s" if result == "conflict" else "errors"] += 1
+            finally:
+                if connection is not None:
+                    await connection.close()
 
         started = time.perf_counter()
         await asyncio.gather(*(writer(i) for i in range(writers)))
