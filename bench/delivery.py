@@ -153,7 +153,6 @@ async def claim_cycles(server: Server, key: str, pool: int, seconds: float, prot
     lost = 0  # claims answered 409 because another worker had taken the execution
     errors: list[int] = []  # any other status than 200, and 409 where no race explains it
     deadline = time.perf_counter() + seconds
-    host, port = server.http_url.removeprefix("http://").split(":")
 
     async def next_claim(connection: Connection, worker_id: str) -> str | None:
         status, body = await connection.request("POST", "/v1/executions/claim", {"worker_id": worker_id})
@@ -188,7 +187,7 @@ async def claim_cycles(server: Server, key: str, pool: int, seconds: float, prot
     claim = daemon_claim if protocol == "daemon" else next_claim
 
     async def worker(index: int) -> None:
-        connection = Connection(host, int(port), {"Authorization": f"Bearer {key}"})
+        connection = Connection.to(server.http_url, key)
         try:
             while time.perf_counter() < deadline:
                 execution_id = await claim(connection, f"w{index}")

@@ -123,25 +123,30 @@ async def over_grpc(target: str, key: str, ids: Iterator[str], callers: int, pla
         return await closed_loop(call, ids, callers, plan)
 
 
+async def report(connection: Connection, execution_id: str, result: str) -> int | None:
+    """POST a successful outcome over REST: the status, None if the connection failed."""
+    try:
+        status, _ = await connection.request(
+            "POST", f"/v1/executions/{execution_id}/outcome", {"success": True, "result": result}
+        )
+    except (OSError, asyncio.IncompleteReadError):
+        return None
+    return status
+
+
 async def over_rest(base_url: str, key: str, ids: Iterator[str], callers: int, plan: Plan) -> dict[str, Any]:
     """The G14 load generator: POST /v1/executions/{id}/outcome on `callers`
     keep-alive connections (a lean client: see bench/rawhttp.py)."""
-    host, port = base_url.removeprefix("http://").split(":")
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(callers):
-        pool.put_nowait(Connection(host, int(port), {"Authorization": f"Bearer {key}"}))
+        pool.put_nowait(Connection.to(base_url, key))
 
     async def call(execution_id: str) -> bool:
         connection = await pool.get()
         try:
-            status, _ = await connection.request(
-                "POST", f"/v1/executions/{execution_id}/outcome", {"success": True, "result": "ok"}
-            )
-        except (OSError, asyncio.IncompleteReadError):
-            return False
+            return await report(connection, execution_id, "ok") == 200
         finally:
             pool.put_nowait(connection)
-        return status == 200
 
     try:
         return await closed_loop(call, ids, callers, plan)
@@ -259,7 +264,6 @@ async def race(server: Server, key: str, executions: int, writers: int = 16) -> 
     md = bearer(key)
     wins: dict[str, int] = dict.fromkeys(pool, 0)
     tally = {"conflicts": 0, "errors": 0}
-    host, port = server.http_url.removeprefix("http://").split(":")
     async with grpc.aio.insecure_channel(server.grpc_target) as channel:
         stub = outcomes_pb2_grpc.OutcomeServiceStub(channel)
 
@@ -276,20 +280,13 @@ async def race(server: Server, key: str, executions: int, writers: int = 16) -> 
                 return "conflict" if error.code() == grpc.StatusCode.ALREADY_EXISTS else "error"
 
         async def over_rest(connection: Connection, execution_id: str, writer: int) -> str:
-            try:
-                status, _ = await connection.request(
-                    "POST", f"/v1/executions/{execution_id}/outcome", {"success": True, "result": str(writer)}
-                )
-            except (OSError, asyncio.IncompleteReadError):
-                return "error"
-            return {200: "won", 409: "conflict"}.get(status, "error")
+            status = await report(connection, execution_id, str(writer))
+            return {200: "won", 409: "conflict"}.get(status or 0, "error")
 
         async def writer(index: int) -> None:
             # Even writers over gRPC (one shared channel), odd ones over REST,
             # each on its own keep-alive connection.
-            connection = (
-                None if index % 2 == 0 else Connection(host, int(port), {"Authorization": f"Bearer {key}"})
-            )
+            connection = None if index % 2 == 0 else Connection.to(server.http_url, key)
             try:
                 for execution_id in pool:
                     if connection is None:

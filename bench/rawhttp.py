@@ -17,6 +17,12 @@ from typing import Any
 
 
 class Connection:
+    @classmethod
+    def to(cls, base_url: str, key: str) -> Connection:
+        """A connection to a server's REST port (`http://host:port`) with an API key."""
+        host, port = base_url.removeprefix("http://").split(":")
+        return cls(host, int(port), {"Authorization": f"Bearer {key}"})
+
     def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
         self._host, self._port = host, port
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **headers}.items())

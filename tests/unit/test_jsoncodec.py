@@ -8,7 +8,15 @@ import json
 import pytest
 
 from cueline.v1 import cues_pb2, executions_pb2, outcomes_pb2
-from cueline_server.api.jsoncodec import Reader, format_timestamp, parse_datetime, render, to_json_bytes
+from cueline_server.api.jsoncodec import (
+    Reader,
+    compact_json,
+    format_timestamp,
+    message_json_bytes,
+    parse_datetime,
+    render,
+    to_json_bytes,
+)
 
 
 def test_render_emits_every_field_with_nulls_numbers_and_wire_enums() -> None:
@@ -37,8 +45,8 @@ def test_responses_embed_json_text_as_stored_and_match_the_parsed_rendering() ->
     listed = executions_pb2.ListClaimableExecutionsResponse()
     listed.executions.add(execution_id="e", payload=stored)
     listed.executions.add(execution_id="f", payload="")
-    wire = to_json_bytes(render(listed, fragments=True))
-    assert wire == json.dumps(render(listed), separators=(",", ":"), ensure_ascii=False).encode()
+    wire = message_json_bytes(listed)
+    assert wire == compact_json(render(listed)).encode()
     assert stored.encode() in wire
     assert json.loads(wire)["executions"][1]["payload"] is None
 

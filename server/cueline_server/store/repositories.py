@@ -1079,7 +1079,7 @@ def _claimer_alive(silent_since: Any) -> ColumnElement[bool]:
 
 def _recoverable_by(now: Any) -> ColumnElement[bool]:
     """The sweeps' reading of `recover_after`: past, or never set (a claim
-    written before the column existed)."""
+    written by a server older than the column: a replica not yet upgraded)."""
     return or_(executions.c.recover_after <= now, executions.c.recover_after.is_(None))
 
 
@@ -1153,11 +1153,11 @@ def _claim_queue(
     on every call. The due half reads the account's pending executions in
     claim order (account, status, scheduled_for, created_at). The lapsed half
     reads the account's claims past their `recover_after` through the partial
-    index of leases (ix_executions_worker_leases) and sorts them. It sorts on an expression
-    that no index is in the order of: given an index in claim order, the
-    planner read the status index instead (its estimate was one execution in
-    flight, from statistics gathered before the claims), and so read every
-    execution the account had in flight on every call.
+    index of leases (ix_executions_worker_leases) and sorts them. It sorts on
+    an expression that no index is in the order of: given an index in claim
+    order, the planner read the status index instead (its estimate was one
+    execution in flight, from statistics gathered before the claims), and so
+    read every execution the account had in flight on every call.
 
     With `lock`, each half skips and locks rows (FOR UPDATE SKIP LOCKED), so
     concurrent claimers never take the same row; a locking CTE runs exactly
@@ -1529,8 +1529,8 @@ class ClaimRepository(_Repository):
         Their `recover_after` moves there, so claims stop reading them until
         then (claims by workers that never extend a lease per execution keep
         running past it). Claims whose `recover_after` was never set (written
-        before it existed) get it too. It never falls before the lease's end,
-        which the claims rely on. Returns how many moved."""
+        by a server older than the column) get it too. It never falls before
+        the lease's end, which the claims rely on. Returns how many moved."""
         found = (
             await self.conn.execute(
                 select(executions.c.id, executions.c.lease_expires_at, workers.c.last_heartbeat)
