@@ -241,6 +241,7 @@ class ClaimService:
         for index, request in enumerate(requests):
             groups.setdefault((request.account_id, request.task), []).append(index)
         claimed: list[AnyRow | Failed | None] = [None] * len(requests)
+        kept = False  # a statement of this batch has committed (PostgreSQL)
         moment = now()
         async with self._db.single_statement() as repos:
             for (account_id, task), indexes in groups.items():
@@ -254,12 +255,13 @@ class ClaimService:
                         task=task,
                     )
                 except Exception as exc:
-                    if self._db.backend == "sqlite" or len(groups) == 1:
+                    if self._db.backend == "sqlite" or not kept:
                         raise  # nothing of the batch is kept: the coalescer retries it call by call
                     log.warning("a claim-next statement of a batch failed: %s", exc)
                     for index in indexes:
                         claimed[index] = Failed(exc)
                     continue
+                kept = True
                 for index, row in zip(indexes, rows, strict=False):  # fewer rows: nothing more to claim
                     claimed[index] = row
         return claimed
