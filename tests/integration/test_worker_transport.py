@@ -48,6 +48,31 @@ def fire(client: httpx.Client, cue_id: str, **body: Any) -> str:
     return str(response.json()["id"])
 
 
+def test_concurrent_claimable_lists_each_get_their_own_page(server: Server) -> None:
+    """Concurrent lists of one account share reads and responses; those of
+    another account or another limit never get them."""
+    keys = [server.register() for _ in range(2)]
+    fired: list[list[str]] = []
+    for key in keys:
+        with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+            cue = worker_cue(client)
+            fired.append([fire(client, cue["id"]) for _ in range(3)])
+
+    async def lists(key: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.http_url, headers=auth(key)) as client:
+            return await asyncio.gather(
+                *(client.get("/v1/executions/claimable", params={"limit": 1 + i % 3}) for i in range(24))
+            )
+
+    async def all_lists() -> list[list[httpx.Response]]:
+        return await asyncio.gather(*(lists(key) for key in keys))
+
+    for mine, responses in zip(fired, asyncio.run(all_lists()), strict=True):
+        for i, response in enumerate(responses):
+            assert response.status_code == 200, response.text
+            assert [item["execution_id"] for item in response.json()["executions"]] == mine[: 1 + i % 3]
+
+
 def test_claimable_claim_heartbeat_report(server: Server) -> None:
     key = server.register()
     with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:

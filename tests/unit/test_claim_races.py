@@ -2,7 +2,8 @@
 once, without waiting for a statement, while another claim of it is under way
 there or for a while after it was claimed there; the execution is not held back
 once the claim under way has failed or that while has passed. Claims of one id
-by two accounts in one statement: only the owner's can win. A claim-next batch
+by two accounts in one statement: only the owner's can win. Concurrent calls
+for the same claimable list share one read. A claim-next batch
 whose statement for one account fails still answers the others'."""
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def test_the_claimable_list_leaves_out_what_a_claim_here_would_refuse(database_u
         fired = [await _fire(cues, owner, cue_id) for _ in range(4)]
 
         async def listed(service: ClaimService, limit: int | None = None) -> list[str]:
-            return [str(row.id) for row in await service.claimable(owner, None, limit)]
+            return [str(row.id) for row in (await service.claimable(owner, None, limit)).rows]
 
         assert await listed(claims) == fired
         under_way = asyncio.create_task(claims.claim(owner, "w1", fired[0]))
@@ -145,6 +146,29 @@ def test_the_claimable_list_leaves_out_what_a_claim_here_would_refuse(database_u
         await _put_back(db, fired[0])  # claimable in the database, claimed moments ago here
         assert await listed(claims) == fired[1:]
         assert await listed(ClaimService(db, settings)) == fired
+
+    _run(database_url, scenario)
+
+
+def test_concurrent_calls_for_one_list_share_one_read(database_url: str) -> None:
+    """They get the same page; another account, task or limit gets its own, and
+    a list asked later reads again."""
+
+    async def scenario(db: Database, settings: Settings) -> None:
+        claims, cues = ClaimService(db, settings), CueService(db, settings)
+        owner, stranger, cue_id = await _accounts_and_cue(db, settings)
+        fired = [await _fire(cues, owner, cue_id) for _ in range(3)]
+        pages = await asyncio.gather(
+            *(claims.claimable(owner, None, None) for _ in range(3)),
+            claims.claimable(owner, None, 2),
+            claims.claimable(owner, "other", None),
+            claims.claimable(stranger, None, None),
+        )
+        assert pages[0] is pages[1] is pages[2]
+        listed = [[str(row.id) for row in page.rows] for page in pages]
+        assert listed == [fired, fired, fired, fired[:2], [], []]
+        newer = await _fire(cues, owner, cue_id)
+        assert [str(row.id) for row in (await claims.claimable(owner, None, None)).rows] == [*fired, newer]
 
     _run(database_url, scenario)
 

@@ -236,6 +236,11 @@ class Transcoder:
         self._max = max_request_bytes
         self._openapi = openapi
         self._ready = ready
+        # The last response rendered, and its body: a servicer may hand one
+        # response to concurrent calls (a shared claimable page), whose
+        # continuations then run one after another. Responses are never
+        # changed once returned.
+        self._rendered: tuple[Message | None, bytes] = (None, b"")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -285,12 +290,19 @@ class Transcoder:
                 return
             if route.binding.response_body:
                 response = getattr(response, route.binding.response_body)
-            await _respond(send, status, message_json_bytes(response), rid)
+            await _respond(send, status, self._render(response), rid)
         except ApiError as error:
             await self._error(send, path, error, route, rid)
         except Exception:
             log.exception("unhandled error in REST request %s %s", verb, path)
             await self._error(send, path, internal_error(), route, rid)
+
+    def _render(self, response: Message) -> bytes:
+        last, body = self._rendered
+        if response is not last:
+            body = message_json_bytes(response)
+            self._rendered = (response, body)
+        return body
 
     async def _error(self, send: Send, path: str, error: ApiError, route: Route | None, rid: str) -> None:
         status, body, headers = error_response(path, error, route)

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from cueline.v1 import executions_pb2, outcomes_pb2
 from cueline_server.api.pipeline import Call
 from cueline_server.servicers.convert import from_enum, put_time
 from cueline_server.servicers.resources import execution_message
-from cueline_server.services.claims import ClaimService
+from cueline_server.services.claims import ClaimablePage, ClaimService
 from cueline_server.services.executions import ExecutionService
 from cueline_server.store.repositories import AnyRow
 
@@ -15,6 +16,12 @@ class ExecutionServicer:
     def __init__(self, executions: ExecutionService, claims: ClaimService) -> None:
         self._executions = executions
         self._claims = claims
+        # The response built for each claimable page still held by a caller:
+        # concurrent calls that share a page share its response (never changed
+        # once built), so it is built, and rendered for REST, once.
+        self._lists: weakref.WeakKeyDictionary[
+            ClaimablePage, executions_pb2.ListClaimableExecutionsResponse
+        ] = weakref.WeakKeyDictionary()
 
     async def ListExecutions(
         self, request: executions_pb2.ListExecutionsRequest, call: Call
@@ -54,21 +61,23 @@ class ExecutionServicer:
     async def ListClaimableExecutions(
         self, request: executions_pb2.ListClaimableExecutionsRequest, call: Call
     ) -> executions_pb2.ListClaimableExecutionsResponse:
-        rows = await self._claims.claimable(
+        page = await self._claims.claimable(
             call.account,
             request.task if request.HasField("task") else None,
             request.limit if request.HasField("limit") else None,
             agent=request.agent if request.HasField("agent") else None,
         )
-        response = executions_pb2.ListClaimableExecutionsResponse()
-        for row in rows:
-            item = response.executions.add(
-                execution_id=str(row.id), cue_id=row.cue_id, cue_name=row.cue_name, payload=row.payload,
-                attempt=row.attempts,
-            )  # fmt: skip
-            if row.task is not None:
-                item.task = row.task
-            put_time(item.scheduled_for, row.scheduled_for)
+        response = self._lists.get(page)
+        if response is None:
+            response = self._lists[page] = executions_pb2.ListClaimableExecutionsResponse()
+            for row in page.rows:
+                item = response.executions.add(
+                    execution_id=str(row.id), cue_id=row.cue_id, cue_name=row.cue_name, payload=row.payload,
+                    attempt=row.attempts,
+                )  # fmt: skip
+                if row.task is not None:
+                    item.task = row.task
+                put_time(item.scheduled_for, row.scheduled_for)
         return response
 
     async def ClaimNextExecution(

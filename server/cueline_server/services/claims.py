@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import time
 import uuid
@@ -35,6 +36,25 @@ FINAL = ("success", "failed", "missed")
 
 def claim_failed(message: str) -> ApiError:
     return ApiError("claim_failed", message, 409)
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """A claimable list call: its account, filters and page size."""
+
+    account_id: uuid.UUID
+    task: str | None
+    agent: str | None
+    page: int
+
+
+class ClaimablePage:
+    """A claimable page; concurrent calls for the same list share one (`ClaimService.claimable`)."""
+
+    __slots__ = ("__weakref__", "rows")
+
+    def __init__(self, rows: Sequence[AnyRow]) -> None:
+        self.rows = rows
 
 
 @dataclass(frozen=True)
@@ -87,23 +107,43 @@ class ClaimService:
         self._held: OrderedDict[uuid.UUID, float] = OrderedDict()
         self._held_for = min(HELD_SECONDS, self.lease.total_seconds() / 2)
         self._next: Coalescer[_NextClaim, AnyRow | None] = Coalescer(self._claim_next_each)
+        self._lists: Coalescer[_Listing, ClaimablePage] = Coalescer(self._list_each)
 
     async def claimable(
         self, caller: Caller, task: str | None, limit: int | None, *, agent: str | None = None
-    ) -> Sequence[AnyRow]:
+    ) -> ClaimablePage:
         """The claimable page, without the executions a claim by id on this
         process would refuse at once (`claim`): a list shows what a claim would
-        accept. It reads as many more rows as there are claims under way (at
-        most twice the page)."""
+        accept. Concurrent calls for the same list share one read, and get the
+        same page object."""
+        return await self._lists.submit(
+            _Listing(caller.account_id, task, agent, 50 if limit is None else limit)
+        )
+
+    async def _list_each(self, listings: Sequence[_Listing]) -> list[ClaimablePage]:
+        """Each distinct list of the batch read once, all at the same time.
+        Every call of the batch arrived before the reads began, so each sees
+        all it wrote before."""
+        distinct = list(dict.fromkeys(listings))
+        pages = dict(zip(distinct, await asyncio.gather(*map(self._read_page, distinct)), strict=True))
+        return [pages[listing] for listing in listings]
+
+    async def _read_page(self, listing: _Listing) -> ClaimablePage:
+        """It reads as many more rows as there are claims under way (at most
+        twice the page), for those it leaves out."""
         moment = now()
-        page = 50 if limit is None else limit
-        read = page + min(len(self._claiming), page)
         async with self._db.reader() as repos:
             rows = await repos.claims.claimable_page(
-                caller.account_id, moment, moment - self._silence, task, read, agent
+                listing.account_id,
+                moment,
+                moment - self._silence,
+                listing.task,
+                listing.page + min(len(self._claiming), listing.page),
+                listing.agent,
             )
         clock = time.monotonic()
-        return [row for row in rows if not self._refused(caller.account_id, row.id, clock)][:page]
+        kept = (row for row in rows if not self._refused(listing.account_id, row.id, clock))
+        return ClaimablePage(list(itertools.islice(kept, listing.page)))
 
     def _refused(self, account_id: uuid.UUID, execution_id: uuid.UUID, clock: float) -> bool:
         """Whether a claim of the execution loses without asking the database:
