@@ -54,7 +54,7 @@ class ExecutionService:
         # One primary-key read, on the reader: clients poll an execution for its
         # outcome, and a read transaction's BEGIN and ROLLBACK cost more than it.
         async with self._db.reader() as repos:
-            row = await repos.executions.get(caller.account_id, parsed)
+            row = await repos.executions.read(caller.account_id, parsed)
         if row is None:
             raise execution_not_found()
         return row

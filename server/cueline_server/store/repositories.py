@@ -256,9 +256,18 @@ class ExecutionRepository(_Repository):
 
     async def get(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
         result = await self.conn.execute(
-            select(executions).where(executions.c.account_id == account_id, executions.c.id == execution_id)
+            _execution_by_id(), {"g_account": account_id, "g_execution": execution_id}
         )
         return result.first()
+
+    async def read(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
+        """`get` on the reader (`Database.reader`): on PostgreSQL on the driver
+        directly (`_Direct`). Clients poll an execution for its outcome."""
+        if self.conn.dialect.name != "postgresql":
+            return await self.get(account_id, execution_id)
+        parameters = {"g_account": account_id, "g_execution": execution_id}
+        rows = await _EXECUTION_BY_ID_DIRECT.rows(self.conn, parameters)
+        return rows[0] if rows else None
 
     async def write_once_states(
         self, keys: Sequence[tuple[uuid.UUID, uuid.UUID]]
@@ -883,6 +892,16 @@ class _Direct:
         rows: list[Any] = await cursor.fetchall()
         return rows
 
+
+@cache
+def _execution_by_id() -> Any:
+    return select(executions).where(
+        executions.c.account_id == bindparam("g_account", type_=Uuid),
+        executions.c.id == bindparam("g_execution", type_=Uuid),
+    )
+
+
+_EXECUTION_BY_ID_DIRECT = _Direct(_execution_by_id())
 
 # Every batch runs one of them; each parameter is an array literal.
 _RECORD_OUTCOMES_DIRECT = {leave_held: _Direct(_record_outcomes(leave_held)) for leave_held in (False, True)}
