@@ -20,11 +20,11 @@ from sqlalchemy import text, update
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError
 from cueline_server.services.accounts import AccountService, Authenticator, Caller, now
-from cueline_server.services.claims import ClaimService
+from cueline_server.services.claims import ClaimablePage, ClaimService
 from cueline_server.services.cues import CueService
 from cueline_server.store.database import Database
 from cueline_server.store.migrate import upgrade
-from cueline_server.store.repositories import ClaimRequest
+from cueline_server.store.repositories import ClaimRepository, ClaimRequest
 from cueline_server.store.tables import executions
 
 
@@ -50,6 +50,12 @@ async def _accounts_and_cue(db: Database, settings: Settings) -> tuple[Caller, C
     return owner, stranger, str(cue.row.id)
 
 
+async def _services_and_cue(db: Database, settings: Settings) -> tuple[ClaimService, CueService, Caller, str]:
+    """Claim and cue services, an account, and a worker cue of it."""
+    owner, _, cue_id = await _accounts_and_cue(db, settings)
+    return ClaimService(db, settings), CueService(db, settings), owner, cue_id
+
+
 async def _put_back(db: Database, execution: str) -> None:
     """Make a claimed execution pending again: what only a hand-written
     statement can do before its lease ends."""
@@ -60,6 +66,26 @@ async def _put_back(db: Database, execution: str) -> None:
             .values(status="pending", claimed_by_worker=None, lease_expires_at=None, recover_after=None)
         )
         await uow.commit()
+
+
+def _ids(page: ClaimablePage) -> list[str]:
+    return [str(row.id) for row in page.rows]
+
+
+Read = Callable[..., Awaitable[Any]]
+
+
+def _through(
+    monkeypatch: pytest.MonkeyPatch,
+    wrapper: Callable[[Read, ClaimRepository, tuple[Any, ...]], Awaitable[Any]],
+) -> None:
+    """Every claimable list's read goes through `wrapper`, given the real read."""
+    read = ClaimRepository.claimable_page
+
+    async def wrapped(self: ClaimRepository, *args: Any) -> Any:
+        return await wrapper(read, self, args)
+
+    monkeypatch.setattr(ClaimRepository, "claimable_page", wrapped)
 
 
 def _run(
@@ -136,7 +162,7 @@ def test_the_claimable_list_leaves_out_what_a_claim_here_would_refuse(database_u
         fired = [await _fire(cues, owner, cue_id) for _ in range(4)]
 
         async def listed(service: ClaimService, limit: int | None = None) -> list[str]:
-            return [str(row.id) for row in (await service.claimable(owner, None, limit)).rows]
+            return _ids(await service.claimable(owner, None, limit))
 
         assert await listed(claims) == fired
         under_way = asyncio.create_task(claims.claim(owner, "w1", fired[0]))
@@ -165,10 +191,90 @@ def test_concurrent_calls_for_one_list_share_one_read(database_url: str) -> None
             claims.claimable(stranger, None, None),
         )
         assert pages[0] is pages[1] is pages[2]
-        listed = [[str(row.id) for row in page.rows] for page in pages]
+        assert len({id(page) for page in pages[2:]}) == 4
+        listed = [_ids(page) for page in pages]
         assert listed == [fired, fired, fired, fired[:2], [], []]
         newer = await _fire(cues, owner, cue_id)
-        assert [str(row.id) for row in (await claims.claimable(owner, None, None)).rows] == [*fired, newer]
+        assert _ids(await claims.claimable(owner, None, None)) == [*fired, newer]
+
+    _run(database_url, scenario)
+
+
+def test_a_list_asked_while_its_read_is_under_way_reads_again(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read under way may have been made before the caller's own writes."""
+
+    async def scenario(db: Database, settings: Settings) -> None:
+        claims, cues, owner, cue_id = await _services_and_cue(db, settings)
+        first = await _fire(cues, owner, cue_id)
+        queried, released = asyncio.Event(), asyncio.Event()
+
+        async def held_back(read: Read, repository: ClaimRepository, args: tuple[Any, ...]) -> Any:
+            rows = await read(repository, *args)
+            queried.set()
+            await released.wait()
+            return rows
+
+        _through(monkeypatch, held_back)
+        under_way = asyncio.create_task(claims.claimable(owner, None, None))
+        await queried.wait()
+        second = await _fire(cues, owner, cue_id)
+        later = asyncio.create_task(claims.claimable(owner, None, None))
+        await asyncio.sleep(0.05)
+        released.set()
+        assert _ids(await under_way) == [first]
+        assert _ids(await later) == [first, second]
+
+    _run(database_url, scenario)
+
+
+def test_a_failed_list_read_fails_only_the_calls_that_shared_it(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario(db: Database, settings: Settings) -> None:
+        claims, cues, owner, cue_id = await _services_and_cue(db, settings)
+        fired = await _fire(cues, owner, cue_id)
+        failed_reads = 0
+
+        async def failing(read: Read, repository: ClaimRepository, args: tuple[Any, ...]) -> Any:
+            nonlocal failed_reads
+            if args[3] == "broken":  # the task
+                failed_reads += 1
+                raise RuntimeError("read failed for the test")
+            return await read(repository, *args)
+
+        _through(monkeypatch, failing)
+        answers = await asyncio.gather(
+            claims.claimable(owner, "broken", None),
+            claims.claimable(owner, "broken", None),
+            claims.claimable(owner, None, None),
+            return_exceptions=True,
+        )
+        assert [type(answer) for answer in answers[:2]] == [RuntimeError, RuntimeError]
+        assert failed_reads == 1, "the calls that shared the read were not retried one by one"
+        assert not isinstance(answers[2], BaseException), answers[2]
+        assert _ids(answers[2]) == [fired]
+
+    _run(database_url, scenario)
+
+
+def test_the_readers_execution_read_matches_the_transactional_one(database_url: str) -> None:
+    """On PostgreSQL the reader's read runs on the driver directly: the same
+    columns, values and time zones as SQLAlchemy's."""
+
+    async def scenario(db: Database, settings: Settings) -> None:
+        claims, cues, owner, cue_id = await _services_and_cue(db, settings)
+        execution = uuid.UUID(await _fire(cues, owner, cue_id))
+        await claims.claim(owner, "w1", str(execution))  # sets the claim's times and worker
+        async with db.reader() as repos:
+            read = await repos.executions.read(owner.account_id, execution)
+        async with db.unit_of_work(write=False) as uow:
+            got = await uow.executions.get(owner.account_id, execution)
+        assert read is not None and got is not None
+        assert read._fields == tuple(got._fields)
+        assert tuple(read) == tuple(got)
+        assert read.claimed_at.utcoffset() == dt.timedelta(0)
 
     _run(database_url, scenario)
 

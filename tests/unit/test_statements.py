@@ -8,6 +8,7 @@ from psycopg import _queries
 
 from cueline_server.store.repositories import (
     _BATCH_COLUMNS,
+    _EXECUTION_BY_ID_DIRECT,
     _RECORD_OUTCOMES_DIRECT,
     _claim_each_statement_postgres,
     _claim_next_statement_postgres,
@@ -27,6 +28,7 @@ def test_the_statements_run_on_the_driver_fit_psycopgs_parse_cache() -> None:
         *(_claim_next_statement_postgres(*shape) for shape in shapes),
         *(_claimable_page_direct(*shape) for shape in shapes),
         _write_once_states_direct(),
+        _EXECUTION_BY_ID_DIRECT,
     ]
     for statement in direct:
         assert len(statement.sql.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH, statement.sql

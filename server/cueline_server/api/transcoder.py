@@ -238,8 +238,8 @@ class Transcoder:
         self._ready = ready
         # The last response rendered, and its body: a servicer may hand one
         # response to concurrent calls (a shared claimable page), whose
-        # continuations then run one after another. Responses are never
-        # changed once returned.
+        # continuations then run one after another. Servicers never change a
+        # response once returned (cueline_server.servicers).
         self._rendered: tuple[Message | None, bytes] = (None, b"")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

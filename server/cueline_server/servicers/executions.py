@@ -69,7 +69,7 @@ class ExecutionServicer:
         )
         response = self._lists.get(page)
         if response is None:
-            response = self._lists[page] = executions_pb2.ListClaimableExecutionsResponse()
+            response = executions_pb2.ListClaimableExecutionsResponse()
             for row in page.rows:
                 item = response.executions.add(
                     execution_id=str(row.id), cue_id=row.cue_id, cue_name=row.cue_name, payload=row.payload,
@@ -78,6 +78,7 @@ class ExecutionServicer:
                 if row.task is not None:
                     item.task = row.task
                 put_time(item.scheduled_for, row.scheduled_for)
+            self._lists[page] = response
         return response
 
     async def ClaimNextExecution(

@@ -11,8 +11,9 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from cueline_server.config import Settings
 from cueline_server.errors import ApiError, execution_not_found
@@ -20,7 +21,7 @@ from cueline_server.services.accounts import Caller, now
 from cueline_server.services.cues import NewWork, WorkCreated, new_execution
 from cueline_server.services.identifiers import parse_uuid
 from cueline_server.services.outcomes import stale_claim
-from cueline_server.store.batching import Coalescer, Failed
+from cueline_server.store.batching import GATHER_TURNS, Coalescer, Failed
 from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import AnyRow, ClaimRequest
 
@@ -53,8 +54,8 @@ class ClaimablePage:
 
     __slots__ = ("__weakref__", "rows")
 
-    def __init__(self, rows: Sequence[AnyRow]) -> None:
-        self.rows = rows
+    def __init__(self, rows: Iterable[AnyRow]) -> None:
+        self.rows = tuple(rows)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class ClaimService:
         self._held: OrderedDict[uuid.UUID, float] = OrderedDict()
         self._held_for = min(HELD_SECONDS, self.lease.total_seconds() / 2)
         self._next: Coalescer[_NextClaim, AnyRow | None] = Coalescer(self._claim_next_each)
-        self._lists: Coalescer[_Listing, ClaimablePage] = Coalescer(self._list_each)
+        # Per list: the read its next calls join (not begun yet), and the read under way.
+        self._list_next: dict[_Listing, asyncio.Task[ClaimablePage]] = {}
+        self._list_reading: dict[_Listing, asyncio.Task[ClaimablePage]] = {}
 
     async def claimable(
         self, caller: Caller, task: str | None, limit: int | None, *, agent: str | None = None
@@ -116,17 +119,39 @@ class ClaimService:
         process would refuse at once (`claim`): a list shows what a claim would
         accept. Concurrent calls for the same list share one read, and get the
         same page object."""
-        return await self._lists.submit(
-            _Listing(caller.account_id, task, agent, 50 if limit is None else limit)
-        )
+        listing = _Listing(caller.account_id, task, agent, 50 if limit is None else limit)
+        read = self._list_next.get(listing)
+        if read is None:
+            read = self._list_next[listing] = asyncio.ensure_future(
+                self._shared_read(listing, self._list_reading.get(listing))
+            )
+        # Shielded: a caller that goes away does not cancel the others' read.
+        return await asyncio.shield(read)
 
-    async def _list_each(self, listings: Sequence[_Listing]) -> list[ClaimablePage]:
-        """Each distinct list of the batch read once, all at the same time.
-        Every call of the batch arrived before the reads began, so each sees
-        all it wrote before."""
-        distinct = list(dict.fromkeys(listings))
-        pages = dict(zip(distinct, await asyncio.gather(*map(self._read_page, distinct)), strict=True))
-        return [pages[listing] for listing in listings]
+    async def _shared_read(
+        self, listing: _Listing, under_way: asyncio.Task[ClaimablePage] | None
+    ) -> ClaimablePage:
+        """One read of a list for every call that joins it before it begins.
+        It begins after the list's read under way, if any, and a few turns of
+        the event loop (as a `Coalescer` batch does), so calls that arrive
+        meanwhile share it. Every call joined before the read began, so each
+        sees all it wrote before; other lists are read independently. A failed
+        read fails the calls that shared it, and only those."""
+        this = cast("asyncio.Task[ClaimablePage]", asyncio.current_task())
+        try:
+            if under_way is not None:
+                await asyncio.wait([under_way])
+            for _ in range(GATHER_TURNS):
+                await asyncio.sleep(0)
+        finally:  # from here on, a new call starts another read
+            if self._list_next.get(listing) is this:
+                del self._list_next[listing]
+        self._list_reading[listing] = this
+        try:
+            return await self._read_page(listing)
+        finally:
+            if self._list_reading.get(listing) is this:
+                del self._list_reading[listing]
 
     async def _read_page(self, listing: _Listing) -> ClaimablePage:
         """It reads as many more rows as there are claims under way (at most
@@ -143,7 +168,7 @@ class ClaimService:
             )
         clock = time.monotonic()
         kept = (row for row in rows if not self._refused(listing.account_id, row.id, clock))
-        return ClaimablePage(list(itertools.islice(kept, listing.page)))
+        return ClaimablePage(itertools.islice(kept, listing.page))
 
     def _refused(self, account_id: uuid.UUID, execution_id: uuid.UUID, clock: float) -> bool:
         """Whether a claim of the execution loses without asking the database:

@@ -14,10 +14,6 @@ it. Idle, a turn costs microseconds; under load each turn runs the other
 requests' next steps, so the wait grows with the load, and so do the
 batches.
 
-Reads can share the same way: concurrent claimable lists of one account take
-one read (`ClaimService.claimable`). Every call in a batch was queued before
-its flush began, so a batch answers nothing older than its callers.
-
 A failed batch is retried item by item, so one bad item fails only itself. A
 flush that wrote part of a batch and cannot undo it answers the items of the
 failed part with `Failed` instead of raising.

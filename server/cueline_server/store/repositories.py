@@ -261,8 +261,9 @@ class ExecutionRepository(_Repository):
         return result.first()
 
     async def read(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
-        """`get` on the reader (`Database.reader`): on PostgreSQL on the driver
-        directly (`_Direct`). Clients poll an execution for its outcome."""
+        """`get` on the reader (`Database.reader`) only: on PostgreSQL it runs on
+        the driver directly (`_Direct`), whose errors only the reader turns
+        into SQLAlchemy's. Clients poll an execution for its outcome."""
         if self.conn.dialect.name != "postgresql":
             return await self.get(account_id, execution_id)
         parameters = {"g_account": account_id, "g_execution": execution_id}
