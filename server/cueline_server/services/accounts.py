@@ -255,26 +255,21 @@ class AccountService:
         return secret
 
     async def summary(self, caller: Caller) -> AccountSummary:
-        async with self._db.unit_of_work(write=False) as uow:
-            account = await uow.accounts.get(caller.account_id)
-            if account is None:
-                raise invalid_api_key()
-            live = await uow.cues.count(caller.account_id, ("active", "paused"))
-            executions = await uow.executions.count_created_since(caller.account_id, month_start(now()))
-        return AccountSummary(account, live, executions)
+        async with self._db.reader() as repos:
+            account = await repos.accounts.standing(caller.account_id, month_start(now()), outcomes=False)
+        if account is None:
+            raise invalid_api_key()
+        return AccountSummary(account, account.live_cues, account.executions_since)
 
     async def usage(self, caller: Caller) -> Usage:
         moment = now()
         start = month_start(moment)
         end = (start + dt.timedelta(days=32)).replace(day=1)
-        async with self._db.unit_of_work(write=False) as uow:
-            account = await uow.accounts.get(caller.account_id)
-            if account is None:
-                raise invalid_api_key()
-            live = await uow.cues.count(caller.account_id, ("active", "paused"))
-            active = await uow.cues.count(caller.account_id, ("active",))
-            used = await uow.executions.count_created_since(caller.account_id, start)
-            outcomes = await uow.executions.outcome_counts_since(caller.account_id, start)
+        async with self._db.reader() as repos:
+            account = await repos.accounts.standing(caller.account_id, start, outcomes=True)
+        if account is None:
+            raise invalid_api_key()
+        live, used = account.live_cues, account.executions_since
         cue_limit, run_limit = account.active_cue_limit, account.monthly_execution_limit
         elapsed_days = max((moment - start).total_seconds() / 86400, 1 / 24)
         projected = round(used / elapsed_days * (end - start).days)
@@ -285,7 +280,7 @@ class AccountService:
             days_remaining=max((end - moment).days, 0),
             cues={
                 "used": live,
-                "active": active,
+                "active": account.active_cues,
                 "limit": cue_limit,
                 "remaining": max(cue_limit - live, 0),
                 "percent_used": _percent(live, cue_limit),
@@ -300,9 +295,9 @@ class AccountService:
                 "will_exceed_limit": projected > run_limit,
             },
             outcomes={
-                "reported": outcomes.reported,
-                "succeeded": outcomes.succeeded,
-                "failed": outcomes.failed,
+                "reported": account.reported,
+                "succeeded": account.succeeded,
+                "failed": account.failed,
             },
             rate_limit={
                 "limit": account.rate_limit_per_minute,

@@ -106,6 +106,15 @@ class AccountRepository(_Repository):
         result = await self.conn.execute(select(accounts).where(accounts.c.id == account_id))
         return result.first()
 
+    async def standing(self, account_id: uuid.UUID, since: dt.datetime, *, outcomes: bool) -> AnyRow | None:
+        """The account's row with its counts, in one statement (one snapshot):
+        `live_cues` (active or paused), `active_cues`, `executions_since`
+        (created since `since`) and, with `outcomes`, that period's `reported`,
+        `succeeded` and `failed` outcomes (failure reports plus failed or missed
+        executions that were never reported)."""
+        result = await self.conn.execute(_standing(outcomes), {"s_account": account_id, "s_since": since})
+        return result.first()
+
     async def update(self, account_id: uuid.UUID, values: Mapping[str, Any]) -> None:
         await self.conn.execute(update(accounts).where(accounts.c.id == account_id).values(**values))
 
@@ -388,37 +397,6 @@ class ExecutionRepository(_Repository):
             ).where(t.c.status.in_(("pending", "delivering", "retrying", "retry_ready")))
         )
         return result.one()
-
-    async def outcome_counts_since(self, account_id: uuid.UUID, since: dt.datetime) -> AnyRow:
-        """This month's outcomes: reported, succeeded, and failed (failure reports
-        plus failed or missed executions that were never reported)."""
-        t = executions
-
-        def total(condition: ColumnElement[bool]) -> Any:
-            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
-        reported = t.c.outcome_recorded_at.is_not(None)
-        result = await self.conn.execute(
-            select(
-                total(reported).label("reported"),
-                total(and_(reported, t.c.outcome_success.is_(True))).label("succeeded"),
-                total(
-                    or_(
-                        and_(reported, t.c.outcome_success.is_(False)),
-                        and_(~reported, t.c.status.in_(("failed", "missed"))),
-                    )
-                ).label("failed"),
-            ).where(t.c.account_id == account_id, t.c.created_at >= since)
-        )
-        return result.one()
-
-    async def count_created_since(self, account_id: uuid.UUID, since: dt.datetime) -> int:
-        result = await self.conn.execute(
-            select(func.count())
-            .select_from(executions)
-            .where(executions.c.account_id == account_id, executions.c.created_at >= since)
-        )
-        return int(result.scalar_one())
 
     async def record_outcomes(
         self, writes: Sequence[OutcomeWrite], *, held_by: dt.datetime | None = None
@@ -892,6 +870,46 @@ class _Direct:
         await cursor.execute(self.sql, {**self._defaults, **parameters})
         rows: list[Any] = await cursor.fetchall()
         return rows
+
+
+@cache
+def _standing(outcomes: bool) -> Any:
+    """AccountRepository.standing's statement: the account row joined to one
+    row of cue counts and one of the period's execution counts."""
+    account_id = bindparam("s_account", type_=Uuid)
+
+    def total(condition: ColumnElement[bool]) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    cue_counts = (
+        select(func.count().label("live_cues"), total(cues.c.status == "active").label("active_cues"))
+        .where(cues.c.account_id == account_id, cues.c.status.in_(("active", "paused")))
+        .subquery()
+    )
+    t = executions
+    reported = t.c.outcome_recorded_at.is_not(None)
+    counts: list[Any] = [func.count().label("executions_since")]
+    if outcomes:
+        counts += [
+            total(reported).label("reported"),
+            total(and_(reported, t.c.outcome_success.is_(True))).label("succeeded"),
+            total(
+                or_(
+                    and_(reported, t.c.outcome_success.is_(False)),
+                    and_(~reported, t.c.status.in_(("failed", "missed"))),
+                )
+            ).label("failed"),
+        ]
+    period = (
+        select(*counts)
+        .where(t.c.account_id == account_id, t.c.created_at >= bindparam("s_since", type_=UTCDateTime))
+        .subquery()
+    )
+    return (
+        select(accounts, cue_counts, period)
+        .select_from(accounts.join(cue_counts, true()).join(period, true()))
+        .where(accounts.c.id == account_id)
+    )
 
 
 @cache
