@@ -305,11 +305,11 @@ class CueService:
     ) -> CuePage:
         limit = 50 if limit is None else limit
         offset = offset or 0
-        async with self._db.reader() as repos:
-            rows, total = await repos.cues.page(caller.account_id, status, limit, offset)
+        async with self._db.unit_of_work(write=False) as uow:
+            rows, total = await uow.cues.page(caller.account_id, status, limit, offset)
             worker_warning = None
             if any(r.transport == "worker" for r in rows):
-                worker_warning = await self._warning(repos, caller, "worker")
+                worker_warning = await self._warning(uow, caller, "worker")
         views = [CueView(r, worker_warning if r.transport == "worker" else None) for r in rows]
         return CuePage(views, total, limit, offset)
 
@@ -318,14 +318,14 @@ class CueService:
         offset = offset or 0
         if not is_cue_id(cue_id):
             raise cue_not_found()
-        async with self._db.reader() as repos:
-            row = await repos.cues.get(caller.account_id, cue_id)
+        async with self._db.unit_of_work(write=False) as uow:
+            row = await uow.cues.get(caller.account_id, cue_id)
             if row is None:
                 raise cue_not_found()
-            executions, total, _ = await repos.executions.page(
+            executions, total, _ = await uow.executions.page(
                 caller.account_id, cue_id=cue_id, limit=limit, offset=offset
             )
-            warning = await self._warning(repos, caller, row.transport)
+            warning = await self._warning(uow, caller, row.transport)
         return CueDetail(CueView(row, warning), executions, total, limit, offset)
 
     async def update(self, caller: Caller, cue_id: str, draft: CueDraft) -> CueView:
