@@ -255,8 +255,10 @@ class AccountService:
         return secret
 
     async def summary(self, caller: Caller) -> AccountSummary:
-        async with self._db.reader() as repos:
-            account = await repos.accounts.standing(caller.account_id, month_start(now()), outcomes=False)
+        # A read transaction, not the reader: the month's count grows with the
+        # account's traffic, and the reader's connections serve the hot statements.
+        async with self._db.unit_of_work(write=False) as uow:
+            account = await uow.accounts.standing(caller.account_id, month_start(now()), outcomes=False)
         if account is None:
             raise invalid_api_key()
         return AccountSummary(account, account.live_cues, account.executions_since)
@@ -265,8 +267,8 @@ class AccountService:
         moment = now()
         start = month_start(moment)
         end = (start + dt.timedelta(days=32)).replace(day=1)
-        async with self._db.reader() as repos:
-            account = await repos.accounts.standing(caller.account_id, start, outcomes=True)
+        async with self._db.unit_of_work(write=False) as uow:  # not the reader: see summary
+            account = await uow.accounts.standing(caller.account_id, start, outcomes=True)
         if account is None:
             raise invalid_api_key()
         live, used = account.live_cues, account.executions_since

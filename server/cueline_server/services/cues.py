@@ -27,12 +27,12 @@ from cueline_server.services.schedules import check_cron, invalid_schedule, next
 from cueline_server.store.batching import Coalescer
 from cueline_server.store.database import Database, Repositories
 from cueline_server.store.repositories import AnyRow, DuplicateError
+from cueline_server.store.tables import LIVE_CUE_STATUSES
 
 MAX_PAYLOAD_BYTES = 1_048_576
 FIRE_KEY_TTL = dt.timedelta(hours=24)
 MAX_HEADER_BYTES = 8192
 METHODS = ("POST", "GET", "PUT", "PATCH")
-LIVE_STATUSES = ("active", "paused")
 TERMINAL_STATUSES = ("completed", "failed")
 NO_WORKER_WARNING = "No active workers found. Start a cueapi-worker to process this cue."
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -267,7 +267,7 @@ class CueService:
                 raise _duplicate_name(name)
             account = await uow.accounts.get(caller.account_id)
             assert account is not None
-            if await uow.cues.count(caller.account_id, LIVE_STATUSES) >= account.active_cue_limit:
+            if await uow.cues.count(caller.account_id, LIVE_CUE_STATUSES) >= account.active_cue_limit:
                 raise ApiError(
                     "cue_limit_exceeded", f"Active cue limit of {account.active_cue_limit} reached", 403
                 )
@@ -358,7 +358,7 @@ class CueService:
     ) -> dict[str, Any]:
         changes: dict[str, Any] = {}
         status = draft.get("status")
-        if "status" in draft and status not in LIVE_STATUSES:
+        if "status" in draft and status not in LIVE_CUE_STATUSES:
             raise field_error("status", "Input should be 'active' or 'paused'")
         if "callback.transport" in draft:
             raise field_error("callback.transport", "Extra inputs are not permitted")

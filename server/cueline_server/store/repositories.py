@@ -47,7 +47,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.selectable import CTE
 
-from cueline_server.store.tables import UTCDateTime, accounts, alerts, cues, executions, fire_keys, workers
+from cueline_server.store.tables import (
+    LIVE_CUE_STATUSES,
+    UTCDateTime,
+    accounts,
+    alerts,
+    cues,
+    executions,
+    fire_keys,
+    workers,
+)
 
 AnyRow = Row[Unpack[tuple[Any, ...]]]  # noqa: UP044 (mypy reads the Unpack form)
 """A result row of any width; its attributes are the column names."""
@@ -883,7 +892,7 @@ def _standing(outcomes: bool) -> Any:
 
     cue_counts = (
         select(func.count().label("live_cues"), total(cues.c.status == "active").label("active_cues"))
-        .where(cues.c.account_id == account_id, cues.c.status.in_(("active", "paused")))
+        .where(cues.c.account_id == account_id, cues.c.status.in_(LIVE_CUE_STATUSES))
         .subquery()
     )
     t = executions

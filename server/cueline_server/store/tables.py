@@ -122,6 +122,9 @@ cues = Table(
     Index(None, "status", "next_run"),
 )
 
+# The cue statuses that count against an account's cue limit.
+LIVE_CUE_STATUSES = ("active", "paused")
+
 # Executions the outcome-deadline sweep looks at (a partial index's predicate).
 AWAITING_OUTCOME = "outcome_deadline_at IS NOT NULL AND outcome_recorded_at IS NULL AND outcome_state IS NULL"
 # Webhook executions the retry and stale-delivery sweeps look at. Partial indexes
