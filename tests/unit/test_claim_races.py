@@ -259,22 +259,28 @@ def test_a_failed_list_read_fails_only_the_calls_that_shared_it(
     _run(database_url, scenario)
 
 
-def test_the_readers_execution_read_matches_the_transactional_one(database_url: str) -> None:
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York"])
+def test_the_readers_execution_read_matches_the_transactional_one(database_url: str, zone: str) -> None:
     """On PostgreSQL the reader's read runs on the driver directly: the same
-    columns, values and time zones as SQLAlchemy's."""
+    columns, values and time zones as SQLAlchemy's, whatever the session's time
+    zone (the reader's sessions are set to UTC; a proxy may not pass that on)."""
 
     async def scenario(db: Database, settings: Settings) -> None:
         claims, cues, owner, cue_id = await _services_and_cue(db, settings)
         execution = uuid.UUID(await _fire(cues, owner, cue_id))
         await claims.claim(owner, "w1", str(execution))  # sets the claim's times and worker
         async with db.reader() as repos:
+            if db.backend == "postgresql":
+                await repos.conn.exec_driver_sql(f"SET TIME ZONE '{zone}'")
             read = await repos.executions.read(owner.account_id, execution)
         async with db.unit_of_work(write=False) as uow:
             got = await uow.executions.get(owner.account_id, execution)
         assert read is not None and got is not None
         assert read._fields == tuple(got._fields)
         assert tuple(read) == tuple(got)
-        assert read.claimed_at.utcoffset() == dt.timedelta(0)
+        moments = [value for value in read if isinstance(value, dt.datetime)]
+        assert read.claimed_at in moments
+        assert all(moment.tzinfo is dt.UTC for moment in moments)
 
     _run(database_url, scenario)
 

@@ -174,10 +174,12 @@ class Database:
             # and planning them anew on every call cost PostgreSQL more CPU than running
             # them. `prepared_statements=False` turns both off, for transaction-pooling
             # proxies that keep neither (PgBouncer before 1.21, or one that refuses the
-            # `options` startup parameter).
+            # `options` startup parameter). The same parameter sets the sessions' time
+            # zone to UTC, in which the driver then gives timestamps as the tables read them.
             hot: dict[str, Any] = {"prepare_threshold": None}
             if prepared_statements:
-                hot = {"prepare_threshold": 0, "options": "-c plan_cache_mode=force_generic_plan"}
+                options = "-c plan_cache_mode=force_generic_plan -c TimeZone=UTC"
+                hot = {"prepare_threshold": 0, "options": options}
             self._autocommit = _HeldConnections(
                 create_async_engine(
                     self.url,

@@ -850,8 +850,11 @@ def _pg_array(kind: str, values: Sequence[Any]) -> str:
 
 def _utc_rows(cursor: Any) -> Callable[[Sequence[Any]], Any]:
     """psycopg's named tuples, with timestamps in UTC as the tables' UTCDateTime
-    reads them (the driver gives them in the session's time zone)."""
+    reads them. The driver gives them in the session's time zone: as they are
+    when that is UTC (the hot pool's sessions are), else converted."""
     make = namedtuple_row(cursor)
+    if cursor.connection.info.timezone is dt.UTC:
+        return make
 
     def row(values: Sequence[Any]) -> Any:
         return make([v.astimezone(dt.UTC) if isinstance(v, dt.datetime) else v for v in values])
