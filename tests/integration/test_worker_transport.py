@@ -90,6 +90,10 @@ def test_claimable_claim_heartbeat_report(server: Server) -> None:
             "scheduled_for": listed[0]["scheduled_for"], "payload": {"task": "report"}, "attempt": 0,
         }  # fmt: skip
         assert len(client.get("/v1/executions/claimable").json()["executions"]) == 3
+        # A listed item is never shown stale: renamed, the cue's items carry the new name.
+        assert client.patch(f"/v1/cues/{cue['id']}", json={"name": "renamed"}).status_code == 200
+        listed = client.get("/v1/executions/claimable?task=report").json()["executions"]
+        assert [item["cue_name"] for item in listed] == ["renamed", "renamed"]
 
         claim = client.post(f"/v1/executions/{first}/claim", json={"worker_id": "box-1"})
         assert claim.status_code == 200, claim.text

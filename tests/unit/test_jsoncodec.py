@@ -8,6 +8,7 @@ import json
 import pytest
 
 from cueline.v1 import cues_pb2, executions_pb2, outcomes_pb2
+from cueline_server.api import jsoncodec
 from cueline_server.api.jsoncodec import (
     Reader,
     compact_json,
@@ -49,6 +50,29 @@ def test_responses_embed_json_text_as_stored_and_match_the_parsed_rendering() ->
     assert wire == compact_json(render(listed)).encode()
     assert stored.encode() in wire
     assert json.loads(wire)["executions"][1]["payload"] is None
+
+
+def test_list_items_rendered_before_are_reused_only_while_unchanged() -> None:
+    """Items of a list are remembered by their wire bytes: a repeated item
+    renders as before, a changed one anew, a large one (not remembered) and
+    everything after the memory is cleared still right."""
+    listed = executions_pb2.ListClaimableExecutionsResponse()
+    first = listed.executions.add(execution_id="e", cue_name="a", payload='{"n":1}', attempt=1)
+    first.scheduled_for.FromDatetime(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    listed.executions.add(execution_id="big", payload=compact_json({"x": "y" * (jsoncodec._ITEM_BYTES + 1)}))
+    plain = compact_json(render(listed)).encode()
+    assert message_json_bytes(listed) == plain
+    assert message_json_bytes(listed) == plain  # from memory
+    first.attempt = 2
+    first.payload = '{"n":2}'
+    changed = json.loads(message_json_bytes(listed))["executions"][0]
+    assert (changed["attempt"], changed["payload"]) == (2, {"n": 2})
+    for n in range(jsoncodec._REMEMBERED_ITEMS + 1):
+        one = executions_pb2.ListClaimableExecutionsResponse()
+        one.executions.add(execution_id=f"x{n}")
+        assert json.loads(message_json_bytes(one))["executions"][0]["execution_id"] == f"x{n}"
+    assert len(jsoncodec._REMEMBERED) <= jsoncodec._REMEMBERED_ITEMS
+    assert message_json_bytes(listed) == compact_json(render(listed)).encode()
 
 
 def test_an_integer_beyond_64_bits_outside_json_text_is_encoded_whole() -> None:

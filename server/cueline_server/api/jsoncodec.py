@@ -224,7 +224,10 @@ def _render_plan(descriptor: Descriptor, fragments: bool) -> tuple[tuple[str, in
             value = f.message.fields_by_name["value"]  # type: ignore[union-attr]
             plan.append((f.name, _MAP, _converter(value, False, fragments)))
         elif f.repeated:
-            plan.append((f.name, _REPEATED, _converter(f.descriptor, f.rules.json_text, fragments)))
+            convert = _converter(f.descriptor, f.rules.json_text, fragments)
+            if fragments and f.message is not None and not f.is_timestamp:
+                convert = partial(_remembered_item, f.message.full_name)
+            plan.append((f.name, _REPEATED, convert))
         elif f.has_presence or f.message is not None:
             plan.append((f.name, _OPTIONAL, _converter(f.descriptor, f.rules.json_text, fragments)))
         else:
@@ -243,6 +246,27 @@ def _converter(descriptor: FieldDescriptor, json_text: bool, fragments: bool) ->
     if json_text:
         return _json_fragment if fragments else _json_text
     return None
+
+
+# Rendered list items, by message type and wire bytes: a list that workers poll
+# again and again (the claimable page) renders only its new items. An item's
+# wire bytes determine its rendering, so an item that changed is a new entry.
+# Bounded: items of at most _ITEM_BYTES on the wire, and cleared when full.
+_REMEMBERED: dict[tuple[str, bytes], orjson.Fragment] = {}
+_REMEMBERED_ITEMS, _ITEM_BYTES = 1024, 2048
+
+
+def _remembered_item(type_name: str, message: Message) -> Any:
+    wire = message.SerializeToString()
+    if len(wire) > _ITEM_BYTES:
+        return render(message, fragments=True)
+    key = (type_name, wire)
+    fragment = _REMEMBERED.get(key)
+    if fragment is None:
+        if len(_REMEMBERED) >= _REMEMBERED_ITEMS:
+            _REMEMBERED.clear()
+        fragment = _REMEMBERED[key] = orjson.Fragment(orjson.dumps(render(message, fragments=True)))
+    return fragment
 
 
 def _json_text(value: str) -> Any:

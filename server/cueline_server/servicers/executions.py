@@ -11,6 +11,8 @@ from cueline_server.services.claims import ClaimablePage, ClaimService
 from cueline_server.services.executions import ExecutionService
 from cueline_server.store.repositories import AnyRow
 
+REMEMBERED_ITEMS, REMEMBERED_PAYLOAD = 1024, 2048
+
 
 class ExecutionServicer:
     def __init__(self, executions: ExecutionService, claims: ClaimService) -> None:
@@ -22,6 +24,9 @@ class ExecutionServicer:
         self._lists: weakref.WeakKeyDictionary[
             ClaimablePage, executions_pb2.ListClaimableExecutionsResponse
         ] = weakref.WeakKeyDictionary()
+        # The item built for each recent claimable row (small payloads only), by
+        # the row's values: successive pages of a busy list share most rows.
+        self._items: dict[AnyRow, executions_pb2.ClaimableExecution] = {}
 
     async def ListExecutions(
         self, request: executions_pb2.ListExecutionsRequest, call: Call
@@ -70,16 +75,25 @@ class ExecutionServicer:
         response = self._lists.get(page)
         if response is None:
             response = executions_pb2.ListClaimableExecutionsResponse()
-            for row in page.rows:
-                item = response.executions.add(
-                    execution_id=str(row.id), cue_id=row.cue_id, cue_name=row.cue_name, payload=row.payload,
-                    attempt=row.attempts,
-                )  # fmt: skip
-                if row.task is not None:
-                    item.task = row.task
-                put_time(item.scheduled_for, row.scheduled_for)
+            response.executions.extend(self._claimable_item(row) for row in page.rows)
             self._lists[page] = response
         return response
+
+    def _claimable_item(self, row: AnyRow) -> executions_pb2.ClaimableExecution:
+        item = self._items.get(row)
+        if item is None:
+            item = executions_pb2.ClaimableExecution(
+                execution_id=str(row.id), cue_id=row.cue_id, cue_name=row.cue_name, payload=row.payload,
+                attempt=row.attempts,
+            )  # fmt: skip
+            if row.task is not None:
+                item.task = row.task
+            put_time(item.scheduled_for, row.scheduled_for)
+            if len(row.payload) <= REMEMBERED_PAYLOAD:
+                if len(self._items) >= REMEMBERED_ITEMS:
+                    self._items.clear()
+                self._items[row] = item
+        return item
 
     async def ClaimNextExecution(
         self, request: executions_pb2.ClaimNextExecutionRequest, call: Call
