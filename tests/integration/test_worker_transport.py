@@ -451,6 +451,11 @@ def test_execution_list_filters(server: Server) -> None:
         assert ids("triggered_by=manual_fire") == {done, failed, waiting}
         assert ids("has_evidence=true") == {done} and ids("has_evidence=false") == {failed, waiting}
         assert ids("result_type=report") == {done}
+        # Past the last page: no rows, and still the filtered set's summary.
+        beyond = client.get("/v1/executions?worker_id=box-1&offset=5").json()
+        assert beyond["executions"] == [] and beyond["total"] == 1 and beyond["has_more"] is False
+        claimed = client.get(f"/v1/executions/{done}").json()["claimed_at"]
+        assert claimed is not None and beyond["oldest_claimed_at"] == claimed
         for query, status, code in [
             ("status=pending&status__in=failed", 400, "conflicting_filters"),
             ("status__in=failed,asleep", 400, "invalid_status_in"),

@@ -66,23 +66,85 @@ class DuplicateError(Exception):
     """A unique constraint refused the write."""
 
 
+def _given(**filters: Any) -> dict[str, Any]:
+    return {name: value for name, value in filters.items() if value is not None}
+
+
+def _of_account(table: Table) -> ColumnElement[bool]:
+    return table.c.account_id == bindparam("account_id")
+
+
+def _evidence(table: Table) -> ColumnElement[bool]:
+    return table.c.evidence_produced_at.is_not(None) == bindparam("has_evidence")
+
+
+# The list pages' filters, by table and name: each a condition on a bound
+# parameter of that name.
+_PAGE_FILTERS: dict[str, dict[str, Callable[[Table], ColumnElement[bool]]]] = {
+    "cues": {
+        "account_id": _of_account,
+        "status": lambda t: t.c.status == bindparam("status"),
+    },
+    "executions": {
+        "account_id": _of_account,
+        "cue_id": lambda t: t.c.cue_id == bindparam("cue_id"),
+        "statuses": lambda t: t.c.status.in_(bindparam("statuses", expanding=True)),
+        "worker_id": lambda t: t.c.claimed_by_worker == bindparam("worker_id"),
+        "outcome_state": lambda t: t.c.outcome_state == bindparam("outcome_state"),
+        "triggered_by": lambda t: t.c.triggered_by == bindparam("triggered_by"),
+        "has_evidence": _evidence,
+        "result_type": lambda t: t.c.result_type == bindparam("result_type"),
+    },
+    "alerts": {
+        "account_id": _of_account,
+        "alert_type": lambda t: t.c.alert_type == bindparam("alert_type"),
+        "cue_id": lambda t: t.c.cue_id == bindparam("cue_id"),
+        "acknowledged": lambda t: t.c.acknowledged == bindparam("acknowledged"),
+        "since": lambda t: t.c.created_at >= bindparam("since"),
+    },
+}
+
+
+@cache
+def _newest_page_statement(table_name: str, filters: tuple[str, ...]) -> Any:
+    """`_Repository._newest_page`'s statement, built once per table and set of
+    filters (building its subqueries costs more than running it). The summary
+    of every matching row is joined to the page, so both come from one
+    snapshot in one round trip, and a page past the end still has the summary.
+    Each page row carries the summary's columns too."""
+    table = {"cues": cues, "executions": executions, "alerts": alerts}[table_name]
+    condition = and_(*(_PAGE_FILTERS[table_name][name](table) for name in filters))
+    aggregates = [func.min(table.c.claimed_at).label("oldest_claimed_at")] if table is executions else []
+    summary = select(func.count().label("matching"), *aggregates).where(condition).subquery("summary")
+    page = (
+        select(table)
+        .where(condition)
+        .order_by(table.c.created_at.desc(), table.c.id)
+        .limit(bindparam("page_limit", type_=BigInteger))
+        .offset(bindparam("page_offset", type_=BigInteger))
+        .subquery("page")
+    )
+    return (
+        select(summary, page)
+        .select_from(summary.outerjoin(page, true()))
+        .order_by(page.c.created_at.desc(), page.c.id)
+    )
+
+
 class _Repository:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
 
     async def _newest_page(
-        self, table: Table, condition: ColumnElement[bool], limit: int, offset: int
-    ) -> tuple[Sequence[AnyRow], int]:
-        """A page of the table's rows, newest first (ties by id), and how many match."""
-        rows = await self.conn.execute(
-            select(table)
-            .where(condition)
-            .order_by(table.c.created_at.desc(), table.c.id)
-            .limit(limit)
-            .offset(offset)
-        )
-        total = await self.conn.execute(select(func.count()).select_from(table).where(condition))
-        return rows.all(), int(total.scalar_one())
+        self, table: Table, limit: int, offset: int, filters: Mapping[str, Any]
+    ) -> tuple[list[AnyRow], AnyRow]:
+        """A page of the account's rows of `table` that pass `filters` (name:
+        value, of _PAGE_FILTERS), newest first, and a summary of every row that
+        passes: `matching`, and for executions `oldest_claimed_at`."""
+        statement = _newest_page_statement(table.name, tuple(sorted(filters)))
+        result = await self.conn.execute(statement, {**filters, "page_limit": limit, "page_offset": offset})
+        rows = result.all()  # past the end: the summary alone, with NULL table columns
+        return [row for row in rows if row.id is not None], rows[0]
 
     async def _insert(self, table: Table, values: Mapping[str, Any]) -> None:
         """One row, `values` given as the parameters of the table's plain INSERT:
@@ -164,10 +226,9 @@ class CueRepository(_Repository):
     async def page(
         self, account_id: uuid.UUID, status: str | None, limit: int, offset: int
     ) -> tuple[Sequence[AnyRow], int]:
-        condition: ColumnElement[bool] = cues.c.account_id == account_id
-        if status is not None:
-            condition = and_(condition, cues.c.status == status)
-        return await self._newest_page(cues, condition, limit, offset)
+        filters = _given(account_id=account_id, status=status)
+        rows, summary = await self._newest_page(cues, limit, offset, filters)
+        return rows, summary.matching
 
     async def update(self, account_id: uuid.UUID, cue_id: str, values: Mapping[str, Any]) -> AnyRow | None:
         try:
@@ -315,37 +376,13 @@ class ExecutionRepository(_Repository):
         offset: int,
     ) -> tuple[Sequence[AnyRow], int, dt.datetime | None]:
         """A page newest first, the total, and the earliest claimed_at of the filtered set."""
-        t = executions
-        conditions: list[ColumnElement[bool]] = [t.c.account_id == account_id]
-        if cue_id is not None:
-            conditions.append(t.c.cue_id == cue_id)
-        if statuses is not None:
-            conditions.append(t.c.status.in_(statuses))
-        if worker_id is not None:
-            conditions.append(t.c.claimed_by_worker == worker_id)
-        if outcome_state is not None:
-            conditions.append(t.c.outcome_state == outcome_state)
-        if triggered_by is not None:
-            conditions.append(t.c.triggered_by == triggered_by)
-        if has_evidence is not None:
-            produced = t.c.evidence_produced_at.is_not(None)
-            conditions.append(produced if has_evidence else ~produced)
-        if result_type is not None:
-            conditions.append(t.c.result_type == result_type)
-        condition = and_(*conditions)
-        rows = await self.conn.execute(
-            select(executions)
-            .where(condition)
-            .order_by(executions.c.created_at.desc(), executions.c.id)
-            .limit(limit)
-            .offset(offset)
-        )
-        # The total and the earliest claim in one statement.
-        summary = await self.conn.execute(
-            select(func.count(), func.min(executions.c.claimed_at)).select_from(executions).where(condition)
-        )
-        total, oldest = summary.one()
-        return rows.all(), int(total), oldest
+        filters = _given(
+            account_id=account_id, cue_id=cue_id, statuses=statuses, worker_id=worker_id,
+            outcome_state=outcome_state, triggered_by=triggered_by, has_evidence=has_evidence,
+            result_type=result_type,
+        )  # fmt: skip
+        rows, summary = await self._newest_page(executions, limit, offset, filters)
+        return rows, summary.matching, summary.oldest_claimed_at
 
     async def outcome_for_update(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
         """The execution's outcome columns, locked for a read-modify-write."""
@@ -1981,16 +2018,15 @@ class AlertRepository(_Repository):
         limit: int,
         offset: int,
     ) -> tuple[Sequence[AnyRow], int]:
-        conditions: list[ColumnElement[bool]] = [alerts.c.account_id == account_id]
-        if alert_type is not None:
-            conditions.append(alerts.c.alert_type == alert_type)
-        if cue_id is not None:
-            conditions.append(alerts.c.cue_id == cue_id)
-        if acknowledged is not None:
-            conditions.append(alerts.c.acknowledged == acknowledged)
-        if since is not None:
-            conditions.append(alerts.c.created_at >= since)
-        return await self._newest_page(alerts, and_(*conditions), limit, offset)
+        filters = _given(
+            account_id=account_id,
+            alert_type=alert_type,
+            cue_id=cue_id,
+            acknowledged=acknowledged,
+            since=since,
+        )
+        rows, summary = await self._newest_page(alerts, limit, offset, filters)
+        return rows, summary.matching
 
     async def recent_final(self, cue_id: str, until: dt.datetime, limit: int) -> Sequence[AnyRow]:
         """The cue's executions created up to `until` that reached a final status, newest first."""
