@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Iterator
 
@@ -62,6 +63,16 @@ def test_alerts_are_raised_listed_acknowledged_and_sent(alerting: tuple[Server, 
         assert acked.status_code == 200 and acked.json()["acknowledged"] is True
         assert client.post(f"/v1/alerts/{streak['id']}/acknowledge").json()["acknowledged"] is True
         assert client.get("/v1/alerts?acknowledged=false").json()["total"] == 1
+        # by cue and since, on a page past the end: no rows, and still the total
+        since = streak["created_at"].replace("Z", "+00:00")
+        query = {"cue_id": cue["id"], "since": since}
+        first = client.get("/v1/alerts", params=query).json()
+        assert streak["id"] in [alert["id"] for alert in first["alerts"]]
+        beyond = client.get("/v1/alerts", params={**query, "offset": 5}).json()
+        assert beyond["alerts"] == [] and beyond["total"] == first["total"] == len(first["alerts"])
+        later = (dt.datetime.fromisoformat(since) + dt.timedelta(hours=1)).isoformat()
+        assert client.get("/v1/alerts", params={"cue_id": cue["id"], "since": later}).json()["total"] == 0
+        assert client.get("/v1/alerts", params={"cue_id": "cue_000000000000"}).json()["total"] == 0
         bad = client.get("/v1/alerts?alert_type=bored")
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_filter"
         assert client.post("/v1/alerts/not-a-uuid/acknowledge").status_code == 404

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import orjson
 import pytest
 
 from cueline.v1 import cues_pb2, executions_pb2, outcomes_pb2
@@ -52,27 +53,41 @@ def test_responses_embed_json_text_as_stored_and_match_the_parsed_rendering() ->
     assert json.loads(wire)["executions"][1]["payload"] is None
 
 
-def test_list_items_rendered_before_are_reused_only_while_unchanged() -> None:
-    """Items of a list are remembered by their wire bytes: a repeated item
-    renders as before, a changed one anew, a large one (not remembered) and
-    everything after the memory is cleared still right."""
+def test_claimable_items_rendered_before_are_reused_only_while_unchanged() -> None:
+    """Claimable items are remembered by their wire bytes: a repeated item
+    renders from memory, a changed one anew (an unset and an empty task
+    included), a large one is not remembered, and everything after the memory
+    is cleared still renders right. Other lists' items are not remembered."""
+    jsoncodec._REMEMBERED.clear()
     listed = executions_pb2.ListClaimableExecutionsResponse()
     first = listed.executions.add(execution_id="e", cue_name="a", payload='{"n":1}', attempt=1)
     first.scheduled_for.FromDatetime(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     listed.executions.add(execution_id="big", payload=compact_json({"x": "y" * (jsoncodec._ITEM_BYTES + 1)}))
     plain = compact_json(render(listed)).encode()
     assert message_json_bytes(listed) == plain
-    assert message_json_bytes(listed) == plain  # from memory
+    assert len(jsoncodec._REMEMBERED) == 1  # the small item only
+    jsoncodec._REMEMBERED[next(iter(jsoncodec._REMEMBERED))] = orjson.Fragment(b'{"from":"memory"}')
+    assert json.loads(message_json_bytes(listed))["executions"][0] == {"from": "memory"}
+    jsoncodec._REMEMBERED.clear()
     first.attempt = 2
     first.payload = '{"n":2}'
     changed = json.loads(message_json_bytes(listed))["executions"][0]
     assert (changed["attempt"], changed["payload"]) == (2, {"n": 2})
+    first.task = ""
+    assert json.loads(message_json_bytes(listed))["executions"][0]["task"] == ""
+    first.ClearField("task")
+    assert json.loads(message_json_bytes(listed))["executions"][0]["task"] is None
     for n in range(jsoncodec._REMEMBERED_ITEMS + 1):
         one = executions_pb2.ListClaimableExecutionsResponse()
         one.executions.add(execution_id=f"x{n}")
         assert json.loads(message_json_bytes(one))["executions"][0]["execution_id"] == f"x{n}"
     assert len(jsoncodec._REMEMBERED) <= jsoncodec._REMEMBERED_ITEMS
     assert message_json_bytes(listed) == compact_json(render(listed)).encode()
+    jsoncodec._REMEMBERED.clear()
+    executions = executions_pb2.ListExecutionsResponse()
+    executions.executions.add(id="e")
+    assert json.loads(message_json_bytes(executions))["executions"][0]["id"] == "e"
+    assert not jsoncodec._REMEMBERED
 
 
 def test_an_integer_beyond_64_bits_outside_json_text_is_encoded_whole() -> None:

@@ -225,7 +225,7 @@ def _render_plan(descriptor: Descriptor, fragments: bool) -> tuple[tuple[str, in
             plan.append((f.name, _MAP, _converter(value, False, fragments)))
         elif f.repeated:
             convert = _converter(f.descriptor, f.rules.json_text, fragments)
-            if fragments and f.message is not None and not f.is_timestamp:
+            if fragments and f.message is not None and f.message.full_name in REMEMBERED_TYPES:
                 convert = partial(_remembered_item, f.message.full_name)
             plan.append((f.name, _REPEATED, convert))
         elif f.has_presence or f.message is not None:
@@ -248,12 +248,14 @@ def _converter(descriptor: FieldDescriptor, json_text: bool, fragments: bool) ->
     return None
 
 
-# Rendered list items, by message type and wire bytes: a list that workers poll
-# again and again (the claimable page) renders only its new items. An item's
-# wire bytes determine its rendering, so an item that changed is a new entry.
-# Bounded: items of at most _ITEM_BYTES on the wire, and cleared when full.
+# Rendered list items of these types, by type and wire bytes: a list that workers
+# poll again and again (the claimable page) renders only its new items. An item's
+# wire bytes determine its rendering, so an item that changed is a new entry. Other
+# lists are mostly read once, and a miss costs more than rendering alone. Bounded:
+# items of at most _ITEM_BYTES on the wire, and cleared when full.
+REMEMBERED_TYPES = frozenset({"cueline.v1.ClaimableExecution"})
 _REMEMBERED: dict[tuple[str, bytes], orjson.Fragment] = {}
-_REMEMBERED_ITEMS, _ITEM_BYTES = 1024, 2048
+_REMEMBERED_ITEMS, _ITEM_BYTES = 4096, 1024
 
 
 def _remembered_item(type_name: str, message: Message) -> Any:

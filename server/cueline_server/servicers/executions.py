@@ -11,7 +11,7 @@ from cueline_server.services.claims import ClaimablePage, ClaimService
 from cueline_server.services.executions import ExecutionService
 from cueline_server.store.repositories import AnyRow
 
-REMEMBERED_ITEMS, REMEMBERED_PAYLOAD = 1024, 2048
+REMEMBERED_ITEMS, REMEMBERED_PAYLOAD = 4096, 1024
 
 
 class ExecutionServicer:

@@ -115,7 +115,12 @@ def _newest_page_statement(table_name: str, filters: tuple[str, ...]) -> Any:
     table = {"cues": cues, "executions": executions, "alerts": alerts}[table_name]
     condition = and_(*(_PAGE_FILTERS[table_name][name](table) for name in filters))
     aggregates = [func.min(table.c.claimed_at).label("oldest_claimed_at")] if table is executions else []
-    summary = select(func.count().label("matching"), *aggregates).where(condition).subquery("summary")
+    summary = (
+        select(func.count().label("matching"), *aggregates)
+        .select_from(table)
+        .where(condition)
+        .subquery("matched")
+    )
     page = (
         select(table)
         .where(condition)
