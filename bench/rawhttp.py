@@ -18,13 +18,16 @@ from typing import Any
 
 class Connection:
     @classmethod
-    def to(cls, base_url: str, key: str) -> Connection:
+    def to(cls, base_url: str, key: str, *, keep_alive: bool = True) -> Connection:
         """A connection to a server's REST port (`http://host:port`) with an API key."""
         host, port = base_url.removeprefix("http://").split(":")
-        return cls(host, int(port), {"Authorization": f"Bearer {key}"})
+        return cls(host, int(port), {"Authorization": f"Bearer {key}"}, keep_alive=keep_alive)
 
-    def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
+    def __init__(self, host: str, port: int, headers: dict[str, str], *, keep_alive: bool = True) -> None:
+        """Without `keep_alive`, every request opens a connection of its own and
+        closes it after the response, as a one-shot client does."""
         self._host, self._port = host, port
+        self._keep_alive = keep_alive
         self._fixed = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **headers}.items())
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -42,11 +45,15 @@ class Connection:
             assert self._reader is not None
             try:
                 self._writer.write(head.encode() + payload)
-                return await self._response(self._reader)
+                answer = await self._response(self._reader)
             except (ConnectionError, asyncio.IncompleteReadError):
                 await self.close()
                 if attempt == 2:
                     raise
+                continue
+            if not self._keep_alive:
+                await self.close()
+            return answer
         raise AssertionError("unreachable")
 
     @staticmethod
