@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, create_engine, insert, select, text
 
 from bench.progress import phase
+from cueline_server.config import Settings
+from cueline_server.eventloop import loop_factory
 from cueline_server.services.cues import DEFAULTS
 from cueline_server.services.identifiers import hash_api_key, new_cue_id
 from cueline_server.store.database import sync_url
@@ -279,7 +281,14 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
         **{name: metadata.version(name) for name in ("grpcio", "SQLAlchemy", "psycopg", "httpx")},
+        "event_loop": _event_loop(),
     }
+
+
+def _event_loop() -> str:
+    """The loop the server and the echo ceiling run on (their default)."""
+    factory = loop_factory(Settings().event_loop)
+    return "asyncio" if factory is None else f"uvloop {metadata.version('uvloop')}"
 
 
 POSTGRES_SETTINGS = (

@@ -2,8 +2,8 @@
 
 OutcomeService.RecordOutcome answered at once, with no authentication, no
 pipeline and no database, registered the way cueline registers its methods on
-the same grpc.aio server (same options, one process, asyncio's default loop)
-that `cueline serve` builds. The harness
+the same grpc.aio server (same options, one process, the event loop it picks
+by default) that `cueline serve` builds. The harness
 drives it with the very load generator it uses for G1, so the ratio of the two
 is what cueline's own work costs. Prints `echo serving grpc=HOST:PORT`.
 """
@@ -18,6 +18,7 @@ import grpc
 from cueline.v1 import outcomes_pb2
 from cueline_server.api.grpc_server import new_server
 from cueline_server.config import Settings
+from cueline_server.eventloop import loop_factory
 
 READY = "echo serving grpc="
 
@@ -49,4 +50,5 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    with asyncio.Runner(loop_factory=loop_factory(Settings().event_loop)) as runner:
+        runner.run(serve())

@@ -309,12 +309,13 @@ class Runtime:
         gc.freeze()
         self.serving = True
         log.info(
-            "cueline serving grpc=%s:%d http=%s:%d database=%s",
+            "cueline serving grpc=%s:%d http=%s:%d database=%s loop=%s",
             settings.host,
             grpc_port,
             settings.host,
             http_port,
             db.backend,
+            type(loop).__module__.partition(".")[0],  # uvloop or asyncio
         )
         await self.stopping.wait()
         self.serving = False

@@ -101,18 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level)
     from cueline_server.app import Runtime, StartupError
     from cueline_server.errors import ApiError
+    from cueline_server.eventloop import UnknownEventLoop, loop_factory
     from cueline_server.store import migrate
     from cueline_server.supervisor import supervise
 
     if args.command == "admin":
         return admin.main(args)
     try:
-        if args.command == "serve" and settings.processes != 1:
+        if args.command == "serve":
+            try:
+                factory = loop_factory(settings.event_loop)
+            except UnknownEventLoop as exc:
+                raise StartupError(str(exc)) from None
             if settings.processes < 1:
                 raise StartupError(f"CUELINE_PROCESSES must be at least 1, not {settings.processes}")
-            return supervise(settings)
-        if args.command == "serve":
-            asyncio.run(Runtime(settings).run())
+            if settings.processes != 1:
+                return supervise(settings)
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(Runtime(settings).run())
         elif args.command == "db" and args.db_command == "upgrade":
             print(f"schema at revision {migrate.upgrade(settings.resolved_database_url())}")
         elif args.command == "db" and args.db_command == "current":

@@ -82,6 +82,9 @@ class Settings:
     # their generic plans. Switch off behind a transaction-pooling proxy that does not
     # keep prepared statements (PgBouncer before 1.21) or refuses `options`.
     database_prepared_statements: bool = True
+    # The event loop: "auto" (uvloop when it is installed, else asyncio's own),
+    # "uvloop" or "asyncio".
+    event_loop: str = "auto"
     log_level: str = "INFO"
     access_log: bool = False
     # Partner actions. The start of resolution links (https://cueline.example.com);

@@ -224,3 +224,25 @@ def test_a_negative_connection_age_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="CUELINE_GRPC_MAX_CONNECTION_AGE_SECONDS must be 0"):
         server.start()
     assert server.process is not None and server.process.returncode == 1
+
+
+def test_the_event_loop_is_chosen_and_an_unknown_one_refused(tmp_path: Path) -> None:
+    """uvloop by default where it is installed; asyncio's own loop on request,
+    serving both transports the same; an unknown name is refused at start."""
+    url = f"sqlite:///{tmp_path / 'cueline.db'}"
+    for choice, expected in (("auto", "loop=uvloop"), ("asyncio", "loop=asyncio")):
+        server = Server(url, env={"CUELINE_EVENT_LOOP": choice}).start()
+        try:
+            assert expected in server.log_path.read_text()
+            key = server.register()
+            with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+                assert client.get("/v1/auth/me").status_code == 200
+            with grpc.insecure_channel(server.grpc_target) as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert check.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            server.stop()
+    server = Server(url, env={"CUELINE_EVENT_LOOP": "trio"})
+    with pytest.raises(RuntimeError, match="CUELINE_EVENT_LOOP must be one of auto, uvloop, asyncio"):
+        server.start()
+    assert server.process is not None and server.process.returncode == 1
