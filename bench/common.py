@@ -287,7 +287,7 @@ def machine() -> dict[str, Any]:
 
 def _event_loop() -> str:
     """The loop the server and the echo ceiling run on (their default)."""
-    factory = loop_factory(Settings().event_loop)
+    factory = loop_factory(Settings.from_env().event_loop)
     return "asyncio" if factory is None else f"uvloop {metadata.version('uvloop')}"
 
 

@@ -138,8 +138,9 @@ async def batch_claims(server: Server, key: str, pool: int, seconds: float) -> d
 
 
 async def claim_cycles(server: Server, key: str, pool: int, seconds: float, protocol: str) -> dict[str, Any]:
-    """Single claims over REST by WORKERS workers, each on one keep-alive
-    connection (bench/rawhttp.py), each reporting every claim it wins.
+    """Single claims over REST by WORKERS workers, each on one kept connection
+    (bench/rawhttp.py) unless the protocol says otherwise, each reporting
+    every claim it wins.
 
     "daemon" is the published CueAPI worker daemon's cycle: list the claimable
     executions (the first page of 50), claim them in listed order until one
@@ -186,6 +187,8 @@ async def claim_cycles(server: Server, key: str, pool: int, seconds: float, prot
                     errors.append(status)
         return None
 
+    if protocol not in ("daemon", "daemon-fresh", "next"):
+        raise ValueError(f"unknown claim protocol {protocol!r}")
     claim = next_claim if protocol == "next" else daemon_claim
 
     async def worker(index: int) -> None:

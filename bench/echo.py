@@ -50,5 +50,5 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    with asyncio.Runner(loop_factory=loop_factory(Settings().event_loop)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(Settings.from_env().event_loop)) as runner:
         runner.run(serve())

@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 keep-alive client for the REST load (asyncio streams).
+"""A lean HTTP/1.1 client for the REST load (asyncio streams), on a kept
+connection or a new one per request.
 
 A general-purpose client such as httpx spends more CPU per request than the
 server's REST path does, and the load generator shares the machine's cores
@@ -33,13 +34,14 @@ class Connection:
         self._writer: asyncio.StreamWriter | None = None
 
     async def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
-        """(status, body); reconnects once if the server closed the connection."""
+        """(status, body). On a kept connection it reconnects once if the server
+        had closed it; a new connection per request is tried once."""
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
         head = (
             f"{method} {path} HTTP/1.1\r\n{self._fixed}"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
         )
-        for attempt in (1, 2):
+        for attempt in (1, 2) if self._keep_alive else (2,):
             if self._writer is None:
                 self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
             assert self._reader is not None

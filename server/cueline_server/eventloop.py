@@ -26,9 +26,11 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
         return None
     try:
         import uvloop
-    except ImportError:
+    except ImportError as exc:
         if choice == "uvloop":
-            raise UnknownEventLoop("CUELINE_EVENT_LOOP is uvloop, but uvloop is not installed") from None
+            raise UnknownEventLoop(
+                f"CUELINE_EVENT_LOOP is uvloop, but it cannot be imported: {exc}"
+            ) from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
