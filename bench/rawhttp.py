@@ -41,7 +41,8 @@ class Connection:
             f"{method} {path} HTTP/1.1\r\n{self._fixed}"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
         )
-        for attempt in (1, 2) if self._keep_alive else (2,):
+        retry = self._keep_alive
+        while True:
             if self._writer is None:
                 self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
             assert self._reader is not None
@@ -50,13 +51,13 @@ class Connection:
                 answer = await self._response(self._reader)
             except (ConnectionError, asyncio.IncompleteReadError):
                 await self.close()
-                if attempt == 2:
+                if not retry:
                     raise
+                retry = False
                 continue
             if not self._keep_alive:
                 await self.close()
             return answer
-        raise AssertionError("unreachable")
 
     @staticmethod
     async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes]:

@@ -66,6 +66,11 @@ class DuplicateError(Exception):
     """A unique constraint refused the write."""
 
 
+def _count_where(condition: ColumnElement[bool]) -> Any:
+    """How many of the aggregated rows meet `condition` (0 when there are none)."""
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
 def _given(**filters: Any) -> dict[str, Any]:
     return {name: value for name, value in filters.items() if value is not None}
 
@@ -428,18 +433,14 @@ class ExecutionRepository(_Repository):
         """Work in flight across all accounts, for /health."""
         t = executions
         webhook, worker = t.c.transport == "webhook", t.c.transport == "worker"
-
-        def total(condition: ColumnElement[bool]) -> Any:
-            return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
         result = await self.conn.execute(
             select(
-                total(and_(webhook, t.c.status.in_(("pending", "delivering")))).label(
+                _count_where(and_(webhook, t.c.status.in_(("pending", "delivering")))).label(
                     "pending_webhook_deliveries"
                 ),
-                total(t.c.status.in_(("retrying", "retry_ready"))).label("pending_retries"),
-                total(and_(worker, t.c.status == "pending")).label("pending_worker_claims"),
-                total(
+                _count_where(t.c.status.in_(("retrying", "retry_ready"))).label("pending_retries"),
+                _count_where(and_(worker, t.c.status == "pending")).label("pending_worker_claims"),
+                _count_where(
                     or_(
                         and_(webhook, t.c.status == "delivering", t.c.last_attempt_at < stale_before),
                         and_(worker, t.c.status == "delivering", t.c.lease_expires_at <= now),
@@ -931,12 +932,8 @@ def _standing(outcomes: bool) -> Any:
     """AccountRepository.standing's statement: the account row joined to one
     row of cue counts and one of the period's execution counts."""
     account_id = bindparam("s_account", type_=Uuid)
-
-    def total(condition: ColumnElement[bool]) -> Any:
-        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
     cue_counts = (
-        select(func.count().label("live_cues"), total(cues.c.status == "active").label("active_cues"))
+        select(func.count().label("live_cues"), _count_where(cues.c.status == "active").label("active_cues"))
         .where(cues.c.account_id == account_id, cues.c.status.in_(LIVE_CUE_STATUSES))
         .subquery()
     )
@@ -945,9 +942,9 @@ def _standing(outcomes: bool) -> Any:
     counts: list[Any] = [func.count().label("executions_since")]
     if outcomes:
         counts += [
-            total(reported).label("reported"),
-            total(and_(reported, t.c.outcome_success.is_(True))).label("succeeded"),
-            total(
+            _count_where(reported).label("reported"),
+            _count_where(and_(reported, t.c.outcome_success.is_(True))).label("succeeded"),
+            _count_where(
                 or_(
                     and_(reported, t.c.outcome_success.is_(False)),
                     and_(~reported, t.c.status.in_(("failed", "missed"))),
