@@ -15,6 +15,7 @@ import pytest
 
 from cueline_server.services.identifiers import hash_api_key
 from cueline_server.store.database import Database
+from cueline_server.store.repositories import claim_next_sqlite
 from tests.integration.test_scheduler import wait_for
 from tests.support import Server, auth
 
@@ -220,10 +221,12 @@ def test_a_shared_claim_next_statement_gives_the_oldest_to_the_first_worker(serv
                 account = await repos.accounts.by_key_hash(hash_api_key(key))
             assert account is not None
             moment = dt.datetime.now(dt.UTC)
-            async with db.single_statement() as repos:
-                rows = await repos.claims.claim_next(
-                    account.id, workers, moment, dt.timedelta(minutes=5), moment - dt.timedelta(minutes=3)
-                )
+            claim = (account.id, workers, moment, dt.timedelta(minutes=5), moment - dt.timedelta(minutes=3))
+            if db.backend == "sqlite":
+                rows = await db.sqlite_write(lambda conn: claim_next_sqlite(conn, *claim))
+            else:
+                async with db.single_statement() as repos:
+                    rows = await repos.claims.claim_next(*claim)
             return [str(row.id) for row in rows]
         finally:
             await db.dispose()

@@ -24,7 +24,7 @@ from cueline_server.services.claims import ClaimablePage, ClaimService
 from cueline_server.services.cues import CueService
 from cueline_server.store.database import Database
 from cueline_server.store.migrate import upgrade
-from cueline_server.store.repositories import ClaimRepository, ClaimRequest
+from cueline_server.store.repositories import ClaimRepository, ClaimRequest, claim_each_sqlite
 from cueline_server.store.tables import executions
 
 
@@ -284,21 +284,59 @@ def test_the_readers_execution_read_matches_the_transactional_one(database_url: 
     _run(database_url, scenario)
 
 
+def test_claims_and_the_claimable_list_read_as_the_tables_do(database_url: str) -> None:
+    """Claims and the claimable list run on the driver directly (on SQLite, on
+    the writer's or the reader's thread): their values have the types and the
+    values SQLAlchemy reads from the tables (execution ids as UUIDs, times in
+    UTC to the microsecond), for a claim by id, a claim-next and the list."""
+
+    async def scenario(db: Database, settings: Settings) -> None:
+        claims, cues, owner, cue_id = await _services_and_cue(db, settings)
+        oldest, newer = [uuid.UUID(await _fire(cues, owner, cue_id)) for _ in range(2)]
+
+        async def matches_the_table(row: Any) -> None:
+            async with db.unit_of_work(write=False) as uow:
+                stored = await uow.executions.get(owner.account_id, row.id)
+            assert stored is not None
+            shared = [name for name in row._fields if name in stored._fields]
+            assert {"id", "cue_id", "scheduled_for", "payload"} <= set(shared)
+            assert [getattr(row, name) for name in shared] == [getattr(stored, name) for name in shared]
+            assert type(row.id) is uuid.UUID
+            assert all(
+                value.tzinfo is dt.UTC
+                for value in (getattr(row, name) for name in shared)
+                if isinstance(value, dt.datetime)
+            )
+
+        listed = (await claims.claimable(owner, None, None)).rows
+        assert [row.id for row in listed] == [oldest, newer]
+        for row in listed:
+            await matches_the_table(row)
+        by_id = await claims.claim(owner, "w1", str(newer))
+        by_next = await claims.claim_next(owner, "w2", None)
+        assert (by_id.id, by_next.id) == (newer, oldest)
+        for row in (by_id, by_next):
+            assert isinstance(row.lease_expires_at, dt.datetime)
+            await matches_the_table(row)
+
+    _run(database_url, scenario)
+
+
 def test_another_accounts_claim_in_the_same_statement_is_not_handed_the_owners(database_url: str) -> None:
     async def scenario(db: Database, settings: Settings) -> None:
         owner, stranger, cue_id = await _accounts_and_cue(db, settings)
         execution = uuid.UUID(await _fire(CueService(db, settings), owner, cue_id))
         moment = now()
-        async with db.single_statement() as repos:
-            to_stranger, to_owner = await repos.claims.claim_each(
-                [
-                    ClaimRequest(stranger.account_id, execution, "s1"),
-                    ClaimRequest(owner.account_id, execution, "w1"),
-                ],
-                moment,
-                dt.timedelta(minutes=5),
-                moment - dt.timedelta(minutes=3),
-            )
+        requests = [
+            ClaimRequest(stranger.account_id, execution, "s1"),
+            ClaimRequest(owner.account_id, execution, "w1"),
+        ]
+        claim = (requests, moment, dt.timedelta(minutes=5), moment - dt.timedelta(minutes=3))
+        if db.backend == "sqlite":
+            to_stranger, to_owner = await db.sqlite_write(lambda conn: claim_each_sqlite(conn, *claim))
+        else:
+            async with db.single_statement() as repos:
+                to_stranger, to_owner = await repos.claims.claim_each(*claim)
         assert to_stranger is None
         assert to_owner is not None and to_owner.id == execution
 

@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import itertools
 import logging
+import sqlite3
 import time
 import uuid
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from cueline_server.services.identifiers import parse_uuid
 from cueline_server.services.outcomes import stale_claim
 from cueline_server.store.batching import GATHER_TURNS, Coalescer, Failed
 from cueline_server.store.database import Database, Repositories
-from cueline_server.store.repositories import AnyRow, ClaimRequest
+from cueline_server.store.repositories import AnyRow, ClaimRequest, claim_each_sqlite, claim_next_sqlite
 
 log = logging.getLogger("cueline.claims")
 
@@ -281,8 +282,14 @@ class ClaimService:
             self._held.popitem(last=False)
 
     async def _claim_each(self, requests: Sequence[ClaimRequest]) -> list[AnyRow | None]:
-        """Concurrent claims by id share one statement (one transaction on SQLite)."""
+        """Concurrent claims by id share one statement (on SQLite one
+        transaction, run whole on the writer's thread)."""
         moment = now()
+        if self._db.backend == "sqlite":
+            silent_since = moment - self._silence
+            return await self._db.sqlite_write(
+                lambda conn: claim_each_sqlite(conn, requests, moment, self.lease, silent_since)
+            )
         async with self._db.single_statement() as repos:
             return await repos.claims.claim_each(requests, moment, self.lease, moment - self._silence)
 
@@ -306,8 +313,21 @@ class ClaimService:
         for index, request in enumerate(requests):
             groups.setdefault((request.account_id, request.task), []).append(index)
         claimed: list[AnyRow | Failed | None] = [None] * len(requests)
-        kept = False  # a statement of this batch has committed (PostgreSQL)
         moment = now()
+        if self._db.backend == "sqlite":  # one transaction, run whole on the writer's thread
+
+            def claim_groups(conn: sqlite3.Connection) -> None:
+                for (account_id, task), indexes in groups.items():
+                    workers = [requests[index].worker_id for index in indexes]
+                    rows = claim_next_sqlite(
+                        conn, account_id, workers, moment, self.lease, moment - self._silence, task
+                    )
+                    for index, row in zip(indexes, rows, strict=False):  # fewer rows: nothing more to claim
+                        claimed[index] = row
+
+            await self._db.sqlite_write(claim_groups)
+            return claimed
+        kept = False  # a statement of this batch has committed
         async with self._db.single_statement() as repos:
             for (account_id, task), indexes in groups.items():
                 try:
@@ -320,7 +340,7 @@ class ClaimService:
                         task=task,
                     )
                 except Exception as exc:
-                    if self._db.backend == "sqlite" or not kept:
+                    if not kept:
                         raise  # nothing of the batch is kept: the coalescer retries it call by call
                     log.warning("a claim-next statement of a batch failed: %s", exc)
                     for index in indexes:
@@ -336,10 +356,12 @@ class ClaimService:
     ) -> Sequence[AnyRow]:
         asked = time.monotonic()
         moment = now()
-        async with self._db.single_statement() as repos:
-            rows = await repos.claims.claim_next(
-                caller.account_id, [worker_id] * limit, moment, self.lease, moment - self._silence, task=task
-            )
+        claim = (caller.account_id, [worker_id] * limit, moment, self.lease, moment - self._silence)
+        if self._db.backend == "sqlite":
+            rows = await self._db.sqlite_write(lambda conn: claim_next_sqlite(conn, *claim, task))
+        else:
+            async with self._db.single_statement() as repos:
+                rows = await repos.claims.claim_next(*claim, task=task)
         self._hold(rows, asked)
         return rows
 

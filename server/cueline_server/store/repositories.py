@@ -13,7 +13,8 @@ import datetime as dt
 import json
 import sqlite3
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections import namedtuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, NamedTuple, Unpack
@@ -43,7 +44,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.selectable import CTE
 
@@ -927,6 +928,62 @@ class _Direct:
         return rows
 
 
+class _SqliteDirect:
+    """A statement built once and run on the driver directly, for SQLite's hot
+    paths: on the sqlite3 connection of work that runs whole on the writer's
+    thread (`Database.sqlite_write`, `rows`), or in one call to a reader's
+    thread (`read`). Parameters and values are converted by the columns' own
+    types, as SQLAlchemy converts them; rows are named tuples of the
+    statement's columns."""
+
+    def __init__(self, statement: Any) -> None:
+        dialect = sqlite.dialect(paramstyle="named")
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self._defaults = dict(compiled.params)
+        self._binds = {
+            name: processor
+            for bind, name in compiled.bind_names.items()
+            if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+        columns = list(statement.exported_columns)
+        self._results = [
+            (index, processor)
+            for index, column in enumerate(columns)
+            if (processor := column.type.dialect_impl(dialect).result_processor(dialect, None)) is not None
+        ]
+        self._row: Any = namedtuple("_Row", [column.key for column in columns])  # type: ignore[misc]
+
+    def rows(self, conn: sqlite3.Connection, parameters: Mapping[str, Any]) -> list[Any]:
+        return self._made(conn.execute(self.sql, self._bound(parameters)))
+
+    async def read(self, conn: AsyncConnection, parameters: Mapping[str, Any]) -> list[Any]:
+        """The rows, read on SQLAlchemy's connection `conn` by the driver in one
+        call to its thread (aiosqlite's `execute_fetchall`; SQLAlchemy's own
+        execution takes several). Errors come out as SQLAlchemy's."""
+        driver = (await conn.get_raw_connection()).driver_connection
+        try:
+            found = await driver.execute_fetchall(self.sql, self._bound(parameters))  # type: ignore[union-attr]
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
+        return self._made(found)
+
+    def _bound(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
+        bound = {**self._defaults, **parameters}
+        for name, processor in self._binds.items():
+            bound[name] = processor(bound[name])
+        return bound
+
+    def _made(self, found: Iterable[Sequence[Any]]) -> list[Any]:
+        made = []
+        for raw in found:
+            values = list(raw)
+            for index, processor in self._results:
+                values[index] = processor(values[index])
+            made.append(self._row._make(values))
+        return made
+
+
 @cache
 def _standing(outcomes: bool) -> Any:
     """AccountRepository.standing's statement: the account row joined to one
@@ -1365,13 +1422,33 @@ class ClaimRequest:
     worker_id: str
 
 
-def _claim_won(claimed: Mapping[uuid.UUID, AnyRow], request: ClaimRequest) -> AnyRow | None:
-    """The row a claim by id won: the execution claimed, if it is the caller's.
-    Another account's request for the same id, in the same statement, finds
-    nothing (the statement matches account and id) and must not be handed the
-    owner's claim."""
-    row = claimed.get(request.execution_id)
-    return row if row is not None and row.account_id == request.account_id else None
+def _first_requests(
+    requests: Sequence[ClaimRequest],
+) -> tuple[list[ClaimRequest], dict[tuple[uuid.UUID, uuid.UUID], ClaimRequest]]:
+    """The requests to try (the first for each account and execution), and
+    that first request by account and execution."""
+    first: dict[tuple[uuid.UUID, uuid.UUID], ClaimRequest] = {}
+    for request in requests:
+        first.setdefault((request.account_id, request.execution_id), request)
+    return list(first.values()), first
+
+
+def _claims_won(
+    claimed: Mapping[uuid.UUID, Any],
+    requests: Sequence[ClaimRequest],
+    first: Mapping[tuple[uuid.UUID, uuid.UUID], ClaimRequest],
+) -> list[Any]:
+    """Per request, the row its claim by id won, if any: the execution claimed,
+    if the request was the first for it and is the owner's. Another account's
+    request for the same id, in the same statement, finds nothing (the
+    statement matches account and id) and must not be handed the owner's
+    claim."""
+    won: list[Any] = []
+    for request in requests:
+        row = claimed.get(request.execution_id)
+        mine = first[(request.account_id, request.execution_id)] is request
+        won.append(row if mine and row is not None and row.account_id == request.account_id else None)
+    return won
 
 
 # What the claimable list shows (ClaimableItem).
@@ -1409,6 +1486,11 @@ def _claimable_page_direct(by_task: bool, by_agent: bool) -> _Direct:
     return _Direct(_claimable_page_statement("postgresql", by_task, by_agent))
 
 
+@cache
+def _claimable_page_sqlite(by_task: bool, by_agent: bool) -> _SqliteDirect:
+    return _SqliteDirect(_claimable_page_statement("sqlite", by_task, by_agent))
+
+
 def _payload_string(dialect: str, key: str) -> ColumnElement[Any]:
     """The payload snapshot's top-level `key` when it is a string, else NULL."""
     if dialect == "postgresql":
@@ -1417,6 +1499,135 @@ def _payload_string(dialect: str, key: str) -> ColumnElement[Any]:
     path = f'$."{key}"'
     payload = executions.c.payload
     return case((func.json_type(payload, path) == "text", func.json_extract(payload, path)))
+
+
+@cache
+def _claim_each_candidates_sqlite() -> _SqliteDirect:
+    """Of the requested executions (`batch`, a JSON array of {id, account_id,
+    worker}), the claimable ones, with the worker that asked and the cue's
+    outcome deadline seconds."""
+    entries = func.json_each(bindparam("c_batch", type_=String)).table_valued("value")
+    fields = ("id", "account_id", "worker")
+    requests = select(*(func.json_extract(entries.c.value, f"$.{name}").label(name) for name in fields))
+    picked = _requested_claims(
+        requests.subquery("requests"),
+        bindparam("c_now", type_=UTCDateTime),
+        bindparam("c_silent_since", type_=UTCDateTime),
+        lock=False,
+    )
+    return _SqliteDirect(
+        select(executions.c.id, picked.c.worker, cues.c.outcome_deadline_seconds)
+        .join(picked, picked.c.id == executions.c.id)
+        .join(cues, cues.c.id == executions.c.cue_id)
+    )
+
+
+@cache
+def _claim_next_candidates_sqlite(by_task: bool) -> _SqliteDirect:
+    """The account's `c_limit` oldest claimable executions, in claim order, with
+    the cue's outcome deadline seconds."""
+    conditions = [executions.c.task == bindparam("c_task", type_=String)] if by_task else []
+    picked = _claim_queue(
+        bindparam("c_account", type_=Uuid),
+        bindparam("c_now", type_=UTCDateTime),
+        bindparam("c_silent_since", type_=UTCDateTime),
+        bindparam("c_limit", type_=BigInteger),
+        *conditions,
+    )
+    return _SqliteDirect(
+        select(executions.c.id, cues.c.outcome_deadline_seconds)
+        .join(picked, picked.c.id == executions.c.id)
+        .join(cues, cues.c.id == executions.c.cue_id)
+        .order_by(picked.c.n)
+    )
+
+
+@cache
+def _claim_update_sqlite() -> _SqliteDirect:
+    """Claim the executions `c_ids` (a JSON array of ids) for one worker, with
+    one outcome deadline, and return them."""
+    ids = func.json_each(bindparam("c_ids", type_=String)).table_valued("value")
+    return _SqliteDirect(
+        update(executions)
+        .where(executions.c.id.in_(select(ids.c.value)))
+        .values(
+            **_claimed(
+                bindparam("c_worker", type_=String),
+                bindparam("c_now", type_=UTCDateTime),
+                bindparam("c_lease_until", type_=UTCDateTime),
+            ),
+            outcome_deadline_at=bindparam("c_deadline", type_=UTCDateTime),
+        )
+        .returning(*_CLAIMED_RETURNING)
+    )
+
+
+def _claim_found_sqlite(
+    conn: sqlite3.Connection,
+    candidates: Sequence[tuple[uuid.UUID, str, int]],
+    now: dt.datetime,
+    lease: dt.timedelta,
+) -> dict[uuid.UUID, Any]:
+    """Claim (id, worker, the cue's outcome deadline seconds) rows found in this
+    write transaction: one UPDATE per worker and deadline."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for execution_id, worker_id, seconds in candidates:
+        groups.setdefault((worker_id, seconds), []).append(execution_id.hex)
+    claimed: dict[uuid.UUID, Any] = {}
+    for (worker_id, seconds), ids in groups.items():
+        parameters = {
+            "c_ids": json.dumps(ids),
+            "c_worker": worker_id,
+            "c_now": now,
+            "c_lease_until": now + lease,
+            "c_deadline": now + dt.timedelta(seconds=seconds),
+        }
+        claimed.update((row.id, row) for row in _claim_update_sqlite().rows(conn, parameters))
+    return claimed
+
+
+def claim_each_sqlite(
+    conn: sqlite3.Connection,
+    requests: Sequence[ClaimRequest],
+    now: dt.datetime,
+    lease: dt.timedelta,
+    silent_since: dt.datetime,
+) -> list[Any]:
+    """SQLite: `ClaimRepository.claim_each` on the driver's own connection,
+    inside the caller's write transaction (`Database.sqlite_write`)."""
+    distinct, first = _first_requests(requests)
+    batch = json.dumps(
+        [{"id": r.execution_id.hex, "account_id": r.account_id.hex, "worker": r.worker_id} for r in distinct]
+    )
+    candidates = _claim_each_candidates_sqlite().rows(
+        conn, {"c_batch": batch, "c_now": now, "c_silent_since": silent_since}
+    )
+    claimed = _claim_found_sqlite(conn, [tuple(row) for row in candidates], now, lease)
+    return _claims_won(claimed, requests, first)
+
+
+def claim_next_sqlite(
+    conn: sqlite3.Connection,
+    account_id: uuid.UUID,
+    workers: Sequence[str],
+    now: dt.datetime,
+    lease: dt.timedelta,
+    silent_since: dt.datetime,
+    task: str | None = None,
+) -> list[Any]:
+    """SQLite: `ClaimRepository.claim_next` on the driver's own connection,
+    inside the caller's write transaction (`Database.sqlite_write`), which
+    is what keeps two claimers from taking the same row."""
+    if not workers:
+        return []
+    parameters = {"c_account": account_id, "c_now": now, "c_silent_since": silent_since}
+    parameters.update(c_limit=len(workers), c_task=task)
+    candidates = _claim_next_candidates_sqlite(task is not None).rows(conn, parameters)
+    found = zip(candidates, workers, strict=False)  # fewer candidates: nothing more is claimable
+    claimed = _claim_found_sqlite(
+        conn, [(row.id, worker, row.outcome_deadline_seconds) for row, worker in found], now, lease
+    )
+    return [claimed[row.id] for row in candidates]
 
 
 class ClaimRepository(_Repository):
@@ -1442,8 +1653,7 @@ class ClaimRepository(_Repository):
         by_task, by_agent = task is not None, agent is not None
         if self.conn.dialect.name == "postgresql":
             return await _claimable_page_direct(by_task, by_agent).rows(self.conn, parameters)
-        statement = _claimable_page_statement("sqlite", by_task, by_agent)
-        return (await self.conn.execute(statement, parameters)).all()
+        return await _claimable_page_sqlite(by_task, by_agent).read(self.conn, parameters)
 
     async def claim_next(
         self,
@@ -1460,45 +1670,26 @@ class ClaimRepository(_Repository):
         worker's, and there are fewer rows than workers only when nothing more
         is claimable. Rows locked by a concurrent claimer are skipped, so two
         callers never get the same one. The claim's fencing token is the new
-        attempt count. On PostgreSQL this is one statement, to be run in
-        autocommit mode."""
+        attempt count. One statement, to be run in autocommit mode (PostgreSQL;
+        on SQLite claims run on the writer's thread: `claim_next_sqlite`)."""
+        assert self.conn.dialect.name == "postgresql", "SQLite: claim_next_sqlite"
         if not workers:
             return []
-        if self.conn.dialect.name == "postgresql":
-            one_worker = len(set(workers)) == 1
-            parameters: dict[str, Any] = {
-                "c_account": account_id,
-                "c_now": now,
-                "c_silent_since": silent_since,
-                "c_lease_until": now + lease,
-            }
-            if one_worker:
-                parameters.update(c_worker=workers[0], c_limit=len(workers))
-            else:
-                parameters["c_workers"] = _pg_array("text", workers)
-            if task is not None:
-                parameters["c_task"] = task
-            statement = _claim_next_statement_postgres(task is not None, one_worker)
-            return sorted(await statement.rows(self.conn, parameters), key=lambda r: r.n)
-        conditions = [] if task is None else [executions.c.task == task]
-        picked = _claim_queue(account_id, now, silent_since, len(workers), *conditions)
-        candidates = (
-            await self.conn.execute(
-                select(executions.c.id, cues.c.outcome_deadline_seconds)
-                .join(picked, picked.c.id == executions.c.id)
-                .join(cues, cues.c.id == executions.c.cue_id)
-                .order_by(picked.c.n)
-            )
-        ).all()
-        claimed = await self._claim_sqlite(
-            [
-                (row.id, worker, row.outcome_deadline_seconds)
-                for row, worker in zip(candidates, workers[: len(candidates)], strict=True)
-            ],
-            now,
-            lease,
-        )
-        return [claimed[row.id] for row in candidates]
+        one_worker = len(set(workers)) == 1
+        parameters: dict[str, Any] = {
+            "c_account": account_id,
+            "c_now": now,
+            "c_silent_since": silent_since,
+            "c_lease_until": now + lease,
+        }
+        if one_worker:
+            parameters.update(c_worker=workers[0], c_limit=len(workers))
+        else:
+            parameters["c_workers"] = _pg_array("text", workers)
+        if task is not None:
+            parameters["c_task"] = task
+        statement = _claim_next_statement_postgres(task is not None, one_worker)
+        return sorted(await statement.rows(self.conn, parameters), key=lambda r: r.n)
 
     async def claim_each(
         self,
@@ -1510,73 +1701,22 @@ class ClaimRepository(_Repository):
         """Claims of named executions, for several workers at once: per request,
         the claimed row, or None when the execution is not claimable (or locked
         by a concurrent claimer). Of several requests for one execution only the
-        first can win. On PostgreSQL this is one statement, to be run in
-        autocommit mode."""
-        first: dict[tuple[uuid.UUID, uuid.UUID], ClaimRequest] = {}
-        for request in requests:
-            first.setdefault((request.account_id, request.execution_id), request)
-        distinct = list(first.values())
-        if self.conn.dialect.name == "postgresql":
-            rows = await _claim_each_statement_postgres().rows(
-                self.conn,
-                {
-                    "c_ids": _pg_array("uuid", [r.execution_id for r in distinct]),
-                    "c_accounts": _pg_array("uuid", [r.account_id for r in distinct]),
-                    "c_workers": _pg_array("text", [r.worker_id for r in distinct]),
-                    "c_now": now,
-                    "c_silent_since": silent_since,
-                    "c_lease_until": now + lease,
-                },
-            )
-            claimed = {row.id: row for row in rows}
-        else:
-            batch = json.dumps(
-                [
-                    {"id": r.execution_id.hex, "account_id": r.account_id.hex, "worker": r.worker_id}
-                    for r in distinct
-                ]
-            )
-            entries = func.json_each(bindparam("batch", batch)).table_valued("value")
-            requests_sqlite = select(
-                *(
-                    func.json_extract(entries.c.value, f"$.{name}").label(name)
-                    for name in ("id", "account_id", "worker")
-                )
-            ).subquery("requests")
-            picked = _requested_claims(requests_sqlite, now, silent_since, lock=False)
-            candidates = (
-                select(executions.c.id, picked.c.worker, cues.c.outcome_deadline_seconds)
-                .join(picked, picked.c.id == executions.c.id)
-                .join(cues, cues.c.id == executions.c.cue_id)
-            )
-            claimed = await self._claim_sqlite(
-                [tuple(row) for row in await self.conn.execute(candidates)], now, lease
-            )
-        return [
-            _claim_won(claimed, r) if first[(r.account_id, r.execution_id)] is r else None for r in requests
-        ]
-
-    async def _claim_sqlite(
-        self, candidates: Sequence[tuple[uuid.UUID, str, int]], now: dt.datetime, lease: dt.timedelta
-    ) -> dict[uuid.UUID, AnyRow]:
-        """SQLite: claim (id, worker, the cue's outcome deadline seconds) rows found
-        in this write transaction, one UPDATE per worker and deadline."""
-        groups: dict[tuple[str, int], list[uuid.UUID]] = {}
-        for execution_id, worker_id, seconds in candidates:
-            groups.setdefault((worker_id, seconds), []).append(execution_id)
-        claimed: dict[uuid.UUID, AnyRow] = {}
-        for (worker_id, seconds), ids in groups.items():
-            result = await self.conn.execute(
-                update(executions)
-                .where(executions.c.id.in_(ids))
-                .values(
-                    **_claimed(worker_id, now, now + lease),
-                    outcome_deadline_at=now + dt.timedelta(seconds=seconds),
-                )
-                .returning(*_CLAIMED_RETURNING)
-            )
-            claimed.update((row.id, row) for row in result)
-        return claimed
+        first can win. One statement, to be run in autocommit mode (PostgreSQL;
+        on SQLite claims run on the writer's thread: `claim_each_sqlite`)."""
+        assert self.conn.dialect.name == "postgresql", "SQLite: claim_each_sqlite"
+        distinct, first = _first_requests(requests)
+        rows = await _claim_each_statement_postgres().rows(
+            self.conn,
+            {
+                "c_ids": _pg_array("uuid", [r.execution_id for r in distinct]),
+                "c_accounts": _pg_array("uuid", [r.account_id for r in distinct]),
+                "c_workers": _pg_array("text", [r.worker_id for r in distinct]),
+                "c_now": now,
+                "c_silent_since": silent_since,
+                "c_lease_until": now + lease,
+            },
+        )
+        return _claims_won({row.id: row for row in rows}, requests, first)
 
     async def holder(self, account_id: uuid.UUID, execution_id: uuid.UUID) -> AnyRow | None:
         """The execution's claim state and its cue's outcome deadline, locked."""
