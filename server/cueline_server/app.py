@@ -206,6 +206,13 @@ class _EmbeddedUvicorn(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+async def _serve_http(http: uvicorn.Server, sockets: list[socket.socket] | None) -> None:
+    """uvicorn's serving, ending instead of exiting the process when it cannot
+    start (it logs why): the runtime then stops with a clear error."""
+    with contextlib.suppress(SystemExit):
+        await http.serve(sockets)
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -243,7 +250,11 @@ class Runtime:
             reuse_port=settings.reuse_port,
             max_connection_age_seconds=settings.grpc_max_connection_age_seconds,
         )
-        grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        try:
+            grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        except RuntimeError:  # grpc says only that binding failed
+            await db.dispose()
+            raise StartupError(f"cannot serve gRPC on {settings.host}:{settings.grpc_port}") from None
         transcoder = Transcoder(
             pipeline,
             max_request_bytes=settings.max_request_bytes,
@@ -283,7 +294,7 @@ class Runtime:
             sockets = [bind_reuse_port(settings.host, settings.http_port)]
             sockets[0].listen(HTTP_BACKLOG)
         await grpc_server.start()
-        http_task = asyncio.create_task(http.serve(sockets))
+        http_task = asyncio.create_task(_serve_http(http, sockets))
         while not http.started:
             if http_task.done():
                 await grpc_server.stop(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -225,6 +226,20 @@ def test_a_negative_connection_age_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="CUELINE_GRPC_MAX_CONNECTION_AGE_SECONDS must be 0"):
         server.start()
     assert server.process is not None and server.process.returncode == 1
+
+
+def test_a_port_in_use_is_named(tmp_path: Path) -> None:
+    """A port another program holds stops the start with a message naming it,
+    for either transport."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for transport, variable in (("gRPC", "CUELINE_GRPC_PORT"), ("HTTP", "CUELINE_HTTP_PORT")):
+            server = Server(f"sqlite:///{tmp_path / 'cueline.db'}", env={variable: str(port)})
+            with pytest.raises(RuntimeError, match=f"cannot serve {transport} on 127.0.0.1:{port}"):
+                server.start()
+            assert server.process is not None and server.process.returncode == 1
 
 
 def test_the_event_loop_is_chosen_and_an_unknown_one_refused(tmp_path: Path) -> None:
