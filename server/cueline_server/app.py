@@ -126,7 +126,13 @@ def assemble(db: Database, settings: Settings) -> Components:
         ),
         work_created=work_created,
     )
-    cues = CueService(db, settings, schedule_changed=scheduler.wake, work_created=work_created)
+    cues = CueService(
+        db,
+        settings,
+        schedule_changed=scheduler.wake,
+        work_created=work_created,
+        deleted=outcomes.forget_recorded,
+    )
     try:
         codec = codec_from_settings(settings.action_secret_keys, settings.action_secret_signing_kid)
     except ValueError as exc:

@@ -212,11 +212,13 @@ class CueService:
         *,
         schedule_changed: Callable[[], None] = lambda: None,
         work_created: WorkCreated = lambda created: None,
+        deleted: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
         self._settings = settings
         self._schedule_changed = schedule_changed
         self._work_created = work_created
+        self._deleted = deleted  # after a cue and its executions are deleted
         self._callbacks = CallbackPolicy(settings.allow_private_callbacks, settings.allow_http_callbacks)
         # SQLite has one writer: concurrent fires share its transactions (group
         # commit). PostgreSQL writes each fire as one autocommitted statement.
@@ -407,6 +409,7 @@ class CueService:
             if not await uow.cues.delete(caller.account_id, cue_id):
                 raise cue_not_found()
             await uow.commit()
+        self._deleted()
 
     async def fire(
         self,

@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import sqlite3
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -49,6 +51,10 @@ from cueline_server.store.repositories import (
 log = logging.getLogger("cueline.outcomes")
 
 MAX_METADATA_BYTES = 10_240
+# Recorded outcomes this process has read, to answer later reports from
+# (`OutcomeService._recorded`): how many, and for how long each.
+RECORDED_MAX = 10_000
+RECORDED_SECONDS = 30.0
 _REQUIREMENT = {
     "require_external_id": "external_id",
     "require_result_url": "result_url",
@@ -280,8 +286,57 @@ class OutcomeService:
         self._held: Coalescer[OutcomeWrite, _Written] = Coalescer(
             partial(self._write_batch, leave_held=False)
         )
+        # The recorded outcomes of executions that refused a report here, by
+        # (account, execution), each with the monotonic time it is kept until.
+        # An outcome is written once and never changes, so a later report is
+        # refused (or, repeated under its request id, answered) from this alone,
+        # without a statement: a race of many writers, or a client retrying,
+        # costs the database one read. Each is kept RECORDED_SECONDS: a cue
+        # deleted on another replica takes its executions with it, and a report
+        # then finds none. A cue deleted on this process clears them all.
+        self._recorded: OrderedDict[tuple[uuid.UUID, uuid.UUID], tuple[float, AnyRow]] = OrderedDict()
+
+    def forget_recorded(self) -> None:
+        """Executions may have been deleted: answer every report from the database again."""
+        self._recorded.clear()
 
     async def _written(
+        self, writes: Sequence[OutcomeWrite]
+    ) -> list[tuple[AnyRow | None, AnyRow | ApiError | None]]:
+        """Each report's written row, or None and what it found instead: the
+        recorded outcome remembered here, or what the statement found."""
+        clock = time.monotonic()
+        known = [self._known((w.account_id, w.execution_id), clock) for w in writes]
+        unknown = [w for w, found in zip(writes, known, strict=True) if found is None]
+        written = await self._write_all(unknown) if unknown else []
+        self._remember(unknown, written, clock + RECORDED_SECONDS)
+        answers = iter(written)
+        return [(None, found) if found is not None else next(answers) for found in known]
+
+    def _known(self, key: tuple[uuid.UUID, uuid.UUID], clock: float) -> AnyRow | None:
+        remembered = self._recorded.get(key)
+        if remembered is None:
+            return None
+        until, found = remembered
+        if until <= clock:
+            del self._recorded[key]
+            return None
+        return found
+
+    def _remember(self, writes: Sequence[OutcomeWrite], written: Sequence[_Written], until: float) -> None:
+        """Remember the recorded outcomes that refused these reports (read from
+        the database, never from this memory: its window does not grow)."""
+        for write, (row, found) in zip(writes, written, strict=True):
+            if row is None and found is not None and not isinstance(found, ApiError):
+                if found.outcome_recorded_at is None:  # a stale claim's report: nothing recorded yet
+                    continue
+                key = (write.account_id, write.execution_id)
+                self._recorded[key] = (until, found)
+                self._recorded.move_to_end(key)
+        while len(self._recorded) > RECORDED_MAX:
+            self._recorded.popitem(last=False)
+
+    async def _write_all(
         self, writes: Sequence[OutcomeWrite]
     ) -> list[tuple[AnyRow | None, AnyRow | ApiError | None]]:
         written = await self._writes.submit_many(writes)
