@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     logs.configure(settings.log_level)
+    from sqlalchemy.exc import OperationalError
+
     from cueline_server.app import Runtime, StartupError
     from cueline_server.errors import ApiError
     from cueline_server.eventloop import UnknownEventLoop, loop_factory
@@ -127,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             print(asyncio.run(_create_key(settings, args.email)))
     except StartupError as exc:
         print(f"cueline: {exc}", file=sys.stderr)
+        return 1
+    except OperationalError as exc:  # the database cannot be reached, or refused the connection
+        print(f"cueline: cannot use the database: {exc.orig}", file=sys.stderr)
         return 1
     except ApiError as exc:
         print(f"cueline: {exc.message}", file=sys.stderr)

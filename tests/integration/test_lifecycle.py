@@ -242,6 +242,20 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
             assert server.process is not None and server.process.returncode == 1
 
 
+def test_a_database_it_cannot_reach_is_named() -> None:
+    """A database that refuses the connection stops the start with one line
+    saying so, and the driver's reason, without a traceback."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        server = Server(f"postgresql://cueline@127.0.0.1:{port}/cueline")
+        with pytest.raises(RuntimeError) as stopped:
+            server.start()
+    assert "cueline: cannot use the database: connection failed" in str(stopped.value)
+    assert "Traceback" not in str(stopped.value)
+    assert server.process is not None and server.process.returncode == 1
+
+
 def test_the_event_loop_is_chosen_and_an_unknown_one_refused(tmp_path: Path) -> None:
     """uvloop by default where it is installed; asyncio's own loop on request,
     serving both transports the same; an unknown name is refused at start."""
