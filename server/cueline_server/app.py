@@ -22,6 +22,7 @@ from typing import Any
 
 import uvicorn
 from grpc_health.v1 import health, health_pb2
+from sqlalchemy.exc import OperationalError
 
 from cueline_server.api import openapi
 from cueline_server.api.descriptors import methods
@@ -173,13 +174,22 @@ def trusted_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6N
         raise StartupError(f"CUELINE_TRUSTED_PROXIES: {exc}") from None
 
 
+def database_unusable(exc: OperationalError) -> StartupError:
+    """The start-up error for a database that cannot be reached or refused the
+    connection: the driver's reason, on one line."""
+    return StartupError(f"cannot use the database: {' '.join(str(exc.orig).split())}")
+
+
 async def prepare_schema(settings: Settings) -> None:
     url = settings.resolved_database_url()
-    if settings.auto_migrate:
-        revision = await asyncio.to_thread(migrate.upgrade, url)
-        log.info("database schema at revision %s", revision)
-        return
-    current = await asyncio.to_thread(migrate.current_revision, url)
+    try:
+        if settings.auto_migrate:
+            revision = await asyncio.to_thread(migrate.upgrade, url)
+            log.info("database schema at revision %s", revision)
+            return
+        current = await asyncio.to_thread(migrate.current_revision, url)
+    except OperationalError as exc:
+        raise database_unusable(exc) from None
     head = migrate.head_revision()
     if current != head:
         raise StartupError(
@@ -303,9 +313,11 @@ class Runtime:
         http_task = asyncio.create_task(_serve_http(http, sockets))
         while not http.started:
             if http_task.done():
+                failed = http_task.exception()  # uvicorn logged why when it could not bind
                 await grpc_server.stop(None)
                 await db.dispose()
-                raise StartupError(f"cannot serve HTTP on {settings.host}:{settings.http_port}")
+                reason = "" if failed is None else f": {failed!r}"
+                raise StartupError(f"cannot serve HTTP on {settings.host}:{settings.http_port}{reason}")
             await asyncio.sleep(0.01)
         http_port = http.servers[0].sockets[0].getsockname()[1]
         if not settings.public_base_url:

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level)
     from sqlalchemy.exc import OperationalError
 
-    from cueline_server.app import Runtime, StartupError
+    from cueline_server.app import Runtime, StartupError, database_unusable
     from cueline_server.errors import ApiError
     from cueline_server.eventloop import UnknownEventLoop, loop_factory
     from cueline_server.store import migrate
@@ -121,17 +121,19 @@ def main(argv: list[str] | None = None) -> int:
                 return supervise(settings)
             with asyncio.Runner(loop_factory=factory) as runner:
                 runner.run(Runtime(settings).run())
-        elif args.command == "db" and args.db_command == "upgrade":
-            print(f"schema at revision {migrate.upgrade(settings.resolved_database_url())}")
-        elif args.command == "db" and args.db_command == "current":
-            print(migrate.current_revision(settings.resolved_database_url()) or "(empty database)")
+        elif args.command == "db":
+            url = settings.resolved_database_url()
+            try:
+                if args.db_command == "upgrade":
+                    print(f"schema at revision {migrate.upgrade(url)}")
+                elif args.db_command == "current":
+                    print(migrate.current_revision(url) or "(empty database)")
+            except OperationalError as exc:
+                raise database_unusable(exc) from None
         elif args.command == "keys":
             print(asyncio.run(_create_key(settings, args.email)))
     except StartupError as exc:
         print(f"cueline: {exc}", file=sys.stderr)
-        return 1
-    except OperationalError as exc:  # the database cannot be reached, or refused the connection
-        print(f"cueline: cannot use the database: {exc.orig}", file=sys.stderr)
         return 1
     except ApiError as exc:
         print(f"cueline: {exc.message}", file=sys.stderr)

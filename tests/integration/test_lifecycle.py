@@ -243,17 +243,23 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
 
 
 def test_a_database_it_cannot_reach_is_named() -> None:
-    """A database that refuses the connection stops the start with one line
-    saying so, and the driver's reason, without a traceback."""
+    """A database that refuses the connection stops the start, and the schema
+    commands, with one line saying so and the driver's reason, without a
+    traceback."""
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # bound, never listening: connections are refused
-        server = Server(f"postgresql://cueline@127.0.0.1:{port}/cueline")
+        url = f"postgresql://cueline@127.0.0.1:{port}/cueline"
+        server = Server(url)
         with pytest.raises(RuntimeError) as stopped:
             server.start()
+        upgrade = cli("db", "upgrade", "--database-url", url)
     assert "cueline: cannot use the database: connection failed" in str(stopped.value)
     assert "Traceback" not in str(stopped.value)
     assert server.process is not None and server.process.returncode == 1
+    assert upgrade.returncode == 1
+    assert upgrade.stderr.startswith("cueline: cannot use the database: connection failed")
+    assert upgrade.stderr.count("\n") == 1  # one line
 
 
 def test_the_event_loop_is_chosen_and_an_unknown_one_refused(tmp_path: Path) -> None:

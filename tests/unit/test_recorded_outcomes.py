@@ -6,6 +6,7 @@ clears it."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -85,5 +86,67 @@ def test_a_recorded_outcome_is_remembered_for_its_window_only(
         await _unrecord(db, execution)
         applied = await outcomes.record(owner, _report(execution, success=False))  # read anew: it applies
         assert applied.outcome_state == "reported_failure"
+
+    _run(database_url, scenario)
+
+
+def test_a_deletion_during_a_read_keeps_what_it_read_out_of_the_memory(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cue deleted while a report's batch was being written and read: what
+    that batch read is not remembered, as it may be of a deleted execution."""
+
+    async def scenario(db: Database, settings: Settings) -> None:
+        owner, _, cue_id = await _accounts_and_cue(db, settings)
+        outcomes = OutcomeService(db)
+        execution = await _fire(CueService(db, settings), owner, cue_id)
+        await outcomes.record(owner, _report(execution))
+        write_all = outcomes._write_all
+
+        async def deleted_meanwhile(writes: Any) -> Any:
+            written = await write_all(writes)
+            outcomes.forget_recorded()  # as CueService.delete calls it after its commit
+            return written
+
+        monkeypatch.setattr(outcomes, "_write_all", deleted_meanwhile)
+        with pytest.raises(ApiError) as refused:
+            await outcomes.record(owner, _report(execution, success=False))
+        assert refused.value.code == "outcome_already_recorded"
+        monkeypatch.setattr(outcomes, "_write_all", write_all)
+        await _unrecord(db, execution)
+        applied = await outcomes.record(owner, _report(execution, success=False))  # read anew
+        assert applied.outcome_state == "reported_failure"
+
+    _run(database_url, scenario)
+
+
+def test_a_batch_mixes_remembered_and_new_reports_in_order(database_url: str) -> None:
+    async def scenario(db: Database, settings: Settings) -> None:
+        owner, _, cue_id = await _accounts_and_cue(db, settings)
+        outcomes = OutcomeService(db)
+        cues = CueService(db, settings)
+        done, fresh, keyed = [await _fire(cues, owner, cue_id) for _ in range(3)]
+        await outcomes.record(owner, _report(done))
+        await outcomes.record(owner, _report(keyed, request_id="k-2"))
+        for execution in (done, keyed):  # refused once: remembered
+            with pytest.raises(ApiError):
+                await outcomes.record(owner, _report(execution, success=False))
+        await _unrecord(db, done)
+        answers = await outcomes.record_many(
+            owner,
+            [
+                _report(done, success=False),
+                _report(fresh, success=False),
+                _report(keyed, request_id="k-2"),
+                _report(str(uuid.uuid4())),
+            ],
+        )
+        got = [a.code if isinstance(a, ApiError) else (a.execution_id, a.outcome_state) for a in answers]
+        assert got == [
+            "outcome_already_recorded",  # from the memory: the row was changed behind it
+            (fresh, "reported_failure"),
+            (keyed, "reported_success"),  # the idempotent repeat, from the memory
+            "execution_not_found",
+        ]
 
     _run(database_url, scenario)

@@ -54,7 +54,7 @@ MAX_METADATA_BYTES = 10_240
 # Recorded outcomes this process has read, to answer later reports from
 # (`OutcomeService._recorded`): how many, and for how long each.
 RECORDED_MAX = 10_000
-RECORDED_SECONDS = 30.0
+RECORDED_SECONDS = 5.0
 _REQUIREMENT = {
     "require_external_id": "external_id",
     "require_result_url": "result_url",
@@ -291,14 +291,18 @@ class OutcomeService:
         # An outcome is written once and never changes, so a later report is
         # refused (or, repeated under its request id, answered) from this alone,
         # without a statement: a race of many writers, or a client retrying,
-        # costs the database one read. Each is kept RECORDED_SECONDS: a cue
-        # deleted on another replica takes its executions with it, and a report
-        # then finds none. A cue deleted on this process clears them all.
+        # costs the database one read. Each is kept RECORDED_SECONDS from its
+        # read: a cue deleted through another process or replica takes its
+        # executions with it, and a report then finds none. A cue deleted on
+        # this process clears them all, and what reads were under way then
+        # (the generation moved on) is not remembered.
         self._recorded: OrderedDict[tuple[uuid.UUID, uuid.UUID], tuple[float, AnyRow]] = OrderedDict()
+        self._generation = 0
 
     def forget_recorded(self) -> None:
         """Executions may have been deleted: answer every report from the database again."""
         self._recorded.clear()
+        self._generation += 1
 
     async def _written(
         self, writes: Sequence[OutcomeWrite]
@@ -308,8 +312,10 @@ class OutcomeService:
         clock = time.monotonic()
         known = [self._known((w.account_id, w.execution_id), clock) for w in writes]
         unknown = [w for w, found in zip(writes, known, strict=True) if found is None]
+        generation = self._generation
         written = await self._write_all(unknown) if unknown else []
-        self._remember(unknown, written, clock + RECORDED_SECONDS)
+        if generation == self._generation:  # no deletion since the reads began
+            self._remember(unknown, written, clock + RECORDED_SECONDS)
         answers = iter(written)
         return [(None, found) if found is not None else next(answers) for found in known]
 

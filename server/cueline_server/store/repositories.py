@@ -941,6 +941,7 @@ class _SqliteDirect:
         compiled = statement.compile(dialect=dialect)
         self.sql = str(compiled)
         self._defaults = dict(compiled.params)
+        self._required = frozenset(name for bind, name in compiled.bind_names.items() if bind.required)
         self._binds = {
             name: processor
             for bind, name in compiled.bind_names.items()
@@ -969,6 +970,8 @@ class _SqliteDirect:
         return self._made(found)
 
     def _bound(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
+        if missing := self._required - parameters.keys():  # as SQLAlchemy refuses them
+            raise ValueError(f"no value for the statement's parameters {sorted(missing)}")
         bound = {**self._defaults, **parameters}
         for name, processor in self._binds.items():
             bound[name] = processor(bound[name])
