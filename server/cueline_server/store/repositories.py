@@ -369,8 +369,7 @@ class ExecutionRepository(_Repository):
         `write_once_states_sqlite`."""
         ids = list({execution_id for _, execution_id in keys})
         result = await _write_once_states_direct().rows(self.conn, {"w_ids": _pg_array("uuid", ids)})
-        wanted = set(keys)
-        return {key: row for row in result if (key := (row.account_id, row.id)) in wanted}
+        return _states_wanted(keys, result)
 
     async def page(
         self,
@@ -592,7 +591,7 @@ def _record_distinct_sqlite(
 
 
 class WriteOnceState(NamedTuple):
-    """Why a report did not apply, as `write_once_states_sqlite` reads it."""
+    """Why a report did not apply: the columns `write_once_states` reads."""
 
     account_id: uuid.UUID
     id: uuid.UUID
@@ -605,39 +604,31 @@ class WriteOnceState(NamedTuple):
     outcome_verification_mode: str | None
 
 
-_WRITE_ONCE_STATES_SQLITE = f"""
-SELECT {", ".join(WriteOnceState._fields)} FROM executions
-WHERE id IN (SELECT value FROM json_each(:ids))
-"""
+@cache
+def _write_once_states_sqlite() -> _SqliteDirect:
+    ids = func.json_each(bindparam("w_ids", type_=String)).table_valued("value")
+    states = select(*(executions.c[name] for name in WriteOnceState._fields))
+    return _SqliteDirect(states.where(executions.c.id.in_(select(ids.c.value))))
+
+
+def _states_wanted(
+    keys: Sequence[tuple[uuid.UUID, uuid.UUID]], rows: Sequence[Any]
+) -> dict[tuple[uuid.UUID, uuid.UUID], Any]:
+    """The rows read by execution id, by (account, execution), for the keys
+    asked: another account's execution of the same id is not the caller's."""
+    wanted = set(keys)
+    return {key: row for row in rows if (key := (row.account_id, row.id)) in wanted}
 
 
 def write_once_states_sqlite(
     conn: sqlite3.Connection, keys: Sequence[tuple[uuid.UUID, uuid.UUID]]
-) -> dict[tuple[uuid.UUID, uuid.UUID], WriteOnceState]:
+) -> dict[tuple[uuid.UUID, uuid.UUID], Any]:
     """SQLite: `ExecutionRepository.write_once_states` on the driver's own
     connection, for `record_outcomes_sqlite`'s transaction."""
     if not keys:
         return {}
     ids = json.dumps(sorted({execution_id.hex for _, execution_id in keys}))
-    wanted = set(keys)
-    found = {}
-    for account, execution, recorded_at, attempts, key, digest, reported, late, mode in conn.execute(
-        _WRITE_ONCE_STATES_SQLITE, {"ids": ids}
-    ):
-        state = WriteOnceState(
-            uuid.UUID(account),
-            uuid.UUID(execution),
-            None if recorded_at is None else dt.datetime.fromisoformat(recorded_at).replace(tzinfo=dt.UTC),
-            attempts,
-            key,
-            digest,
-            reported,
-            None if late is None else bool(late),
-            mode,
-        )
-        if (state.account_id, state.id) in wanted:
-            found[state.account_id, state.id] = state
-    return found
+    return _states_wanted(keys, _write_once_states_sqlite().rows(conn, {"w_ids": ids}))
 
 
 def _sqlite_time(value: dt.datetime | None) -> str | None:
