@@ -543,6 +543,12 @@ def test_client_credentials_errors_and_revocation(partner_server: Server) -> Non
         assert refused.status_code == 401 and refused.json() == {"error": "invalid_client"}
         assert refused.headers["www-authenticate"] == 'Basic realm="cueline"'
     assert httpx.post(token_url, json={"grant_type": "client_credentials"}).status_code == 401
+    # Credentials that are not base64 of UTF-8 text are bad credentials too.
+    for raw in (b"Basic \xc3\xa9", b"Basic abc\xff", b"Basic !!!", b"Basic /w=="):
+        refused = httpx.post(
+            token_url, headers={"Authorization": raw}, json={"grant_type": "client_credentials"}
+        )
+        assert refused.status_code == 401 and refused.json() == {"error": "invalid_client"}, raw
     missing = httpx.post(token_url, auth=(org.client_id, org.client_secret), json={})
     assert missing.status_code == 400 and missing.json() == {"error": "invalid_request"}
     other = httpx.post(token_url, auth=(org.client_id, org.client_secret), data={"grant_type": "password"})

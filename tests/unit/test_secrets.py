@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import re
 import uuid
 
 import pytest
 
+from cueline_server.services import secrets as secrets_module
 from cueline_server.services.actions import render_template
 from cueline_server.services.secrets import InvalidSecret, SecretCodec, new_key, parse_keys
 
@@ -28,6 +31,27 @@ def test_a_secret_is_url_safe_and_verifies_only_for_its_action() -> None:
     tampered = secret[:-2] + ("AA" if not secret.endswith("AA") else "BB")
     with pytest.raises(InvalidSecret, match="bad mac"):
         codec.verify(tampered, action, NOW)
+
+
+@pytest.mark.parametrize(
+    ("issued", "problem"),
+    [(2**64 - 1, "issued in the future"), (2**40, "issued in the future"), (0, "expired")],
+)
+def test_a_signed_time_beyond_the_calendar_is_refused(issued: int, problem: str) -> None:
+    """A body signed with the right key can hold any 64-bit time; one past what
+    a datetime holds is refused like any other bad time, not an error."""
+    key = new_key()
+    codec = SecretCodec(parse_keys(f"k1={key}"), "k1")
+    action = uuid.uuid4()
+    raw = secrets_module._BODY.pack(
+        secrets_module.VERSION, action.bytes, uuid.uuid4().bytes, issued, bytes(8)
+    )
+    signed = f"k1.{secrets_module._b64encode(raw)}"
+    mac = secrets_module._b64encode(
+        hmac.new(parse_keys(f"k1={key}")["k1"], signed.encode(), hashlib.sha256).digest()
+    )
+    with pytest.raises(InvalidSecret, match=problem):
+        codec.verify(f"{signed}.{mac}", action, NOW)
 
 
 def test_rotation_keeps_old_secrets_valid() -> None:

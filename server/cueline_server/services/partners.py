@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import datetime as dt
 import hmac
 import uuid
@@ -203,7 +202,7 @@ def basic_credentials(header: str | None) -> tuple[str, str] | None:
         return None
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8
         return None
     client_id, sep, secret = decoded.partition(":")
     return (client_id, secret) if sep and client_id else None

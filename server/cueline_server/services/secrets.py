@@ -122,12 +122,14 @@ class SecretCodec:
             raise InvalidSecret("unknown version")
         if action_bytes != action_id.bytes:
             raise InvalidSecret("bound to another action")
-        issued_at = dt.datetime.fromtimestamp(issued, dt.UTC)
-        if issued_at - now > MAX_SKEW:
+        # Compared as seconds: a signed body can hold any 64-bit time, most of
+        # which no datetime can.
+        age = now.timestamp() - issued
+        if -age > MAX_SKEW.total_seconds():
             raise InvalidSecret("issued in the future")
-        if now - issued_at > LIFETIME:
+        if age > LIFETIME.total_seconds():
             raise InvalidSecret("expired")
-        return VerifiedSecret(uuid.UUID(bytes=member_bytes), issued_at)
+        return VerifiedSecret(uuid.UUID(bytes=member_bytes), dt.datetime.fromtimestamp(issued, dt.UTC))
 
 
 def codec_from_settings(keys_spec: str, signing_kid: str) -> SecretCodec:
