@@ -281,6 +281,11 @@ def test_information_read(partner_server: Server) -> None:
     )
     read = post(url, None, org.token)  # an empty body counts as {}
     assert read.status_code == 200 and read.json() == {"action_id": info["id"]}
+    second = create_action(partner_server, org, code="information", redirect_url_template=None)
+    read_null = post(
+        link(partner_server, org, second["id"]), None, org.token, content=b"null"
+    )  # so does null
+    assert read_null.status_code == 200 and read_null.json() == {"action_id": second["id"]}
     assert post(url, {"client_info": {"app": "web"}}, org.token).status_code == 404
     assert read_actions(partner_server, org)["has_unread_information"] is False
     assert [e["type"] for e in events(partner_server, org, info["id"])] == ["read"]
@@ -417,6 +422,20 @@ def test_bearer_checks_and_bad_input(partner_server: Server) -> None:
     assert post(state_url(url), None).json()["detail"] == [
         {"type": "missing", "loc": ["body"], "msg": "Field required"}
     ]
+    # JSON null is not an object (only /information/resolve reads it as {});
+    # {} is an object without the required fields.
+    for target, token in ((url, org.token), (state_url(url), None)):
+        null = post(target, None, token, content=b"null")
+        assert null.status_code == 422 and null.json()["detail"] == [
+            {"type": "dict_type", "loc": ["body"], "msg": "Input should be a valid dictionary"}
+        ]
+    assert post(state_url(url), {}).json()["detail"] == [
+        {"type": "missing", "loc": ["body", "state"], "msg": "Field required"}
+    ]
+    # A query parameter's problem is located in the query.
+    for target, token in ((url, org.token), (state_url(url), None)):
+        nul = post(target.split("?")[0] + "?secret=%00", {"state": "success"}, token)
+        assert nul.status_code == 422 and [d["loc"] for d in nul.json()["detail"]] == [["query", "secret"]]
     # /state ignores any Authorization header, even an invalid one.
     assert post(url, REAUTH_BODY, org.token).status_code == 200
     assert post(state_url(url), {"state": "success"}, "not-a-token").status_code == 200
@@ -546,7 +565,7 @@ def test_client_credentials_errors_and_revocation(partner_server: Server) -> Non
     # Credentials that are not base64 of UTF-8 text are bad credentials too.
     for raw in (b"Basic \xc3\xa9", b"Basic abc\xff", b"Basic !!!", b"Basic /w=="):
         refused = httpx.post(
-            token_url, headers={"Authorization": raw}, json={"grant_type": "client_credentials"}
+            token_url, headers={b"Authorization": raw}, json={"grant_type": "client_credentials"}
         )
         assert refused.status_code == 401 and refused.json() == {"error": "invalid_client"}, raw
     missing = httpx.post(token_url, auth=(org.client_id, org.client_secret), json={})

@@ -154,12 +154,17 @@ _PARTNER_DETAIL = {
 _OAUTH_ERROR = {401: "invalid_client", 429: "slow_down", 500: "server_error", 503: "temporarily_unavailable"}
 
 
-def partner_body(error: ApiError) -> dict[str, Any]:
-    """{"detail": "..."} or, for validation, pydantic-style {"detail": [{type, loc, msg}]}."""
+def partner_body(error: ApiError, route: Route | None = None) -> dict[str, Any]:
+    """{"detail": "..."} or, for validation, pydantic-style {"detail": [{type, loc, msg}]},
+    each `loc` where the field was given (["query", "secret"], ["body", "state"])."""
     if error.violations:
         return {
             "detail": [
-                {"type": v.kind or "value_error", "loc": v.field.split("."), "msg": v.message}
+                {
+                    "type": v.kind or "value_error",
+                    "loc": (route.rest_location(v.field) if route else v.field).split("."),
+                    "msg": v.message,
+                }
                 for v in error.violations
             ]
         }
@@ -214,7 +219,7 @@ def error_response(
         status, body, headers = oauth_error(error)
         return status, to_json_bytes(body), headers
     if path.startswith("/api/partners/"):
-        return error.http_status, to_json_bytes(partner_body(error)), []
+        return error.http_status, to_json_bytes(partner_body(error, route)), []
     return error.http_status, to_json_bytes(envelope(error, route)), []
 
 
@@ -343,11 +348,12 @@ class Transcoder:
             if isinstance(target, Struct):
                 # Partner bodies: any JSON object, validated by the servicer by exact name.
                 if isinstance(data, dict):
+                    target.SetInParent()  # {} is a body, with nothing in it
                     try:
                         target.update(data)
                     except (ValueError, TypeError, OverflowError):  # e.g. an integer beyond a double
                         raise unreadable_body() from None
-                elif data is not None:
+                elif data is not None or not method.rules.null_body_is_empty:
                     reader.violations.append(
                         Violation("body", "Input should be a valid dictionary", "dict_type")
                     )

@@ -99,6 +99,7 @@ class MethodRules(_message.Message):
     AUTH_FIELD_NUMBER: _builtins.int
     MAX_REQUEST_BYTES_FIELD_NUMBER: _builtins.int
     ACCEPT_FORM_FIELD_NUMBER: _builtins.int
+    NULL_BODY_IS_EMPTY_FIELD_NUMBER: _builtins.int
     http_success_status: _builtins.int
     """The HTTP status of a successful REST response; 200 when unset. A 204
     response has no body.
@@ -115,6 +116,10 @@ class MethodRules(_message.Message):
     """REST: an application/x-www-form-urlencoded body is read as well as JSON
     (OAuth2 token endpoints); its values are strings.
     """
+    null_body_is_empty: _builtins.bool
+    """REST: a JSON `null` body reads as an empty object (a body that may be
+    left out); otherwise a body that is not an object is refused (422).
+    """
     def __init__(
         self,
         *,
@@ -123,10 +128,11 @@ class MethodRules(_message.Message):
         auth: Global___Auth.ValueType = ...,
         max_request_bytes: _builtins.int = ...,
         accept_form: _builtins.bool = ...,
+        null_body_is_empty: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_form", b"accept_form", "auth", b"auth", "http_success_status", b"http_success_status", "max_request_bytes", b"max_request_bytes", "reject_unknown_fields", b"reject_unknown_fields"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_form", b"accept_form", "auth", b"auth", "http_success_status", b"http_success_status", "max_request_bytes", b"max_request_bytes", "null_body_is_empty", b"null_body_is_empty", "reject_unknown_fields", b"reject_unknown_fields"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
