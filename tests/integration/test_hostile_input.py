@@ -3,9 +3,9 @@ mistake is answered as one (4xx over REST, a status other than INTERNAL or
 UNKNOWN over gRPC), never as a server error.
 
 The values include what once got a 500: NUL characters, timestamps beyond what
-protobuf allows, enum numbers the proto does not define, callback URLs with a
-broken IPv6 bracket or port, and zone names the zone database refuses as
-directories."""
+protobuf allows or whose offset takes them past the years 1-9999, enum numbers
+the proto does not define, callback URLs with a broken IPv6 bracket or port, and
+zone names the zone database refuses as directories."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from tests.support import Server, auth, bearer
 
 HOSTILE: list[Any] = [
     None, True, -1, 2**31, 2**63, 1e308, "", "x" * 70_000, "nul\u0000", "é☃𝄞", " \t\n",
-    "9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "2024-02-30T00:00:00Z", "America", "https://[zz]/",
+    "9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "2024-02-30T00:00:00Z", "9999-12-31T23:59:59-01:00",
+    "0001-01-01T00:00:00+01:00", "America", "https://[zz]/",
     "https://x.example:99999/", [], [None, 1, "a"], {}, {"a": {"b": "\u0000"}},
 ]  # fmt: skip
 
@@ -99,7 +100,10 @@ def test_no_rest_route_answers_a_server_error(client: httpx.Client) -> None:
                 send(verb, _resolve(template, parameters, known), json=body)
             for parameter in parameters:
                 if parameter["in"] == "query":
-                    for value in ("", "nul\u0000", "-1", "99999999999999999999", "America", "a" * 3000):
+                    for value in (
+                        "", "nul\u0000", "-1", "99999999999999999999", "America", "a" * 3000,
+                        "9999-12-31T23:59:59-01:00",
+                    ):  # fmt: skip
                         send(verb, _resolve(template, parameters, known), params={parameter["name"]: value})
     assert not failures, failures
 

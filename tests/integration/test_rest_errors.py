@@ -213,6 +213,45 @@ def test_transport_level_errors(server: Server) -> None:
             assert response.headers["content-type"] == "application/json"
 
 
+def test_empty_required_ignored_and_non_object_bodies(server: Server) -> None:
+    """An empty body is {} where the body is optional and a 422 on `body` where
+    it is required; a body the method ignores must still be a JSON object."""
+    key = server.register()
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        cue_id = client.post("/v1/cues", json=VALID).json()["id"]
+        execution = f"/v1/executions/{client.post(f'/v1/cues/{cue_id}/fire').json()['id']}"
+        required = [
+            ("POST", "/v1/auth/register"), ("PATCH", "/v1/auth/me"), ("PATCH", f"/v1/cues/{cue_id}"),
+            ("POST", "/v1/executions/claim"), ("POST", f"{execution}/claim"), ("POST", f"{execution}/outcome"),
+            ("PATCH", f"{execution}/evidence"), ("POST", "/v1/worker/heartbeat"),
+        ]  # fmt: skip
+        for verb, path in required:
+            empty = client.request(verb, path, content=b"", headers={"Content-Type": "application/json"})
+            assert empty.status_code == 422, (verb, path, empty.text)
+            assert error(empty)["details"] == [{"field": "body", "message": "Field required"}], (verb, path)
+        not_object = client.post(f"{execution}/claim", content=b"[1]")
+        assert error(not_object)["details"] == [
+            {"field": "body", "message": "Input should be a valid dictionary"}
+        ]
+        # Optional bodies: empty is {} (the fire above had none either).
+        assert client.post(f"{execution}/verify", content=b"").status_code == 409  # no outcome yet: not a 422
+        claimed = client.post(f"{execution}/claim", json={"worker_id": "w"})
+        assert claimed.status_code == 200, claimed.text
+        assert (
+            client.post(f"{execution}/heartbeat", content=b"", headers={"X-Worker-Id": "w"}).status_code
+            == 200
+        )
+        # A body the method ignores is still read: not JSON is 400, not an object is 422.
+        garbage = client.post(f"{execution}/heartbeat", content=b"{bad", headers={"X-Worker-Id": "w"})
+        assert garbage.status_code == 400 and error(garbage)["code"] == "invalid_json"
+        listed = client.post(f"{execution}/replay", content=b'"text"')
+        assert listed.status_code == 422 and error(listed)["details"][0]["field"] == "body"
+        ignored = client.post(f"{execution}/heartbeat", json={"anything": 1}, headers={"X-Worker-Id": "w"})
+        assert ignored.status_code == 200, ignored.text
+        # A literal path with another verb is 405, not the {execution_id} route.
+        assert client.get("/v1/executions/claim").status_code == 405
+
+
 def test_trailing_slash_is_the_same_route(server: Server) -> None:
     key = server.register()
     response = httpx.get(f"{server.http_url}/v1/cues/", headers=auth(key))

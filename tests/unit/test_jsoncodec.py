@@ -107,6 +107,9 @@ def test_timestamps_are_utc_with_at_most_six_digits() -> None:
     assert format_timestamp(moment.replace(microsecond=0)) == "2026-03-13T09:01:23Z"
     assert parse_datetime("2026-03-13T10:01:23+01:00") == moment.replace(microsecond=0)
     assert parse_datetime("2026-03-13T09:01:23") == moment.replace(microsecond=0)  # no offset: UTC
+    for past_the_calendar in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+        with pytest.raises(ValueError, match="years 1 to 9999"):
+            parse_datetime(past_the_calendar)
 
 
 def test_reader_collects_violations_with_rest_locations() -> None:

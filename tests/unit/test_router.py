@@ -59,3 +59,15 @@ def test_unknown_paths_and_wrong_methods() -> None:
     with pytest.raises(ApiError) as wrong:
         router.match("PUT", ["v1", "cues"])
     assert (wrong.value.http_status, wrong.value.code) == (405, "http_error")
+
+
+def test_a_literal_path_with_another_verb_is_405_not_a_variable_route() -> None:
+    """GET /v1/executions/claim is not GET /v1/executions/{execution_id}."""
+    router = Router(methods())
+    for verb, parts in (("GET", ["v1", "executions", "claim"]), ("PATCH", ["v1", "executions", "claimable"])):
+        with pytest.raises(ApiError) as wrong:
+            router.match(verb, parts)
+        assert (wrong.value.http_status, wrong.value.code) == (405, "http_error")
+    route, values = router.match("GET", ["v1", "executions", "an-id"])
+    assert route.method.name == "GetExecution" and values == {"execution_id": "an-id"}
+    assert router.match("POST", ["v1", "executions", "claim"])[0].method.name == "ClaimNextExecution"

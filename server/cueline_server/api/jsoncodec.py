@@ -146,11 +146,15 @@ def set_timestamp(ts: Timestamp, value: dt.datetime) -> None:
 
 
 def parse_datetime(text: str) -> dt.datetime:
-    """ISO 8601; no offset means UTC."""
+    """ISO 8601; no offset means UTC. ValueError also for a time whose offset
+    takes it out of the years 1-9999 (0001-01-01T00:00:00+01:00)."""
     value = dt.datetime.fromisoformat(text.strip())
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
+        return value.replace(tzinfo=dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
 
 
 # --- rendering ------------------------------------------------------------------------------------

@@ -49,14 +49,17 @@ class Route:
     header_fields: tuple[tuple[str, str], ...]  # (header name lower-case, field)
     status_field: str | None  # a response field that carries the HTTP status
     max_request_bytes: int  # 0: the server-wide limit
+    # An empty body is refused (422, `body`: Field required) rather than read as {}.
+    body_required: bool
 
     @property
     def specificity(self) -> tuple[int, ...]:
         return tuple(0 if s is None else 1 for s in self.segments)
 
     def rest_location(self, field_path: str) -> str:
-        """Where a request-message path was given in this REST request."""
-        if field_path.split(".", 1)[0] in _LOCATIONS and "." in field_path:
+        """Where a request-message path was given in this REST request. A path
+        that is already a location (`body`, `query.limit`) stays as it is."""
+        if field_path in _LOCATIONS or (field_path.split(".", 1)[0] in _LOCATIONS and "." in field_path):
             return field_path
         head = field_path.split(".", 1)[0]
         if head in self.variables:
@@ -86,6 +89,15 @@ def _compile(method: MethodInfo, binding: HttpBinding) -> Route:
     headers = tuple((f.rules.http_header.lower(), f.name) for f in info.fields if f.rules.http_header)
     response = message_info(method.response_class.DESCRIPTOR)
     status_field = next((f.name for f in response.fields if f.rules.http_status), None)
+    # A body is required when it holds a required field, and for an update.
+    body_required = bool(binding.body) and (
+        binding.verb == "PATCH"
+        or any(
+            f.required
+            and (f.name == binding.body or (binding.body == "*" and f.name not in binding.path_fields))
+            for f in info.fields
+        )
+    )
     return Route(
         method,
         binding,
@@ -94,6 +106,7 @@ def _compile(method: MethodInfo, binding: HttpBinding) -> Route:
         headers,
         status_field,
         method.rules.max_request_bytes,
+        body_required,
     )
 
 
@@ -107,22 +120,25 @@ class Router:
         self.routes = routes
 
     def match(self, verb: str, parts: list[str]) -> tuple[Route, dict[str, str]]:
-        allowed = False
+        """The route of the most specific path that matches, or 405 when it
+        has no route for the verb: a literal path (GET /v1/executions/claim)
+        is never served by a variable one (/v1/executions/{execution_id})."""
+        matched: tuple[int, ...] | None = None  # the most specific path matched
         for route in self._by_length.get(len(parts), ()):
             values: dict[str, str] = {}
-            for (
-                segment,
-                part,
-            ) in zip(route.segments, parts, strict=True):
+            for segment, part in zip(route.segments, parts, strict=True):
                 if segment is None:
                     values[route.variables[len(values)]] = unquote(part)
                 elif segment != part:
                     break
             else:
+                if matched is None:
+                    matched = route.specificity
+                elif route.specificity != matched:
+                    break  # less specific than a path that matched: routes are sorted so
                 if route.binding.verb == verb:
                     return route, values
-                allowed = True
-        if allowed:
+        if matched is not None:
             raise ApiError("http_error", "Method Not Allowed", 405)
         raise ApiError("http_error", "Not Found", 404)
 
@@ -342,7 +358,13 @@ class Transcoder:
         info = message_info(request.DESCRIPTOR)
         reader = Reader(reject_unknown=method.rules.reject_unknown_fields)
         body_field = route.binding.body
-        if body_field and body.strip():
+        if not body.strip():
+            if route.body_required:
+                reader.violations.append(Violation("body", "Field required", "missing"))
+        elif not body_field:  # a body the method ignores must still be a JSON object
+            if not isinstance(self._decode_body(method, body, headers), dict):
+                reader.violations.append(Violation("body", "Input should be a valid dictionary", "dict_type"))
+        else:
             data = self._decode_body(method, body, headers)
             target = request if body_field == "*" else getattr(request, body_field)
             if isinstance(target, Struct):
