@@ -112,18 +112,24 @@ class Scheduler:
         poll, which mostly finds nothing due, one index read instead of a
         transaction per lane."""
         fired = 0
+        failed: Exception | None = None
         earliest = await self._earliest()
         if earliest is not None and earliest - self._lead <= now():
             # Cues already due go out in small batches first, so the first
             # commits come at once; cues still ahead all commit at their time,
             # so there full batches cost no lag.
-            fired = await self._fire_everything_due(BATCH if earliest > now() else FIRST_BATCH)
+            try:
+                fired = await self._fire_everything_due(BATCH if earliest > now() else FIRST_BATCH)
+            except Exception as exc:  # raised after the housekeeping, which must not wait on it
+                failed = exc
         moment = now()
         for step in self._housekeeping:
             try:
                 await step(moment)
             except Exception:
                 log.exception("housekeeping step %s failed", getattr(step, "__name__", step))
+        if failed is not None:
+            raise failed
         self.last_pass = moment
         return fired
 
@@ -165,15 +171,21 @@ class Scheduler:
                     break
                 schedule = (cue.schedule_type, cue.cron, cue.timezone, cue.next_run, cue.catch_up)
                 if schedule not in plans:
-                    plans[schedule] = plan_firing(
-                        schedule_type=cue.schedule_type,
-                        cron=cue.cron,
-                        timezone=cue.timezone,
-                        next_run=cue.next_run,
-                        catch_up=cue.catch_up,
-                        now=moment,
-                        grace=self._grace,
-                    )
+                    try:
+                        plans[schedule] = plan_firing(
+                            schedule_type=cue.schedule_type,
+                            cron=cue.cron,
+                            timezone=cue.timezone,
+                            next_run=cue.next_run,
+                            catch_up=cue.catch_up,
+                            now=moment,
+                            grace=self._grace,
+                        )
+                    except Exception:
+                        # One cue's schedule must not hold up every other cue's:
+                        # it stops (next_run null) until its schedule is changed.
+                        log.exception("cue %s: its schedule cannot be planned; it stops firing", cue.id)
+                        plans[schedule] = ([], None)
                 slots, next_run = plans[schedule]
                 rows += [
                     new_execution(

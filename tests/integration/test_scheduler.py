@@ -71,6 +71,39 @@ def test_a_recurring_cue_is_due_at_its_next_slot(server: Server) -> None:
         assert first > dt.datetime.now(dt.UTC) and first.second == 0
 
 
+def test_a_cron_that_runs_out_of_slots_stops_alone(server: Server) -> None:
+    """croniter's year field lets a recurring cue have a last slot. After it the
+    cue's next run is null, and other cues fire on as before."""
+    key = server.register()
+    last = soon(2.5).replace(microsecond=0)
+    cron = f"{last.minute} {last.hour} {last.day} {last.month} * {last.second} {last.year}"
+    with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:
+        ending = client.post(
+            "/v1/cues",
+            json={
+                "name": "last-slot",
+                "transport": "worker",
+                "schedule": {"type": "recurring", "cron": cron},
+            },
+        )
+        assert ending.status_code == 201, ending.text
+        assert ending.json()["next_run"] == last.strftime("%Y-%m-%dT%H:%M:%SZ")
+        after = once_cue(client, "after-it", last + dt.timedelta(seconds=2))
+        wait_for(lambda: executions_of(client, after["id"]))
+        assert len(executions_of(client, ending.json()["id"])) == 1
+        assert client.get(f"/v1/cues/{ending.json()['id']}").json()["next_run"] is None
+        # A schedule with no slot left is refused where it is given.
+        past = client.post(
+            "/v1/cues",
+            json={
+                "name": "past",
+                "transport": "worker",
+                "schedule": {"type": "recurring", "cron": "0 0 1 1 * 0 2020"},
+            },
+        )
+        assert past.status_code == 400 and past.json()["error"]["code"] == "invalid_schedule"
+
+
 def test_paused_cues_do_not_fire(server: Server) -> None:
     key = server.register()
     with httpx.Client(base_url=server.http_url, headers=auth(key)) as client:

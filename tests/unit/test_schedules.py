@@ -5,7 +5,7 @@ import datetime as dt
 import pytest
 
 from cueline_server.errors import ApiError
-from cueline_server.services.schedules import check_cron, next_cron_time, previous_cron_times, zone
+from cueline_server.services.schedules import check_cron, next_cron_time, preview, previous_cron_times, zone
 
 
 def test_next_run_is_computed_in_the_zone_and_stored_in_utc() -> None:
@@ -78,3 +78,16 @@ def test_walks_of_one_expression_are_independent() -> None:
         (dt.datetime(2026, 1, 1, 11, 45, tzinfo=utc), dt.datetime(2026, 1, 1, 3, 0, tzinfo=utc)),
         (dt.datetime(2026, 1, 1, 11, 30, tzinfo=utc), dt.datetime(2026, 1, 1, 2, 45, tzinfo=utc)),
     ]
+
+
+def test_slots_end_with_the_expression_and_the_calendar() -> None:
+    """A year field that has run out, and the calendar's first and last days,
+    end the walk instead of failing it."""
+    now = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    assert next_cron_time("0 0 1 1 * 0 2020", "UTC", now) is None
+    assert next_cron_time("0 0 1 1 * 0 2027", "UTC", now) == dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
+    end = dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.UTC)
+    assert preview("recurring", "* * * * *", None, "UTC", end, 100) == []
+    start = dt.datetime(1, 1, 1, tzinfo=dt.UTC)
+    first = preview("recurring", "0 * * * *", None, "America/New_York", start, 2)
+    assert len(first) == 2 and first[0].at > start

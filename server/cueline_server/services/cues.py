@@ -201,7 +201,10 @@ def next_run_for(columns: Mapping[str, Any], moment: dt.datetime) -> dt.datetime
     if columns["schedule_type"] == "once":
         at: dt.datetime = columns["at"]
         return at
-    return next_cron_time(columns["cron"], columns["timezone"], moment)
+    following = next_cron_time(columns["cron"], columns["timezone"], moment)
+    if following is None:
+        raise invalid_schedule(f"Cron expression '{columns['cron']}' has no time after now")
+    return following
 
 
 class CueService:

@@ -82,24 +82,35 @@ def _instant(wall: dt.datetime, where: ZoneInfo) -> dt.datetime:
 
 
 def _slots(expression: str, timezone: str, start: dt.datetime, forward: bool) -> Iterator[dt.datetime]:
-    """Cron slots as UTC instants, walking wall-clock time in the zone."""
+    """Cron slots as UTC instants, walking wall-clock time in the zone. The walk
+    ends where the expression has no more slots (a year field that has run out,
+    a date that never comes, or the calendar's end at the years 1 and 9999)."""
     where = zone(timezone)
-    wall = start.astimezone(where).replace(tzinfo=None)
     try:
+        wall = start.astimezone(where).replace(tzinfo=None)
         walker = _walker(expression, wall if forward else wall + dt.timedelta(seconds=1))
-        while True:
-            step = walker.get_next(dt.datetime) if forward else walker.get_prev(dt.datetime)
-            yield _instant(step, where)
-    except (CroniterBadCronError, CroniterBadDateError, CroniterNotAlphaError) as exc:
+    except OverflowError:
+        return
+    except (CroniterBadCronError, CroniterNotAlphaError) as exc:
         raise invalid_schedule(f"Invalid cron expression: '{expression}'") from exc
+    while True:
+        try:
+            step = walker.get_next(dt.datetime) if forward else walker.get_prev(dt.datetime)
+            instant = _instant(step, where)
+        except (CroniterBadDateError, OverflowError):
+            return
+        except (CroniterBadCronError, CroniterNotAlphaError) as exc:
+            raise invalid_schedule(f"Invalid cron expression: '{expression}'") from exc
+        yield instant
 
 
-def next_cron_time(expression: str, timezone: str, after: dt.datetime) -> dt.datetime:
-    """The first cron slot strictly after `after`, in UTC."""
+def next_cron_time(expression: str, timezone: str, after: dt.datetime) -> dt.datetime | None:
+    """The first cron slot strictly after `after`, in UTC; None when the
+    expression has none (its last year has passed)."""
     for slot in _slots(expression, timezone, after, forward=True):
         if slot > after:
             return slot
-    raise AssertionError("unreachable")  # pragma: no cover
+    return None
 
 
 def previous_cron_times(expression: str, timezone: str, until: dt.datetime) -> Iterator[dt.datetime]:
@@ -112,6 +123,7 @@ def previous_cron_times(expression: str, timezone: str, until: dt.datetime) -> I
 
 
 REPLAY_CAP = 100
+_SECOND_DAY = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
 
 
 def plan_firing(
@@ -165,8 +177,11 @@ def preview(
     count: int,
 ) -> list[FireTime]:
     """The next `count` fire times, each with its local time and whether the
-    zone's UTC offset changed since the one before (a DST transition)."""
+    zone's UTC offset changed since the one before (a DST transition). Times
+    are looked for from the second day of year 1 at the earliest, where every
+    zone's local time is still on the calendar."""
     where = zone(timezone)
+    after = max(after, _SECOND_DAY)
     if schedule_type == "once":
         if at is None:
             raise invalid_schedule("Scheduled time must be in the future")
