@@ -3,9 +3,10 @@ mistake is answered as one (4xx over REST, a status other than INTERNAL or
 UNKNOWN over gRPC), never as a server error.
 
 The values include what once got a 500: NUL characters, timestamps beyond what
-protobuf allows or whose offset takes them past the years 1-9999, enum numbers
-the proto does not define, callback URLs with a broken IPv6 bracket or port, and
-zone names the zone database refuses as directories."""
+protobuf allows or whose offset takes them past the years 1-9999, JSON nested
+hundreds of levels deep, enum numbers the proto does not define, callback URLs
+with a broken IPv6 bracket or port, and zone names the zone database refuses as
+directories."""
 
 from __future__ import annotations
 
@@ -24,10 +25,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cueline_server.api.descriptors import methods
 from tests.support import Server, auth, bearer
 
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 HOSTILE: list[Any] = [
     None, True, -1, 2**31, 2**63, 1e308, "", "x" * 70_000, "nul\u0000", "é☃𝄞", " \t\n",
     "9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "2024-02-30T00:00:00Z", "9999-12-31T23:59:59-01:00",
-    "0001-01-01T00:00:00+01:00", "America", "https://[zz]/",
+    "0001-01-01T00:00:00+01:00", "America", "https://[zz]/", {"deep": _nested(900)},
     "https://x.example:99999/", [], [None, 1, "a"], {}, {"a": {"b": "\u0000"}},
 ]  # fmt: skip
 
@@ -110,7 +119,16 @@ def test_no_rest_route_answers_a_server_error(client: httpx.Client) -> None:
 
 # One hostile value at a time per field type, the rest of the request left as it is.
 _BY_TYPE: dict[int, list[Any]] = {
-    FieldDescriptor.TYPE_STRING: ["", "a" * 300, "x" * 70_000, "nul\u0000", "America", "https://[zz]/"],
+    FieldDescriptor.TYPE_STRING: [
+        "",
+        "a" * 300,
+        "x" * 70_000,
+        "nul\u0000",
+        "America",
+        "https://[zz]/",
+        '{"a":' + "[" * 400 + "]" * 400 + "}",
+        '{"a": ["\\u0000"]}',
+    ],
     FieldDescriptor.TYPE_BOOL: [True],
     FieldDescriptor.TYPE_ENUM: [99],
     FieldDescriptor.TYPE_INT32: [-1, 2**31 - 1, -(2**31)],

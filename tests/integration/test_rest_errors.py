@@ -162,6 +162,10 @@ def test_nul_characters_are_refused_by_name_and_name_nothing_in_a_path(server: S
              "body.handlers.0"),
             (client.get("/v1/executions/claimable", params={"task": "t\u0000"}), "query.task"),
             (client.get("/v1/executions", params={"cue_id": "cue_\u0000"}), "query.cue_id"),
+            (client.post(f"/v1/executions/{execution['id']}/outcome",
+                         json={"success": True, "metadata": {"k": ["a\u0000b"]}}), "body.metadata.k.0"),
+            (client.post(f"/v1/executions/{execution['id']}/outcome",
+                         json={"success": True, "metadata": {"k\u0000": 1}}), "body.metadata"),
         ]  # fmt: skip
         for response, field in refused:
             assert response.status_code == 422, (response.request.url, response.text)
@@ -187,6 +191,11 @@ def test_transport_level_errors(server: Server) -> None:
             (client.post("/v1/cues", content=b"[1]", headers=auth(key)), 422, "validation_error"),
             (client.post("/v1/cues", content=b"", headers=auth(key)), 422, "validation_error"),
             (client.post("/v1/cues", content=b'{"a": NaN}', headers=auth(key)), 400, "invalid_json"),
+            (client.post("/v1/cues", content=b'{"a":' + b"[" * 65 + b"]" * 65 + b"}", headers=auth(key)), 400,
+             "invalid_json"),  # nested deeper than 64 levels
+            (client.post("/v1/cues", content=b'{"name":"deep","transport":"worker","schedule":{"type":"recurring",'
+             b'"cron":"* * * * *"},"payload":{"a":' + b"[" * 400 + b"]" * 400 + b"}}", headers=auth(key)), 400,
+             "invalid_json"),
             (client.post("/v1/cues", content=b"\xff\xfe", headers=auth(key)), 400, "invalid_json"),
             (client.post("/v1/cues", content=b" " * (1_048_577), headers=auth(key)), 413, "request_too_large"),
             (client.get("/v1/cues"), 401, "invalid_api_key"),

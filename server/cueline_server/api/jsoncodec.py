@@ -88,11 +88,31 @@ def _finite(text: str) -> float:
 
 _STRICT = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
 
+# How deep JSON input may nest (objects and arrays): deeper input is refused as
+# unreadable, before anything walks it.
+MAX_JSON_DEPTH = 64
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
 
 def loads(data: bytes | str) -> Any:
     """Strict JSON: NaN, Infinity and numbers beyond a double are refused, and so are
-    lone UTF-16 surrogates (they cannot be stored); integers keep every digit.
-    Every failure is a ValueError."""
+    lone UTF-16 surrogates (they cannot be stored) and nesting deeper than
+    MAX_JSON_DEPTH; integers keep every digit. Every failure is a ValueError."""
     # What json.loads does, with one decoder for every call instead of a new one each.
     text = data.decode(json.detect_encoding(data), "surrogatepass") if isinstance(data, bytes) else data
     if text.startswith("\ufeff"):
@@ -101,6 +121,8 @@ def loads(data: bytes | str) -> Any:
         value = _STRICT.decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     escapes = (b"\\ud", b"\\uD") if isinstance(data, bytes) else ("\\ud", "\\uD")
     if escapes[0] in data or escapes[1] in data:  # type: ignore[operator]
         compact_json(value).encode("utf-8")  # UnicodeEncodeError (a ValueError) on a lone surrogate

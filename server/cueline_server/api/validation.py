@@ -140,9 +140,13 @@ def _check_rules(f: FieldInfo, value: Any, path: str, out: list[Violation], *, n
         where = path if index is None else f"{path}.{index}"
         if isinstance(item, str) and rules.json_text:
             try:
-                loads(item)
+                parsed = loads(item)
             except ValueError:
                 out.append(Violation(where, "Input should be valid JSON"))
+            else:
+                # JSON text can hold a NUL only as this escape.
+                if "\\u0000" in item and not rules.nul_checked_by_service:
+                    _check_nul(parsed, where, out)
         elif isinstance(item, str):
             if "\x00" in item and not nul_allowed:
                 out.append(Violation(where, _NUL))
@@ -194,6 +198,8 @@ def _nul_in(value: Any) -> list[str] | None:
         return _nul_in(getattr(value, kind))
     if isinstance(value, ListValue):
         items: Any = enumerate(value.values)
+    elif isinstance(value, list):
+        items = enumerate(value)
     elif isinstance(value, Struct):
         items = value.fields.items()
     elif isinstance(value, Message):

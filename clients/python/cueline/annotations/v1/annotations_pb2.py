@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(cueline/annotations/v1/annotations.proto\x12\x16\x63ueline.annotations.v1\x1a google/protobuf/descriptor.proto\"\xc1\x01\n\x0bMethodRules\x12\x1b\n\x13http_success_status\x18\x01 \x01(\x05\x12\x1d\n\x15reject_unknown_fields\x18\x02 \x01(\x08\x12*\n\x04\x61uth\x18\x03 \x01(\x0e\x32\x1c.cueline.annotations.v1.Auth\x12\x19\n\x11max_request_bytes\x18\x04 \x01(\x05\x12\x13\n\x0b\x61\x63\x63\x65pt_form\x18\x05 \x01(\x08\x12\x1a\n\x12null_body_is_empty\x18\x06 \x01(\x08\"\xb7\x02\n\nFieldRules\x12\x11\n\tjson_text\x18\x01 \x01(\x08\x12\x13\n\x0bhttp_header\x18\x02 \x01(\t\x12\x17\n\nmin_length\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\tnot_blank\x18\x05 \x01(\x08\x12\x14\n\x07minimum\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x14\n\x07maximum\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x16\n\tmax_items\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x0f\n\x07lenient\x18\t \x01(\x08\x12\x0e\n\x06inline\x18\n \x01(\x08\x12\x13\n\x0bhttp_status\x18\x0b \x01(\x08\x42\r\n\x0b_min_lengthB\r\n\x0b_max_lengthB\n\n\x08_minimumB\n\n\x08_maximumB\x0c\n\n_max_items*K\n\x07Surface\x12\x17\n\x13SURFACE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSURFACE_CUEAPI\x10\x01\x12\x13\n\x0fSURFACE_PARTNER\x10\x02*C\n\x04\x41uth\x12\x14\n\x10\x41UTH_UNSPECIFIED\x10\x00\x12\r\n\tAUTH_NONE\x10\x01\x12\x16\n\x12\x41UTH_PARTNER_TOKEN\x10\x02:S\n\x07surface\x12\x1f.google.protobuf.ServiceOptions\x18\xb9\x8e\x03 \x01(\x0e\x32\x1f.cueline.annotations.v1.Surface:U\n\x06method\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0b\x32#.cueline.annotations.v1.MethodRules:R\n\x05\x66ield\x12\x1d.google.protobuf.FieldOptions\x18\xb9\x8e\x03 \x01(\x0b\x32\".cueline.annotations.v1.FieldRulesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(cueline/annotations/v1/annotations.proto\x12\x16\x63ueline.annotations.v1\x1a google/protobuf/descriptor.proto\"\xc1\x01\n\x0bMethodRules\x12\x1b\n\x13http_success_status\x18\x01 \x01(\x05\x12\x1d\n\x15reject_unknown_fields\x18\x02 \x01(\x08\x12*\n\x04\x61uth\x18\x03 \x01(\x0e\x32\x1c.cueline.annotations.v1.Auth\x12\x19\n\x11max_request_bytes\x18\x04 \x01(\x05\x12\x13\n\x0b\x61\x63\x63\x65pt_form\x18\x05 \x01(\x08\x12\x1a\n\x12null_body_is_empty\x18\x06 \x01(\x08\"\xd7\x02\n\nFieldRules\x12\x11\n\tjson_text\x18\x01 \x01(\x08\x12\x13\n\x0bhttp_header\x18\x02 \x01(\t\x12\x17\n\nmin_length\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\tnot_blank\x18\x05 \x01(\x08\x12\x14\n\x07minimum\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\x14\n\x07maximum\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x16\n\tmax_items\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x0f\n\x07lenient\x18\t \x01(\x08\x12\x0e\n\x06inline\x18\n \x01(\x08\x12\x13\n\x0bhttp_status\x18\x0b \x01(\x08\x12\x1e\n\x16nul_checked_by_service\x18\x0c \x01(\x08\x42\r\n\x0b_min_lengthB\r\n\x0b_max_lengthB\n\n\x08_minimumB\n\n\x08_maximumB\x0c\n\n_max_items*K\n\x07Surface\x12\x17\n\x13SURFACE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSURFACE_CUEAPI\x10\x01\x12\x13\n\x0fSURFACE_PARTNER\x10\x02*C\n\x04\x41uth\x12\x14\n\x10\x41UTH_UNSPECIFIED\x10\x00\x12\r\n\tAUTH_NONE\x10\x01\x12\x16\n\x12\x41UTH_PARTNER_TOKEN\x10\x02:S\n\x07surface\x12\x1f.google.protobuf.ServiceOptions\x18\xb9\x8e\x03 \x01(\x0e\x32\x1f.cueline.annotations.v1.Surface:U\n\x06method\x12\x1e.google.protobuf.MethodOptions\x18\xb9\x8e\x03 \x01(\x0b\x32#.cueline.annotations.v1.MethodRules:R\n\x05\x66ield\x12\x1d.google.protobuf.FieldOptions\x18\xb9\x8e\x03 \x01(\x0b\x32\".cueline.annotations.v1.FieldRulesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cueline.annotations.v1.annotations_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SURFACE']._serialized_start=612
-  _globals['_SURFACE']._serialized_end=687
-  _globals['_AUTH']._serialized_start=689
-  _globals['_AUTH']._serialized_end=756
+  _globals['_SURFACE']._serialized_start=644
+  _globals['_SURFACE']._serialized_end=719
+  _globals['_AUTH']._serialized_start=721
+  _globals['_AUTH']._serialized_end=788
   _globals['_METHODRULES']._serialized_start=103
   _globals['_METHODRULES']._serialized_end=296
   _globals['_FIELDRULES']._serialized_start=299
-  _globals['_FIELDRULES']._serialized_end=610
+  _globals['_FIELDRULES']._serialized_end=642
 # @@protoc_insertion_point(module_scope)

@@ -157,6 +157,7 @@ class FieldRules(_message.Message):
     LENIENT_FIELD_NUMBER: _builtins.int
     INLINE_FIELD_NUMBER: _builtins.int
     HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    NUL_CHECKED_BY_SERVICE_FIELD_NUMBER: _builtins.int
     json_text: _builtins.bool
     """The string carries one JSON value as compact UTF-8 text. REST bodies hold
     the value itself, not a string; numbers keep their exact digits.
@@ -186,6 +187,11 @@ class FieldRules(_message.Message):
     """REST: this response field's value is the HTTP status of the response
     (when non-zero), and it is left out of the body.
     """
+    nul_checked_by_service: _builtins.bool
+    """JSON text: a NUL in one of its strings is left to the service, which
+    answers it with the field's documented code (a cue payload's is 400
+    invalid_payload) instead of the validation error.
+    """
     def __init__(
         self,
         *,
@@ -200,10 +206,11 @@ class FieldRules(_message.Message):
         lenient: _builtins.bool = ...,
         inline: _builtins.bool = ...,
         http_status: _builtins.bool = ...,
+        nul_checked_by_service: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_items", b"_max_items", "_max_length", b"_max_length", "_maximum", b"_maximum", "_min_length", b"_min_length", "_minimum", b"_minimum", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "min_length", b"min_length", "minimum", b"minimum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_items", b"_max_items", "_max_length", b"_max_length", "_maximum", b"_maximum", "_min_length", b"_min_length", "_minimum", b"_minimum", "http_header", b"http_header", "http_status", b"http_status", "inline", b"inline", "json_text", b"json_text", "lenient", b"lenient", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "min_length", b"min_length", "minimum", b"minimum", "not_blank", b"not_blank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_items", b"_max_items", "_max_length", b"_max_length", "_maximum", b"_maximum", "_min_length", b"_min_length", "_minimum", b"_minimum", "http_header", b"http_header", "http_status", b"http_status", "inline", b"inline", "json_text", b"json_text", "lenient", b"lenient", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "min_length", b"min_length", "minimum", b"minimum", "not_blank", b"not_blank", "nul_checked_by_service", b"nul_checked_by_service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_items: _TypeAlias = _typing.Literal["max_items"]  # noqa: Y015
     _WhichOneofArgType__max_items: _TypeAlias = _typing.Literal["_max_items", b"_max_items"]  # noqa: Y015
