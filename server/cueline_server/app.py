@@ -13,6 +13,7 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import uuid
@@ -64,6 +65,7 @@ from cueline_server.store.work_signal import WorkSignal
 log = logging.getLogger("cueline")
 
 HTTP_BACKLOG = 4096
+SUPERVISOR_CHECK_SECONDS = 1.0
 
 
 class StartupError(Exception):
@@ -235,6 +237,17 @@ class Runtime:
         self.stopping = asyncio.Event()
         self.serving = False
 
+    async def _watch_supervisor(self, pid: int) -> None:
+        """Stop when the supervisor is gone: a process outliving it would keep
+        serving its ports, unmanaged, beside whatever starts next."""
+        while not self.stopping.is_set():
+            if os.getppid() != pid:
+                log.error("the supervisor (pid %d) is gone: stopping", pid)
+                self.stopping.set()
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), SUPERVISOR_CHECK_SECONDS)
+
     async def run(self) -> None:
         settings = self.settings
         await prepare_schema(settings)
@@ -328,6 +341,8 @@ class Runtime:
         ]
         if parts.work_signal is not None:
             background.append(asyncio.create_task(parts.work_signal.run(self.stopping)))
+        if settings.supervisor_pid:
+            background.append(asyncio.create_task(self._watch_supervisor(settings.supervisor_pid)))
         for name in ("", *service_names()):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         # What starting built (modules, descriptors, the schema, about 100,000

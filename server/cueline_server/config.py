@@ -28,6 +28,9 @@ class Settings:
     # Bind both ports with SO_REUSEPORT, so several processes can share them
     # (set for each of the processes above; also for running replicas side by side).
     reuse_port: bool = False
+    # Set by the supervisor of the processes above in each of them: a process
+    # whose supervisor is gone (killed outright) stops as on SIGTERM.
+    supervisor_pid: int = 0
     # Empty: a SQLite file in data_dir.
     database_url: str = ""
     data_dir: Path = field(default_factory=default_data_dir)

@@ -44,6 +44,7 @@ def child_environment(settings: Settings, grpc_port: int, http_port: int) -> dic
         **os.environ,
         "CUELINE_PROCESSES": "1",
         "CUELINE_REUSE_PORT": "true",
+        "CUELINE_SUPERVISOR_PID": str(os.getpid()),
         "CUELINE_AUTO_MIGRATE": "false",  # the supervisor has migrated
         "CUELINE_HOST": settings.host,
         "CUELINE_GRPC_PORT": str(grpc_port),

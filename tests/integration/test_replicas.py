@@ -146,6 +146,20 @@ def test_processes_stop_cleanly_on_sigterm(postgres_admin_url: str) -> None:
     assert not any(Path(f"/proc/{child}").exists() for child in children)
 
 
+def test_processes_stop_when_their_supervisor_is_killed(postgres_admin_url: str) -> None:
+    """A supervisor killed outright (SIGKILL) cannot pass anything on: its
+    children notice it is gone and stop themselves, freeing the ports."""
+    server = Server(new_database(postgres_admin_url), env={"CUELINE_PROCESSES": "2"}).start()
+    assert server.process is not None
+    wait_for(lambda: server.log().count("cueline serving") == 2)
+    children = _children(server.process.pid)
+    assert len(children) == 2
+    server.process.kill()
+    server.process.wait(10)
+    wait_for(lambda: not any(Path(f"/proc/{child}").exists() for child in children), timeout=30)
+    assert server.log().count(f"the supervisor (pid {server.process.pid}) is gone: stopping") == 2
+
+
 def test_new_work_is_announced_to_the_other_processes(postgres_admin_url: str) -> None:
     """WorkSignal on a real PostgreSQL: what one process announces wakes the
     other's waiters (one wake per execution), never its own; webhook work is not
