@@ -56,6 +56,10 @@ def error(response: httpx.Response) -> dict[str, Any]:
         ({**VALID, "on_failure": {"webhook": "https://[::1/"}}, 400, "invalid_callback_url", None),
         ({**VALID, "callback": {"url": "https://x.example", "headers": {"X-Team": "\u0000"}}}, 422,
          "validation_error", "body.callback.headers.X-Team"),
+        ({**VALID, "callback": {"url": "https://x.example", "headers": {"X-Team": "café"}}}, 422,
+         "validation_error", "body.callback.headers.X-Team"),
+        ({**VALID, "callback": {"url": "https://x.example", "headers": {"X-Team": " padded"}}}, 422,
+         "validation_error", "body.callback.headers.X-Team"),
     ],
 )  # fmt: skip
 def test_create_cue_rejects(

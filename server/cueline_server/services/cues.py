@@ -36,6 +36,8 @@ METHODS = ("POST", "GET", "PUT", "PATCH")
 TERMINAL_STATUSES = ("completed", "failed")
 NO_WORKER_WARNING = "No active workers found. Start a cueapi-worker to process this cue."
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Visible ASCII, with spaces and tabs inside only (RFC 9110 field-value, without obsolete bytes).
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20\x09\x21-\x7e]*[\x21-\x7e])?)?")
 
 DEFAULTS: dict[str, Any] = {
     "transport": "webhook",
@@ -166,6 +168,11 @@ def _check_headers(headers: Mapping[str, str]) -> str:
             raise field_error(f"callback.headers.{name}", "X-CueAPI-* headers are reserved")
         if "\r" in value or "\n" in value:
             raise field_error(f"callback.headers.{name}", "Header value must not contain CR or LF")
+        if not _HEADER_VALUE.fullmatch(value):  # what an HTTP/1.1 request can carry
+            raise field_error(
+                f"callback.headers.{name}",
+                "Header value must be printable ASCII, without spaces or tabs at either end",
+            )
         size += len(name.encode()) + len(value.encode())
     if size > MAX_HEADER_BYTES:
         raise field_error("callback.headers", f"Headers must total at most {MAX_HEADER_BYTES} bytes")
