@@ -82,6 +82,7 @@ class Components:
     limiter: SlidingWindowLimiter | None  # None when rate limiting is switched off
     scheduler: Scheduler
     dispatcher: Dispatcher
+    claims: ClaimService
     handlers: dict[str, Handler]
     work_signal: WorkSignal | None  # PostgreSQL: new work announced to the other processes
 
@@ -166,7 +167,9 @@ def assemble(db: Database, settings: Settings) -> Components:
                 break
         else:
             raise StartupError(f"no servicer implements {method.full_name}")
-    return Components(authenticator, tokens, actions, limiter, scheduler, dispatcher, found, work_signal)
+    return Components(
+        authenticator, tokens, actions, limiter, scheduler, dispatcher, claims, found, work_signal
+    )
 
 
 def trusted_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -368,6 +371,7 @@ class Runtime:
             log.info("draining: NOT_SERVING for %.1fs before closing", settings.shutdown_drain_seconds)
             await asyncio.sleep(settings.shutdown_drain_seconds)
         log.info("shutting down: in-flight calls have %.0fs to finish", settings.shutdown_grace_seconds)
+        parts.claims.stop_waiting()
         http.should_exit = True
         await asyncio.gather(grpc_server.stop(settings.shutdown_grace_seconds), http_task, *background)
         await parts.dispatcher.drain(settings.shutdown_grace_seconds)

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cueline.v1 import executions_pb2, executions_pb2_grpc
 from tests.support import ROOT, Server, auth, new_database
 
 
@@ -88,6 +89,42 @@ def test_sigterm_drains_and_finishes_in_flight_calls(database_url: str) -> None:
         assert stored["outcome_success"] is True
     finally:
         restarted.stop()
+
+
+def test_waiting_long_polls_answer_when_shutdown_begins(database_url: str) -> None:
+    """A long poll waiting for work answers (with nothing) as soon as the
+    shutdown begins, instead of holding it until the grace period cuts it off."""
+    server = Server(database_url, env={"CUELINE_SHUTDOWN_GRACE_SECONDS": "30"}).start()
+    key = server.register()
+    answers: dict[str, Any] = {}
+
+    def poll_grpc() -> None:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            answers["grpc"] = executions_pb2_grpc.ExecutionServiceStub(channel).ClaimExecutions(
+                executions_pb2.ClaimExecutionsRequest(worker_id="w", max_executions=5, wait_seconds=60),
+                metadata=(("authorization", f"Bearer {key}"),),
+                timeout=60,
+            )
+
+    def poll_rest() -> None:
+        answers["rest"] = httpx.post(
+            f"{server.http_url}/v1/executions/claim-batch",
+            json={"worker_id": "w", "max_executions": 5, "wait_seconds": 60},
+            headers=auth(key),
+            timeout=60,
+        )
+
+    polls = [threading.Thread(target=poll_grpc), threading.Thread(target=poll_rest)]
+    for poll in polls:
+        poll.start()
+    time.sleep(1.0)  # both are parked in their waits
+    assert server.process is not None and not answers
+    assert server.stop() == 0
+    for poll in polls:
+        poll.join(60)
+    # Held to the grace's end instead, they would be cut off: UNAVAILABLE and a 500.
+    assert list(answers["grpc"].claims) == []
+    assert answers["rest"].status_code == 200 and answers["rest"].json()["claims"] == []
 
 
 def test_accepted_writes_survive_a_crash(database_url: str) -> None:

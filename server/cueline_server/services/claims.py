@@ -96,6 +96,7 @@ class ClaimService:
         self._work_created = work_created
         self._failed = failed
         self._waiters: dict[uuid.UUID, list[_Waiter]] = {}
+        self._closing = False  # shutting down: long polls answer what they have at once
         self.lease = dt.timedelta(seconds=settings.worker_claim_lease_seconds)
         self._silence = dt.timedelta(seconds=settings.worker_heartbeat_timeout_seconds)
         self._unclaimed = dt.timedelta(seconds=settings.worker_unclaimed_timeout_seconds)
@@ -192,6 +193,12 @@ class ClaimService:
             if work.transport == "worker":
                 self._wake_one(work.account_id, work.task)
 
+    def stop_waiting(self) -> None:
+        """The server is shutting down: waiting long polls answer now with what
+        they have (nothing), rather than hold the shutdown for their wait."""
+        self._closing = True
+        self.work_arrived(None)
+
     def _wake_one(self, account_id: uuid.UUID, task: str | None) -> None:
         chosen: _Waiter | None = None
         for waiter in self._waiters.get(account_id, ()):
@@ -227,7 +234,7 @@ class ClaimService:
                 waiter.offered.clear()
                 rows = await self._claim(caller, worker_id, task=task, limit=limit)
                 remaining = deadline - time.monotonic()
-                if rows or remaining <= 0:
+                if rows or remaining <= 0 or self._closing:
                     return rows
                 waiter.parked = True
                 try:
