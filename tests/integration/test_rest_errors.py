@@ -60,6 +60,8 @@ def error(response: httpx.Response) -> dict[str, Any]:
          "validation_error", "body.callback.headers.X-Team"),
         ({**VALID, "callback": {"url": "https://x.example", "headers": {"X-Team": " padded"}}}, 422,
          "validation_error", "body.callback.headers.X-Team"),
+        ({**VALID, "callback": {"url": "https://x.example", "headers": {"X-Team": "a\r\nX-Evil: 1"}}}, 422,
+         "validation_error", "body.callback.headers.X-Team"),
     ],
 )  # fmt: skip
 def test_create_cue_rejects(

@@ -170,7 +170,7 @@ _PARTNER_DETAIL = {
 _OAUTH_ERROR = {401: "invalid_client", 429: "slow_down", 500: "server_error", 503: "temporarily_unavailable"}
 
 
-def partner_body(error: ApiError, route: Route | None = None) -> dict[str, Any]:
+def partner_body(error: ApiError, route: Route | None) -> dict[str, Any]:
     """{"detail": "..."} or, for validation, pydantic-style {"detail": [{type, loc, msg}]},
     each `loc` where the field was given (["query", "secret"], ["body", "state"])."""
     if error.violations:
